@@ -1,0 +1,171 @@
+"""The `vllm-launcher` command: every way of running this project ends here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+import click
+
+from . import __version__
+from .artifacts import artifacts
+from .config import ConfigError, LauncherConfig, load_config
+from .engine_command import build_engine_spec
+from .memory_plan import memory_plan
+from .settings import DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var
+from .vllm_info import detect
+
+CONFIG_EXIT = 2
+
+
+def load_or_exit(overrides: dict[str, str] | None = None) -> LauncherConfig:
+    """The configuration from the environment (CLI options win), or every problem and exit 2."""
+    environ = dict(os.environ)
+    environ.update({name: value for name, value in (overrides or {}).items() if value is not None})
+    try:
+        config = load_config(environ)
+    except ConfigError as error:
+        click.echo(f"vllm-launcher: {len(error.problems)} configuration problem(s), nothing started:", err=True)
+        for problem in error.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(CONFIG_EXIT)
+    for warning in config.warnings:
+        click.echo(f"vllm-launcher: warning: {warning}", err=True)
+    return config
+
+
+def _pick_lane(config: LauncherConfig, lane: str | None) -> str:
+    if lane is None:
+        return config.default_lane
+    by_lower = {name.lower(): name for name in config.lanes}
+    if lane.lower() not in by_lower:
+        click.echo(f"vllm-launcher: LANE {lane!r} is not a lane; lanes: {', '.join(config.lanes)} "
+                   f"(from {LANES_VAR})", err=True)
+        sys.exit(CONFIG_EXIT)
+    return by_lower[lane.lower()]
+
+
+def env_help(key: str) -> str:
+    setting = next(s for s in SERVER_SETTINGS if s.key == key)
+    default = f"; default {setting.default}" if setting.default is not None else ""
+    return f"{setting.help} [env: {', '.join(setting.names)}{default}]"
+
+
+def _settings_reference() -> str:
+    lines = ["Server-wide variables:"]
+    for s in SERVER_SETTINGS:
+        default = "" if s.default is None else f" [{s.default}]"
+        lines.append(f"  {' or '.join(s.names)}{default}: {s.help}")
+    lines += ["", f"Lanes: {LANES_VAR} (comma list; unset: one lane 'default'), {DEFAULT_LANE_VAR} [first lane].",
+              "Engine settings: the global name is the default for every lane; "
+              f"{lane_var('<lane>', '<SETTING>')} overrides it for one lane;",
+              f"{lane_var('<lane>', 'ENV_<NAME>')} sets engine environment variable NAME for one lane.", ""]
+    for s in ENGINE_SETTINGS:
+        names = f"{lane_var('<lane>', s.key)} only" if s.lane_only else " or ".join(s.names)
+        flag = f" -> {s.flag}" if s.flag else ""
+        lines.append(f"  {s.key}: {names}{flag}: {s.help}")
+    lines += ["", "Values None, null and the empty string mean unset. Booleans: 1/0, true/false, yes/no, on/off."]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="vllm-launcher")
+def main() -> None:
+    """Run vLLM engines from environment variables, and serve several model lanes behind one
+    OpenAI-compatible endpoint, loading the right engine on demand.
+
+    Configuration comes from the environment (see `vllm-launcher settings`); bad configuration
+    exits with status 2 and lists every problem before anything starts.
+    """
+
+
+@main.command()
+def settings() -> None:
+    """Print every environment variable the launcher reads, with defaults."""
+    click.echo(_settings_reference())
+
+
+def lane_config_json(config: LauncherConfig, lane_name: str, vllm) -> dict:
+    lane = config.lane(lane_name)
+    spec = build_engine_spec(config, lane_name, vllm)
+    return {
+        "model": lane.model,
+        "served_model_name": lane.served_model_name,
+        "names": list(lane.names),
+        "argv": spec.argv,
+        "env": spec.shown_env(),
+        "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
+        "idle_timeout": lane.idle_timeout,
+        "warnings": list(spec.warnings),
+    }
+
+
+@main.command()
+@click.argument("lane", required=False)
+@click.option("--format", "fmt", type=click.Choice(["json", "env", "argv"]), default="json", show_default=True,
+              help="json: the whole resolved configuration; env: each lane's engine environment as NAME=value "
+                   "lines; argv: each lane's engine command line, shell-quoted.")
+def config(lane: str | None, fmt: str) -> None:
+    """Print the resolved configuration: what each lane's engine would run, with which environment.
+
+    With LANE, that lane only. Secrets show as ***. `argv` and `env` are exactly what
+    `vllm-launcher engine LANE` runs.
+    """
+    cfg = load_or_exit()
+    lanes = [_pick_lane(cfg, lane)] if lane else list(cfg.lanes)
+    vllm = detect(cfg.server.engine_python)
+    if fmt == "json":
+        data = {"server": cfg.server.public(), "default_lane": cfg.default_lane,
+                "vllm": {"distribution": vllm.distribution, "version": vllm.version},
+                "lanes": {name: lane_config_json(cfg, name, vllm) for name in lanes}}
+        click.echo(json.dumps(data, indent=2))
+        return
+    for name in lanes:
+        spec = build_engine_spec(cfg, name, vllm)
+        if len(lanes) > 1:
+            click.echo(f"# lane {name}")
+        if fmt == "env":
+            for key, value in sorted(spec.shown_env().items()):
+                click.echo(f"{key}={shlex.quote(value)}")
+        else:
+            click.echo(shlex.join(spec.argv))
+
+
+@main.command()
+@click.argument("lane", required=False)
+def engine(lane: str | None) -> None:
+    """Run one lane's engine in the foreground on VLLM_HOST:VLLM_PORT (default lane without LANE).
+
+    The launcher process is replaced by vLLM, so signals reach vLLM directly. The user's API key,
+    when set, protects the engine through its environment (never its command line).
+    """
+    cfg = load_or_exit()
+    spec = build_engine_spec(cfg, _pick_lane(cfg, lane), detect(cfg.server.engine_python))
+    for warning in spec.warnings:
+        click.echo(f"vllm-launcher: warning: {warning}", err=True)
+    click.echo(f"vllm-launcher: exec {shlex.join(spec.argv)}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(spec.argv[0], spec.argv, spec.env)
+
+
+@main.command()
+def check() -> None:
+    """Preflight: vLLM importable, GPU devices, model directories, known-bad ROCm settings, memory plan.
+
+    Prints one line per finding; exits 1 when any finding is a failure.
+    """
+    from .preflight import run_checks
+
+    cfg = load_or_exit()
+    findings = run_checks(cfg)
+    for finding in findings:
+        click.echo(finding.line())
+    failed = sum(f.level == "fail" for f in findings)
+    click.echo(f"{failed} failure(s), {sum(f.level == 'warn' for f in findings)} warning(s)")
+    sys.exit(1 if failed else 0)
+
+
+main.add_command(artifacts)

@@ -1,0 +1,336 @@
+"""Environment -> LauncherConfig, built once and validated as a whole.
+
+`load_config(os.environ)` either returns a complete configuration or raises ConfigError listing
+every problem at once, each naming the variable, the value given and what is accepted.
+Nothing here starts a process or touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import values
+from .settings import (
+    DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY, LANE_ENV_INFIX, LANE_PREFIX,
+    LANES_VAR, SECRET_NAMES, SERVER_SETTINGS, EngineSetting, Setting,
+)
+
+LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+DEFAULT_LANE_NAME = "default"
+
+# Flags the launcher owns: an engine's address and key are chosen per start, its model and
+# names come from the lane settings. EXTRA_ARGS may not set them.
+OWNED_FLAGS = ("--host", "--port", "--api-key", "--model", "--served-model-name")
+# Engine environment names a lane's ENV_ may not set, for the same reason.
+OWNED_ENGINE_ENV = frozenset({"VLLM_API_KEY", "VLLM_PORT", "VLLM_HOST_IP", "VLLM_LOGGING_LEVEL"})
+
+
+class ConfigError(Exception):
+    """Every problem found in the environment, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+    log_level: str = "INFO"
+    log_requests: bool = False
+    log_format: str = "text"
+    log_directory: str | None = None
+    build_sha: str = "dev"
+    build_time: str = "dev"
+    engine_python: str = sys.executable
+    start_timeout: float = 900.0
+    drain_timeout: float = 120.0
+    stop_timeout: float = 20.0
+    switch_max_wait: float = 30.0
+    queue_max: int = 1024
+    queue_timeout: float = 600.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    engine_max_restarts: int = 5
+    gpu_memory_budget: float | None = None
+    gpu_memory_gb: float | None = None
+    metrics_require_key: bool = False
+    runtime_dir: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON-able data, the key shown as ***."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["api_key"] = "***" if self.api_key else None
+        return data
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    name: str
+    model: str
+    model_is_local: bool
+    served_model_name: str
+    names: tuple[str, ...]                 # every name a request's `model` may use, served name first
+    settings: dict[str, Any]               # resolved engine settings by key (MODEL etc. excluded)
+    env: dict[str, str]                    # the lane's own engine environment (VLLM_LANE_<LANE>_ENV_*)
+    idle_timeout: float | None = None
+
+    @property
+    def gpu_memory_utilization(self) -> float | None:
+        return self.settings.get("GPU_MEMORY_UTILIZATION")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    server: ServerConfig
+    lanes: dict[str, LaneConfig]            # in VLLM_LANES order
+    default_lane: str
+    environ: dict[str, str] = field(repr=False)   # the environment the configuration was read from
+    warnings: tuple[str, ...] = ()
+
+    def lane(self, name: str) -> LaneConfig:
+        return self.lanes[name]
+
+
+def shown(name: str, raw: str) -> str:
+    """How a variable's value appears in a message: secrets never appear."""
+    return f"{name}=***" if name in SECRET_NAMES else f"{name}={raw!r}"
+
+
+class _Reader:
+    """Reads variables from one environment, collecting problems instead of stopping at the first."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def first_set(self, names: tuple[str, ...]) -> tuple[str, str] | None:
+        for name in names:
+            raw = self.environ.get(name)
+            if not values.is_unset(raw):
+                return name, raw
+        return None
+
+    def parse(self, name: str, raw: str, setting: Setting) -> Any:
+        try:
+            return setting.parse(raw)
+        except ValueError as error:
+            self.problems.append(f"{shown(name, raw)}: {error}")
+            return None
+
+    def setting(self, setting: Setting, names: tuple[str, ...] | None = None) -> Any:
+        found = self.first_set(names or setting.names)
+        if found is None:
+            return setting.default
+        return self.parse(*found, setting)
+
+
+def load_config(environ: Mapping[str, str]) -> LauncherConfig:
+    reader = _Reader(environ)
+    server = _server_config(reader)
+    lane_names = _lane_names(reader)
+    default_lane = _default_lane(reader, lane_names)
+    overrides = _lane_overrides(reader, lane_names)
+    globals_ = {s.key: reader.setting(s) for s in ENGINE_SETTINGS if not s.lane_only}
+    lanes = {name: _lane_config(reader, name, globals_, overrides.get(name, {})) for name in lane_names}
+    _check_unique_names(reader, lanes)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return LauncherConfig(server=server, lanes=lanes, default_lane=default_lane,
+                          environ=dict(environ), warnings=tuple(_warnings(lanes)))
+
+
+def _server_config(reader: _Reader) -> ServerConfig:
+    found = {s.key: reader.setting(s) for s in SERVER_SETTINGS}
+    found = {key: value for key, value in found.items() if value is not None}
+    if "api_key" not in found and "api_key_file" in found:
+        key = _read_key_file(reader, found["api_key_file"])
+        if key:
+            found["api_key"] = key
+    return ServerConfig(**found)
+
+
+def _read_key_file(reader: _Reader, path: str) -> str | None:
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as error:
+        reader.problems.append(
+            f"VLLM_API_KEY_FILE={path!r}: cannot read the key file ({error.strerror or error}); "
+            "give a readable file holding the key")
+        return None
+    if not key:
+        reader.problems.append(f"VLLM_API_KEY_FILE={path!r}: the file is empty; it must hold the key")
+    return key or None
+
+
+def _lane_names(reader: _Reader) -> list[str]:
+    raw = reader.environ.get(LANES_VAR)
+    if values.is_unset(raw):
+        return [DEFAULT_LANE_NAME]
+    names = values.parse_name_list(raw)
+    if not names:
+        reader.problems.append(f"{LANES_VAR}={raw!r}: must name at least one lane, comma-separated")
+    seen: dict[str, str] = {}
+    for name in names:
+        if not LANE_NAME.fullmatch(name):
+            reader.problems.append(
+                f"{LANES_VAR}={raw!r}: lane name {name!r} must use only letters, digits and '_'")
+        elif name.lower() in seen:
+            reader.problems.append(
+                f"{LANES_VAR}={raw!r}: lanes {seen[name.lower()]!r} and {name!r} are the same name "
+                "ignoring case; lane names must be unique")
+        else:
+            seen[name.lower()] = name
+    return list(seen.values()) or [DEFAULT_LANE_NAME]
+
+
+def _default_lane(reader: _Reader, lanes: list[str]) -> str:
+    raw = reader.environ.get(DEFAULT_LANE_VAR)
+    if values.is_unset(raw):
+        return lanes[0]
+    by_lower = {lane.lower(): lane for lane in lanes}
+    if raw.strip().lower() not in by_lower:
+        reader.problems.append(
+            f"{DEFAULT_LANE_VAR}={raw!r}: not a lane; must be one of: {', '.join(lanes)} (from {LANES_VAR})")
+        return lanes[0]
+    return by_lower[raw.strip().lower()]
+
+
+def _lane_overrides(reader: _Reader, lanes: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """VLLM_LANE_<LANE>_<SETTING> variables: lane -> key -> (variable, raw value).
+
+    A key is a setting name or ENV_<NAME>. A variable matching no lane is an error (likely a
+    typo), and so is one that splits into lane + setting in two ways.
+    """
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for variable in sorted(reader.environ):
+        if not variable.startswith(LANE_PREFIX):
+            continue
+        rest = variable[len(LANE_PREFIX):]
+        splits = [(lane, rest[len(lane) + 1:]) for lane in lanes
+                  if rest.upper().startswith(lane.upper() + "_")]
+        valid = [(lane, key) for lane, key in splits if _is_lane_key(key)]
+        raw = reader.environ[variable]
+        if len(valid) > 1:
+            readings = " and ".join(f"lane {lane!r} setting {key}" for lane, key in valid)
+            reader.problems.append(f"{shown(variable, raw)}: ambiguous, reads as {readings}; rename a lane")
+        elif valid:
+            lane, key = valid[0]
+            found.setdefault(lane, {})[key] = (variable, raw)
+        elif splits:
+            lane, key = splits[0]
+            reader.problems.append(
+                f"{shown(variable, raw)}: unknown setting {key!r} for lane {lane!r}; accepted: "
+                f"{', '.join(s.key for s in ENGINE_SETTINGS)} or ENV_<NAME>")
+        else:
+            reader.problems.append(
+                f"{shown(variable, raw)}: no lane matches (lanes: {', '.join(lanes)}; "
+                f"set {LANES_VAR} or fix the name)")
+    return found
+
+
+def _is_lane_key(key: str) -> bool:
+    if key.startswith(LANE_ENV_INFIX):
+        return bool(ENV_NAME.fullmatch(key[len(LANE_ENV_INFIX):]))
+    return key in ENGINE_SETTINGS_BY_KEY
+
+
+def _lane_config(reader: _Reader, lane: str, globals_: dict[str, Any],
+                 overrides: dict[str, tuple[str, str]]) -> LaneConfig:
+    resolved = dict(globals_)
+    env: dict[str, str] = {}
+    for key, (variable, raw) in overrides.items():
+        if key.startswith(LANE_ENV_INFIX):
+            name = key[len(LANE_ENV_INFIX):]
+            if name in OWNED_ENGINE_ENV:
+                reader.problems.append(
+                    f"{variable}={raw!r}: {name} is set by the launcher for every engine and cannot be overridden")
+            else:
+                env[name] = raw
+        elif not values.is_unset(raw):            # empty / None inherits the global value
+            resolved[key] = reader.parse(variable, raw, ENGINE_SETTINGS_BY_KEY[key])
+
+    model = resolved.pop("MODEL")
+    if model is None:
+        reader.problems.append(
+            f"lane {lane!r} has no model: set VLLM_MODEL (or MODEL_PATH / MODEL_ID) or "
+            f"VLLM_LANE_{lane.upper()}_MODEL to a hub id or a local directory")
+        model = ""
+    model, is_local = _normalise_model(model)
+    _check_extra_args(reader, lane, overrides, resolved.get("EXTRA_ARGS"))
+
+    served = resolved.pop("SERVED_MODEL_NAME") or (lane if is_local else model.rstrip("/").rsplit("/", 1)[-1])
+    aliases = resolved.pop("ALIASES") or []
+    names = tuple(dict.fromkeys(name for name in (served, *aliases, model, lane) if name))
+    idle_timeout = resolved.pop("IDLE_TIMEOUT", None)
+    settings = {key: value for key, value in resolved.items() if value is not None}
+    return LaneConfig(lane, model, is_local, served, names, settings, env, idle_timeout)
+
+
+def _normalise_model(model: str) -> tuple[str, bool]:
+    """A local directory or a hub id; a path to a .safetensors file means its directory."""
+    if not model:
+        return model, False
+    local = model.startswith(("/", "./", "../", "~")) or os.path.isdir(model)
+    if local:
+        path = Path(model).expanduser()
+        if path.suffix == ".safetensors":
+            path = path.parent
+        return str(path), True
+    return model, False
+
+
+def _check_extra_args(reader: _Reader, lane: str, overrides, extra: list[str] | None) -> None:
+    for word in extra or []:
+        flag = word.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            variable = overrides.get("EXTRA_ARGS", ("VLLM_EXTRA_ARGS",))[0]
+            reader.problems.append(
+                f"{variable} (lane {lane!r}): {flag} is chosen by the launcher; use the lane settings "
+                "(VLLM_MODEL, VLLM_SERVED_MODEL_NAME, VLLM_HOST/VLLM_PORT, VLLM_API_KEY) instead")
+
+
+def _check_unique_names(reader: _Reader, lanes: dict[str, LaneConfig]) -> None:
+    """Served names, aliases and lane names route requests: each must belong to one lane.
+
+    A shared MODEL id (two lanes of one model with other settings) is not an error: it routes
+    to the first lane in VLLM_LANES order and `check` reports it.
+    """
+    owner: dict[str, str] = {}
+    for lane in lanes.values():
+        explicit = [name for name in lane.names if name != lane.model or name in (lane.served_model_name, lane.name)]
+        for name in explicit:
+            other = owner.get(name.lower())
+            if other and other != lane.name:
+                reader.problems.append(
+                    f"lanes {other!r} and {lane.name!r} both answer to model name {name!r} "
+                    f"(served name, alias or lane name); each name must belong to one lane")
+            owner.setdefault(name.lower(), lane.name)
+
+
+def _warnings(lanes: dict[str, LaneConfig]) -> list[str]:
+    seen: dict[str, str] = {}
+    warnings = []
+    for lane in lanes.values():
+        if lane.model in seen:
+            warnings.append(f"lanes {seen[lane.model]!r} and {lane.name!r} serve the same model "
+                            f"{lane.model!r}: that id routes to {seen[lane.model]!r}")
+        seen.setdefault(lane.model, lane.name)
+    return warnings
+
+
+def route_table(config: LauncherConfig) -> dict[str, str]:
+    """Model name (lower case) -> lane, first lane wins for a shared MODEL id."""
+    table: dict[str, str] = {}
+    for lane in config.lanes.values():
+        for name in lane.names:
+            table.setdefault(name.lower(), lane.name)
+    return table

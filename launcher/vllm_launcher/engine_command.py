@@ -1,0 +1,116 @@
+"""One lane's engine: the exact argv and environment that start it.
+
+`vllm-launcher config` prints these, `vllm-launcher engine` execs them and the server starts them
+with its own loopback host, a fresh port and an internal key. The environment is built from an
+allow-list, never from a copy of os.environ: the launcher's own variables (VLLM_PORT collides
+with vLLM's internal port base, VLLM_API_KEY would lock the proxy out ...) never reach vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .config import LaneConfig, LauncherConfig
+from .settings import ENGINE_SETTINGS, LANE_PREFIX, SECRET_NAMES, SERVER_SETTINGS
+from .vllm_info import VllmInfo
+
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+
+PASSED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+    "PYTHONPATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "NIX_SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY",
+    "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "XDG_CACHE_HOME", "CC", "CXX", "VLLM_CACHE_ROOT",
+    "DO_NOT_TRACK", "CUDA_VISIBLE_DEVICES",
+})
+PASSED_PREFIXES = (
+    "ROCM_", "ROCR_", "HIP_", "HSA_", "HCC_", "AMD_", "MIOPEN_", "TRITON_", "TORCH_",
+    "TORCHINDUCTOR_", "PYTORCH_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "VLLM_ROCM_",
+    "VLLM_CPU_", "OMP_", "KMP_", "MKL_", "LC_", "NCCL_", "RCCL_",
+)
+# Names the launcher consumes: never passed on even when a prefix above matches them.
+LAUNCHER_NAMES = frozenset(
+    name for setting in (*SERVER_SETTINGS, *ENGINE_SETTINGS) for name in setting.names
+)
+TELEMETRY_OFF = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    lane: str
+    argv: list[str]
+    env: dict[str, str]
+    warnings: tuple[str, ...] = ()
+
+    def shown_env(self) -> dict[str, str]:
+        """The environment with secrets as ***, for printing."""
+        return {name: ("***" if name in SECRET_NAMES else value) for name, value in self.env.items()}
+
+
+def passed_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value for name, value in environ.items()
+        if (name in PASSED_NAMES or name.startswith(PASSED_PREFIXES))
+        and name not in LAUNCHER_NAMES and not name.startswith(LANE_PREFIX)
+    }
+
+
+def engine_flags(lane: LaneConfig, vllm: VllmInfo) -> tuple[list[str], dict[str, str], list[str]]:
+    """The lane's settings as vLLM flags for this vLLM version, plus environment and warnings."""
+    flags: list[str] = []
+    env: dict[str, str] = {}
+    warnings: list[str] = []
+    for setting in ENGINE_SETTINGS:
+        value = lane.settings.get(setting.key)
+        if value is None or setting.flag is None or setting.key in ("MODEL", "SERVED_MODEL_NAME"):
+            continue
+        if setting.key == "SWAP_SPACE" and not vllm.accepts_swap_space:
+            warnings.append(f"lane {lane.name!r}: SWAP_SPACE is ignored, vLLM {vllm.version} has no --swap-space")
+            continue
+        if setting.key == "ATTENTION_BACKEND" and not vllm.has_attention_backend_flag:
+            env["VLLM_ATTENTION_BACKEND"] = value
+            continue
+        if setting.bool_style == "switch":
+            flags += [setting.flag] if value else []
+        elif setting.bool_style == "toggle":
+            flags.append(setting.flag if value else "--no-" + setting.flag[2:])
+        else:
+            flags += [setting.flag, _flag_value(value)]
+    return flags, env, warnings
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
+                      host: str | None = None, port: int | None = None,
+                      api_key: str | None = None) -> EngineSpec:
+    """argv and env for one lane. Without host/port/api_key: the user's VLLM_HOST, VLLM_PORT and
+    key, as `vllm-launcher engine` runs it; the server passes loopback, a fresh port and its
+    internal key."""
+    lane = config.lane(lane_name)
+    server = config.server
+    host = server.host if host is None else host
+    port = server.port if port is None else port
+    api_key = server.api_key if api_key is None else api_key
+
+    flags, flag_env, warnings = engine_flags(lane, vllm)
+    argv = [server.engine_python, "-m", ENGINE_MODULE,
+            "--model", lane.model, "--served-model-name", lane.served_model_name,
+            "--host", host, "--port", str(port),
+            *flags, *lane.settings.get("EXTRA_ARGS", [])]
+
+    env = passed_environment(config.environ)
+    env.update(TELEMETRY_OFF)
+    env["VLLM_LOGGING_LEVEL"] = server.log_level
+    if lane.model_is_local:
+        env["HF_HUB_OFFLINE"] = "1"
+    env.update(flag_env)
+    env.update(lane.env)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key      # the engine's key: in its environment, never on argv
+    return EngineSpec(lane.name, argv, env, tuple(warnings))

@@ -1,0 +1,187 @@
+"""The environment contract: every variable the launcher reads, in two tables.
+
+SERVER_SETTINGS are server-wide. ENGINE_SETTINGS configure an engine: the global name is the
+default for every lane and `VLLM_LANE_<LANE>_<SETTING>` overrides it for one lane. Names after
+the first are aliases used by the seed deployments; the first one set wins, in table order.
+This module is the one place these names are written down: the CLI help, the README table,
+the Nix module and the tests all read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import values
+
+LANE_PREFIX = "VLLM_LANE_"
+LANE_ENV_INFIX = "ENV_"
+
+LOG_LEVELS = {name.lower(): name for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+LOG_LEVELS["warn"] = "WARNING"
+
+# `--dtype` accepts these (vLLM 0.12 and 0.32); bf16/fp16/fp32 are common spellings we normalise.
+DTYPES = {
+    "auto": "auto", "half": "half", "float16": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16", "float": "float", "float32": "float32",
+    "fp32": "float32",
+}
+KV_CACHE_DTYPES = {name: name for name in (
+    "auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")}
+# 0.12 accepts these block sizes; 0.32 accepts them too.
+BLOCK_SIZES = {str(size): str(size) for size in (1, 8, 16, 32, 64, 128, 256)}
+EXECUTOR_BACKENDS = {"mp": "mp", "ray": "ray"}
+
+
+def _block_size(raw: str) -> int:
+    return int(values.choice_parser(BLOCK_SIZES, "KV cache block size in tokens")(raw))
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str                       # the setting's name, e.g. "GPU_MEMORY_UTILIZATION"
+    names: tuple[str, ...]         # environment names, first one set wins
+    parse: Callable[[str], Any]
+    help: str
+    default: Any = None
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class EngineSetting(Setting):
+    flag: str | None = None        # the vLLM flag; None when the launcher consumes the value
+    # how a boolean becomes flags: "switch" = flag when true; "toggle" = --x / --no-x
+    bool_style: str | None = None
+    lane_only: bool = False        # only as VLLM_LANE_<LANE>_<KEY>
+    extra: dict = field(default_factory=dict)
+
+
+def _server(key, names, parse, help, default=None, secret=False):
+    return Setting(key, tuple(names), parse, help, default, secret)
+
+
+def _engine(key, parse, help, flag=None, names=None, bool_style=None, lane_only=False):
+    return EngineSetting(key, tuple(names or (f"VLLM_{key}",)), parse, help,
+                         flag=flag, bool_style=bool_style, lane_only=lane_only)
+
+
+_str = str.strip
+_identifier = values.pattern_parser(r"[A-Za-z0-9_.\-]+", "a name of letters, digits, '_', '.' or '-'")
+
+SERVER_SETTINGS: tuple[Setting, ...] = (
+    _server("host", ["VLLM_HOST", "HOST"], _str, "address the front server listens on", "0.0.0.0"),
+    _server("port", ["VLLM_PORT", "PORT"], lambda raw: _port(raw), "port of the front server", 8000),
+    _server("api_key", ["VLLM_API_KEY"], _str, "bearer key clients must send (unset: no auth)", secret=True),
+    _server("api_key_file", ["VLLM_API_KEY_FILE"], _str, "file holding the bearer key"),
+    _server("log_level", ["VLLM_LOG_LEVEL", "VLLM_LOGGING_LEVEL"],
+            values.choice_parser(LOG_LEVELS, "log level"),
+            "log level of the launcher, passed to engines as VLLM_LOGGING_LEVEL", "INFO"),
+    _server("log_requests", ["VLLM_LOG_REQUESTS"], values.parse_bool, "log one line per request", False),
+    _server("log_format", ["VLLM_LOG_FORMAT"], values.choice_parser({"text": "text", "json": "json"}, "log format"),
+            "log line format: text or json", "text"),
+    _server("log_directory", ["LOG_DIRECTORY"], _str, "also write logs to files in this directory (unset: stdout only)"),
+    _server("build_sha", ["BUILD_SHA"], _str, "build identifier reported by /version", "dev"),
+    _server("build_time", ["BUILD_TIME"], _str, "build time reported by /version", "dev"),
+    _server("engine_python", ["VLLM_ENGINE_PYTHON"], _str,
+            "Python interpreter that runs the engines (default: the launcher's own)"),
+    _server("start_timeout", ["VLLM_START_TIMEOUT"], values.parse_positive_float,
+            "seconds an engine may take to become ready", 900.0),
+    _server("drain_timeout", ["VLLM_DRAIN_TIMEOUT"], values.parse_positive_float,
+            "seconds in-flight requests may take to finish before a switch or shutdown", 120.0),
+    _server("stop_timeout", ["VLLM_STOP_TIMEOUT"], values.parse_positive_float,
+            "seconds between SIGTERM and SIGKILL of an engine's process group", 20.0),
+    _server("switch_max_wait", ["VLLM_SWITCH_MAX_WAIT"], values.parse_positive_float,
+            "seconds a request for another lane may wait before the loaded lane stops taking new requests", 30.0),
+    _server("queue_max", ["VLLM_QUEUE_MAX"], values.parse_positive_int, "waiting requests in all, beyond: 503", 1024),
+    _server("queue_timeout", ["VLLM_QUEUE_TIMEOUT"], values.parse_positive_float,
+            "seconds a request may wait in the queue, beyond: 503", 600.0),
+    _server("max_body_bytes", ["VLLM_MAX_BODY_BYTES"], values.parse_byte_size,
+            "largest request body accepted, beyond: 413", 32 * 1024 * 1024),
+    _server("engine_max_restarts", ["VLLM_ENGINE_MAX_RESTARTS"], values.parse_nonnegative_int,
+            "consecutive failed engine starts before a lane is marked failed", 5),
+    _server("gpu_memory_budget", ["VLLM_GPU_MEMORY_BUDGET"], values.parse_fraction,
+            "share of device memory all loaded lanes may use together (default: the largest lane's share)"),
+    _server("gpu_memory_gb", ["VLLM_GPU_MEMORY_GB"], values.parse_positive_float,
+            "device memory in GB for the memory plan when it cannot be queried"),
+    _server("metrics_require_key", ["VLLM_METRICS_REQUIRE_KEY"], values.parse_bool,
+            "require the API key for /metrics", False),
+    _server("runtime_dir", ["VLLM_RUNTIME_DIR"], _str,
+            "where engine process groups are recorded (default: $XDG_RUNTIME_DIR/vllm-launcher or ~/.local/state)"),
+)
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a port number from 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
+    _engine("MODEL", _str, "HF model id or local directory (a model.safetensors path means its directory)",
+            "--model", names=["VLLM_MODEL", "MODEL_PATH", "MODEL_ID"]),
+    _engine("SERVED_MODEL_NAME", _identifier, "name clients use (default: last part of a hub id, else the lane name)",
+            "--served-model-name"),
+    _engine("ALIASES", values.parse_name_list, "comma list of extra names a request's model may use"),
+    _engine("GPU_MEMORY_UTILIZATION", values.parse_fraction, "share of device memory for this engine, (0, 1]",
+            "--gpu-memory-utilization",
+            names=["VLLM_GPU_MEMORY_UTILIZATION", "GPU_MEM_UTIL", "GPU_MEMORY_UTILIZATION"]),
+    _engine("MAX_MODEL_LEN", values.parse_positive_int, "context length in tokens", "--max-model-len",
+            names=["VLLM_MAX_MODEL_LEN", "MAX_MODEL_LEN"]),
+    _engine("TENSOR_PARALLEL_SIZE", values.parse_positive_int, "GPUs per engine (tensor parallel)",
+            "--tensor-parallel-size", names=["VLLM_TENSOR_PARALLEL_SIZE", "TENSOR_PARALLEL"]),
+    _engine("PIPELINE_PARALLEL_SIZE", values.parse_positive_int, "pipeline stages", "--pipeline-parallel-size"),
+    _engine("DTYPE", values.choice_parser(DTYPES, "vLLM spelling"), "weights and activations dtype", "--dtype",
+            names=["VLLM_DTYPE", "DTYPE"]),
+    _engine("ENFORCE_EAGER", values.parse_bool, "disable graph capture / torch.compile", "--enforce-eager",
+            bool_style="switch"),
+    _engine("BLOCK_SIZE", _block_size, "KV cache block size in tokens", "--block-size"),
+    _engine("SWAP_SPACE", values.parse_nonnegative_float, "CPU swap space in GiB (vLLM < 0.18 only)", "--swap-space"),
+    _engine("NUM_GPU_BLOCKS_OVERRIDE", values.parse_positive_int, "fixed number of KV cache blocks",
+            "--num-gpu-blocks-override"),
+    _engine("KV_CACHE_DTYPE", values.choice_parser(KV_CACHE_DTYPES, "KV cache dtype"), "KV cache dtype",
+            "--kv-cache-dtype"),
+    _engine("KV_CACHE_MEMORY_BYTES", values.parse_byte_size, "KV cache size in bytes (overrides the utilisation)",
+            "--kv-cache-memory-bytes"),
+    _engine("MAX_NUM_SEQS", values.parse_positive_int, "sequences per batch", "--max-num-seqs"),
+    _engine("MAX_NUM_BATCHED_TOKENS", values.parse_positive_int, "tokens per batch", "--max-num-batched-tokens"),
+    _engine("ENABLE_PREFIX_CACHING", values.parse_bool, "prefix caching on/off", "--enable-prefix-caching",
+            bool_style="toggle"),
+    _engine("ENABLE_CHUNKED_PREFILL", values.parse_bool, "chunked prefill on/off", "--enable-chunked-prefill",
+            bool_style="toggle"),
+    _engine("CPU_OFFLOAD_GB", values.parse_nonnegative_float, "GiB of weights offloaded to CPU memory",
+            "--cpu-offload-gb"),
+    _engine("QUANTIZATION", _identifier, "quantisation method (awq, gptq, fp8 ...)", "--quantization"),
+    _engine("TRUST_REMOTE_CODE", values.parse_bool, "run the model repository's own code", "--trust-remote-code",
+            names=["VLLM_TRUST_REMOTE_CODE", "TRANSFORMERS_TRUST_REMOTE_CODE"], bool_style="switch"),
+    _engine("TOKENIZER", _str, "tokenizer id or directory (default: the model's)", "--tokenizer"),
+    _engine("LOAD_FORMAT", _identifier, "weights format (auto, safetensors, dummy ...)", "--load-format"),
+    _engine("ATTENTION_BACKEND", values.pattern_parser(r"[A-Za-z0-9_]+", "a backend name such as TRITON_ATTN"),
+            "attention backend (flag on new vLLM, VLLM_ATTENTION_BACKEND on 0.12)", "--attention-backend"),
+    _engine("DISTRIBUTED_EXECUTOR_BACKEND", values.choice_parser(EXECUTOR_BACKENDS, "executor"),
+            "mp (one machine) or ray (several)", "--distributed-executor-backend"),
+    _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
+            names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
+    _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",
+            lane_only=True),
+)
+
+ENGINE_SETTINGS_BY_KEY = {setting.key: setting for setting in ENGINE_SETTINGS}
+SERVER_SETTINGS_BY_KEY = {setting.key: setting for setting in SERVER_SETTINGS}
+
+LANES_VAR = "VLLM_LANES"
+DEFAULT_LANE_VAR = "VLLM_DEFAULT_LANE"
+
+# Variables that hold secrets: never printed, shown as *** where a listing needs them.
+SECRET_NAMES = frozenset({"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+
+
+def lane_var(lane: str, key: str) -> str:
+    return f"{LANE_PREFIX}{lane.upper()}_{key}"
