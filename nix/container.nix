@@ -1,0 +1,130 @@
+# `packages.vllm-container`: an OCI image built with nix2container (github nlewo/nix2container,
+# default.nix buildImage/buildLayer). `nix build .#vllm-container` gives a small JSON, not a
+# tarball: load it with `nix run .#vllm-container.copyToPodman` (docs/containers.md).
+#
+# Layers, heaviest and most stable first, each passed to the next so nothing is duplicated:
+#   1. ROCm runtime libraries     (change with the nixpkgs pin)
+#   2. torch                      (changes with the torch wheel)
+#   3. the Python environment     (vLLM, its dependencies)
+#   4. the launcher + vllm-server (changes with every launcher commit; small)
+{
+  lib,
+  runCommand,
+  buildEnv,
+  bashInteractive,
+  coreutils,
+  curl,
+  cacert,
+  nix2container,
+  vllmServer,
+  runtimeEnv,
+  uid ? 1000,
+  gid ? 1000,
+}:
+let
+  user = "vllm";
+  home = "/var/lib/vllm";
+  inherit (vllmServer) torch vllm vllm-launcher;
+
+  # /etc/passwd, /etc/group, /tmp (1777 via perms below), HOME and the models mount point.
+  rootfs = runCommand "vllm-container-root" { } ''
+    mkdir -p $out/etc $out/tmp $out${home} $out/models
+    echo "root:x:0:0:root:/root:/bin/sh" > $out/etc/passwd
+    echo "${user}:x:${toString uid}:${toString gid}:vLLM:${home}:/bin/sh" >> $out/etc/passwd
+    echo "root:x:0:" > $out/etc/group
+    echo "${user}:x:${toString gid}:" >> $out/etc/group
+  '';
+
+  tools = buildEnv {
+    name = "vllm-container-tools";
+    paths = [
+      vllmServer
+      bashInteractive
+      coreutils
+      curl # for the health check: curl -f http://localhost:8000/health
+      cacert
+    ];
+    pathsToLink = [
+      "/bin"
+      "/etc"
+    ];
+  };
+
+  rocmLayer = nix2container.buildLayer { deps = torch.rocmLibraries or [ ]; };
+  torchLayer = nix2container.buildLayer {
+    deps = [ torch ];
+    layers = [ rocmLayer ];
+  };
+  envLayer = nix2container.buildLayer {
+    deps = [ vllmServer.env ];
+    layers = [
+      rocmLayer
+      torchLayer
+    ];
+  };
+
+  env = runtimeEnv // {
+    HOME = home;
+    HF_HOME = "${home}/huggingface";
+    VLLM_CACHE_ROOT = "${home}/cache/vllm";
+    TRITON_CACHE_DIR = "${home}/cache/triton";
+    VLLM_HOST = "0.0.0.0";
+    VLLM_PORT = "8000";
+    VLLM_ENGINE_PYTHON = "${vllmServer.env}/bin/python";
+    SSL_CERT_FILE = "${cacert}/etc/ssl/certs/ca-bundle.crt";
+    PATH = "/bin";
+  };
+in
+nix2container.buildImage {
+  name = "vllm-strix";
+  tag = vllm-launcher.version;
+  copyToRoot = [
+    rootfs
+    tools
+  ];
+  layers = [
+    rocmLayer
+    torchLayer
+    envLayer
+  ];
+  perms = [
+    {
+      path = rootfs;
+      regex = "/tmp$";
+      mode = "1777";
+    }
+    {
+      path = rootfs;
+      regex = "${home}|/models";
+      mode = "0755";
+      uid = uid;
+      gid = gid;
+      uname = user;
+      gname = user;
+    }
+  ];
+  config = {
+    Entrypoint = [ "${vllmServer}/bin/vllm-launcher" ];
+    Cmd = [ "serve" ];
+    User = "${toString uid}:${toString gid}";
+    WorkingDir = home;
+    Env = lib.mapAttrsToList (k: v: "${k}=${v}") env;
+    ExposedPorts."8000/tcp" = { };
+    Volumes = {
+      "/models" = { };
+      ${home} = { };
+    };
+    StopSignal = "SIGTERM";
+    Labels = {
+      "org.opencontainers.image.title" = "vllm-strix";
+      "org.opencontainers.image.description" =
+        "vLLM lanes behind one OpenAI endpoint, for AMD Strix Halo (gfx1151, ROCm)";
+      "org.opencontainers.image.version" = vllm-launcher.version;
+      "org.opencontainers.image.licenses" = "MIT";
+      "org.opencontainers.image.base.name" = "scratch (nix2container)";
+      "io.vllm-strix.torch.version" = torch.version;
+      "io.vllm-strix.vllm.version" = vllm.version;
+      "io.vllm-strix.launcher.version" = vllm-launcher.version;
+    };
+  };
+}
