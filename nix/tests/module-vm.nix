@@ -1,0 +1,55 @@
+# flake check `module-vm`: a NixOS VM runs services.vllm with two lanes whose engine is the fake
+# vLLM of ./fake-vllm (no GPU, no model), and checks that the unit becomes active (Type=notify),
+# answers /health and lists both lanes' names. Needs nixpkgs and KVM: it runs on a NixOS
+# builder (`nix flake check`), not on the CI machines of this repository.
+{
+  lib,
+  testers,
+  runCommand,
+  makeWrapper,
+  python311,
+  nixosModule,
+  vllmLauncher,
+}:
+let
+  fakeVllm = runCommand "fake-vllm" { } ''
+    mkdir -p $out/${python311.sitePackages}
+    cp -r ${./fake-vllm}/. $out/${python311.sitePackages}/
+  '';
+  enginePython = python311.withPackages (_: [ (python311.pkgs.toPythonModule fakeVllm) ]);
+  fakeServer = runCommand "vllm-server-fake-engine" { nativeBuildInputs = [ makeWrapper ]; } ''
+    mkdir -p $out/bin
+    makeWrapper ${vllmLauncher}/bin/vllm-launcher $out/bin/vllm-server \
+      --set VLLM_ENGINE_PYTHON ${enginePython}/bin/python
+  '';
+in
+testers.runNixOSTest {
+  name = "vllm-module";
+  nodes.machine = {
+    imports = [ nixosModule ];
+    services.vllm = {
+      enable = true;
+      package = fakeServer;
+      port = 8000;
+      lanes = {
+        alpha = {
+          model = "org/alpha-model";
+          servedModelName = "alpha";
+        };
+        beta = {
+          model = "org/beta-model";
+          aliases = [ "b" ];
+        };
+      };
+    };
+  };
+  testScript = ''
+    machine.wait_for_unit("vllm.service")
+    machine.wait_until_succeeds("curl -fs http://127.0.0.1:8000/health")
+    models = machine.succeed("curl -fs http://127.0.0.1:8000/v1/models")
+    assert "alpha" in models, models
+    machine.succeed("systemctl show vllm.service -p KillMode | grep control-group")
+    machine.succeed("systemctl stop vllm.service")
+    machine.fail("pgrep -f vllm.entrypoints.openai.api_server")
+  '';
+}
