@@ -169,3 +169,20 @@ def check() -> None:
 
 
 main.add_command(artifacts)
+
+
+@main.command()
+@click.option("--host", help=env_help("host"))
+@click.option("--port", type=int, help=env_help("port"))
+def serve(host: str | None, port: int | None) -> None:
+    """Serve every lane behind one OpenAI-compatible endpoint, loading engines on demand.
+
+    The default lane (VLLM_DEFAULT_LANE) is loaded at start-up; a request for another lane
+    waits while the server switches (see VLLM_SWITCH_MAX_WAIT). SIGTERM/SIGINT: stop
+    accepting, let in-flight requests finish (VLLM_DRAIN_TIMEOUT), answer queued ones 503,
+    stop every engine's process group, exit 0.
+    """
+    from .serve import run_server
+
+    cfg = load_or_exit({"VLLM_HOST": host, "VLLM_PORT": None if port is None else str(port)})
+    sys.exit(run_server(cfg))

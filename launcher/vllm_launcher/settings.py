@@ -101,7 +101,7 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
             "seconds a request may wait in the queue, beyond: 503", 600.0),
     _server("max_body_bytes", ["VLLM_MAX_BODY_BYTES"], values.parse_byte_size,
             "largest request body accepted, beyond: 413", 32 * 1024 * 1024),
-    _server("engine_max_restarts", ["VLLM_ENGINE_MAX_RESTARTS"], values.parse_nonnegative_int,
+    _server("engine_max_restarts", ["VLLM_ENGINE_MAX_RESTARTS"], values.parse_positive_int,
             "consecutive failed engine starts before a lane is marked failed", 5),
     _server("gpu_memory_budget", ["VLLM_GPU_MEMORY_BUDGET"], values.parse_fraction,
             "share of device memory all loaded lanes may use together (default: the largest lane's share)"),

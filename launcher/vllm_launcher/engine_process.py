@@ -1,0 +1,209 @@
+"""One engine process: started in its own process group on loopback and a fresh port, watched
+until ready, stopped as a whole group, never left behind.
+
+vLLM's API server forks `VLLM::EngineCore` (and on CPU `VLLM::Worker`); SIGKILL of the API
+server alone leaves those alive holding memory, so every signal goes to the group, and a
+stop is only done when no process of the group is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+
+from .engine_command import EngineSpec
+
+log = logging.getLogger("vllm_launcher.engine")
+
+LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1
+_libc = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now on loopback. Fresh per start: vLLM 0.12 binds with SO_REUSEPORT, so
+    a reused port could split traffic between an old engine and a new one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """preexec hook: the kernel sends SIGKILL to the engine if the launcher dies, even by SIGKILL."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs whose process group is pgid (from /proc, so it sees grandchildren too)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the command: state ppid pgrp ...; zombies hold no memory, skip them
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry))
+    return members
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid it
+    identifies a process across pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class EngineStartError(Exception):
+    def __init__(self, message: str, log_tail: list[str]):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+    def cause(self) -> str:
+        tail = "\n".join(self.log_tail[-8:])
+        return f"{self}" + (f"; last engine log lines:\n{tail}" if tail else "")
+
+
+@dataclass
+class EngineProcess:
+    spec: EngineSpec
+    served_name: str
+    port: int
+    api_key: str
+    log_line: Callable[[str, str], None] = lambda lane, line: log.info("[%s] %s", lane, line)
+    process: asyncio.subprocess.Process | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
+    started_at: float = 0.0
+    listening_at: float | None = None
+    ready_at: float | None = None
+    _reader: asyncio.Task | None = None
+
+    @property
+    def lane(self) -> str:
+        return self.spec.lane
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
+
+    async def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.process = await asyncio.create_subprocess_exec(
+            *self.spec.argv, env=self.spec.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        self._reader = asyncio.create_task(self._read_output())
+
+    async def _read_output(self) -> None:
+        stream = self.process.stdout
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:            # a line longer than the stream limit: take what is there
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self.tail.append(line)
+            self.log_line(self.lane, line)
+
+    def exited(self) -> bool:
+        return self.process is None or self.process.returncode is not None
+
+    def log_tail(self) -> list[str]:
+        return list(self.tail)
+
+    async def wait_ready(self, timeout: float, poll: float = 0.5) -> None:
+        """Ready = /health 200 and our served name in /v1/models. Fails at once if the process exits."""
+        deadline = self.started_at + timeout
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+            while True:
+                if self.exited():
+                    await self._drain_output()
+                    raise EngineStartError(
+                        f"engine for lane {self.lane!r} exited with status {self.process.returncode} while starting",
+                        self.log_tail())
+                if time.monotonic() > deadline:
+                    raise EngineStartError(
+                        f"engine for lane {self.lane!r} not ready after {timeout:.0f} s (VLLM_START_TIMEOUT)",
+                        self.log_tail())
+                try:
+                    health = await client.get(self.base_url + "/health")
+                    self.listening_at = self.listening_at or time.monotonic()
+                    if health.status_code == 200:
+                        models = await client.get(self.base_url + "/v1/models", headers=headers)
+                        if models.status_code == 200 and any(
+                                m.get("id") == self.served_name for m in models.json().get("data", [])):
+                            self.ready_at = time.monotonic()
+                            return
+                except (httpx.HTTPError, ValueError):
+                    pass
+                await asyncio.sleep(poll)
+
+    async def _drain_output(self) -> None:
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+
+    async def wait_exit(self) -> int:
+        return await self.process.wait()
+
+    async def stop(self, grace: float) -> float:
+        """SIGTERM the group, SIGKILL it after `grace`, then confirm nothing of it is left.
+        Returns the seconds it took."""
+        began = time.monotonic()
+        if self.process is None:
+            return 0.0
+        pgid = self.pgid
+        kill_group(pgid, signal.SIGTERM)
+        deadline = began + grace
+        while group_members(pgid) and time.monotonic() < deadline:
+            if self.process.returncode is None:
+                try:
+                    await asyncio.wait_for(self.process.wait(), 0.2)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0.1)
+        while group_members(pgid):
+            kill_group(pgid, signal.SIGKILL)
+            await asyncio.sleep(0.1)
+        if self.process.returncode is None:
+            await self.process.wait()
+        await self._drain_output()
+        return time.monotonic() - began

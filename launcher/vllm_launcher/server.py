@@ -1,0 +1,254 @@
+"""The front server: one OpenAI-compatible endpoint for every lane (FastAPI on uvicorn).
+
+Routes: POST /v1/* (routed by the body's `model`), GET /v1/models, /livez, /health, /healthz,
+/readyz, /version, /metrics, /lanes and lane control. The router owns the decisions; this
+module turns HTTP into router calls and errors into OpenAI-style bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .config import LauncherConfig, route_table
+from .errors import APIError
+from .memory_plan import memory_plan
+from .metrics import Metrics
+from .proxy import Forwarder
+from .router import Router
+from .scheduler import LaneState
+from .vllm_info import VllmInfo
+
+log = logging.getLogger("vllm_launcher.server")
+
+
+def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_body")
+    if "model" not in data:
+        raise APIError(400, "the request body has no 'model'; name one of the models at GET /v1/models",
+                       "missing_model", param="model")
+    model = data["model"]
+    if not isinstance(model, str):
+        raise APIError(400, f"'model' must be a string, not {type(model).__name__}", "invalid_model", param="model")
+    lane = routes.get(model.lower())
+    if lane is None:
+        available = ", ".join(name for lane in config.lanes.values() for name in lane.names)
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        raise APIError(404, f"The model '{shown}' does not exist. Available models: {available}",
+                       "model_not_found", param="model")
+    return lane
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds VLLM_MAX_BODY_BYTES={limit}", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = None,
+               on_listening=None) -> FastAPI:
+    metrics = router.metrics if router else Metrics()
+    router = router or Router(config, vllm, metrics)
+    routes = route_table(config)
+    forwarder = Forwarder(router, config.server.log_requests)
+    api_key = config.server.api_key
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.start(preload=config.default_lane)
+        if on_listening:
+            on_listening(router)
+        yield
+        await router.close()
+
+    app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.router = router
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code).response()
+
+    # ---------------------------------------------------------------- OpenAI API
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        states = router.lane_states()
+        data = []
+        for lane in config.lanes.values():
+            for name in lane.names:
+                data.append({"id": name, "object": "model", "created": int(router.started_wall),
+                             "owned_by": "vllm-launcher", "root": lane.model, "lane": lane.name,
+                             "state": states[lane.name]})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/{path:path}")
+    async def openai_post(path: str, request: Request):
+        authorize(request)
+        if router.scheduler.shutting_down:
+            raise APIError(503, "the server is shutting down", "shutting_down")
+        body = await read_body(request, config.server.max_body_bytes)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise APIError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
+        lane = _lane_of(config, routes, data)
+        served = config.lane(lane).served_model_name
+        if data["model"] != served:
+            data["model"] = served          # the engine knows only its served name
+            body = json.dumps(data).encode()
+        return await forwarder.handle(request, "/v1/" + path, lane, body, data.get("stream") is True)
+
+    # ---------------------------------------------------------------- health and info
+
+    @app.get("/livez")
+    async def livez():
+        return {"status": "alive"}
+
+    def health_body() -> tuple[int, dict]:
+        states = router.lane_states()
+        if router.scheduler.shutting_down:
+            status = "shutting_down"
+        elif LaneState.READY.value in states.values():
+            return 200, {"status": "ok", "lanes": states}
+        elif any(s in (LaneState.STARTING, LaneState.DRAINING, LaneState.STOPPING) for s in states.values()):
+            status = "switching" if any(r.last_start_seconds for r in router.lane_records.values()) else "starting"
+        elif LaneState.FAILED.value in states.values():
+            status = "failed"
+        else:
+            status = "idle"
+        return 503, {"status": status, "lanes": states}
+
+    @app.get("/health")
+    @app.get("/healthz")
+    async def health():
+        code, body = health_body()
+        return JSONResponse(body, status_code=code)
+
+    @app.get("/readyz")
+    async def readyz():
+        if router.scheduler.shutting_down:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "accepting", "lanes": router.lane_states()}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__, "build_sha": config.server.build_sha,
+                "build_time": config.server.build_time, "vllm_version": await engine_version(),
+                "vllm_distribution": vllm.distribution}
+
+    async def engine_version() -> str | None:
+        for lane, engine in list(router.engines.items()):
+            if router.scheduler.state(lane) == LaneState.READY:
+                try:
+                    async with httpx.AsyncClient(timeout=5.0) as client:
+                        return (await client.get(engine.base_url + "/version")).json().get("version")
+                except (httpx.HTTPError, ValueError):
+                    pass
+        return vllm.version
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request):
+        if config.server.metrics_require_key:
+            authorize(request)
+        engine_metrics = {}
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for lane, engine in list(router.engines.items()):
+                if router.scheduler.state(lane) in (LaneState.READY, LaneState.DRAINING):
+                    with contextlib.suppress(httpx.HTTPError):
+                        response = await client.get(engine.base_url + "/metrics",
+                                                    headers={"Authorization": f"Bearer {engine.api_key}"})
+                        if response.status_code == 200:
+                            engine_metrics[lane] = response.text
+        return Response(metrics.render(engine_metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ---------------------------------------------------------------- lanes
+
+    def lane_view(name: str) -> dict:
+        lane = config.lane(name)
+        record = router.lane_records[name]
+        snapshot = router.scheduler.snapshot()["lanes"].get(name, {})
+        return {
+            "state": router.scheduler.state(name).value, "names": list(lane.names), "model": lane.model,
+            "served_model_name": lane.served_model_name, "queue_depth": router.scheduler.queue_depth(name),
+            "inflight": router.scheduler.inflight(name), "restarts": snapshot.get("restarts", 0),
+            "failures": snapshot.get("failures", 0), "last_error": record.last_error,
+            "last_start_seconds": record.last_start_seconds, "last_start_phases": record.last_start_phases,
+            "last_switch_at": record.last_switch_at, "last_switch_seconds": record.last_switch_seconds,
+            "gpu_memory_utilization": lane.gpu_memory_utilization, "idle_timeout": lane.idle_timeout,
+            "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
+        }
+
+    def lane_name(raw: str) -> str:
+        by_lower = {name.lower(): name for name in config.lanes}
+        if raw.lower() not in by_lower:
+            raise APIError(404, f"no lane {raw[:100]!r}; lanes: {', '.join(config.lanes)}", "lane_not_found")
+        return by_lower[raw.lower()]
+
+    @app.get("/lanes")
+    async def lanes(request: Request):
+        authorize(request)
+        return {"default_lane": config.default_lane, "lanes": {name: lane_view(name) for name in config.lanes}}
+
+    @app.get("/lanes/{lane}")
+    async def one_lane(lane: str, request: Request):
+        authorize(request)
+        return lane_view(lane_name(lane))
+
+    @app.post("/lanes/{lane}/load")
+    async def load(lane: str, request: Request, wait: bool = True):
+        authorize(request)
+        name = lane_name(lane)
+        if router.scheduler.shutting_down:
+            raise APIError(503, "the server is shutting down", "shutting_down")
+        router.load(name)
+        if not wait:
+            return JSONResponse({"lane": name, "state": router.scheduler.state(name).value}, status_code=202)
+        state = await router.wait_lane(name, {LaneState.READY, LaneState.FAILED})
+        if state == LaneState.FAILED:
+            raise APIError(503, f"lane {name!r} failed to start: {router.lane_records[name].last_error}",
+                           "lane_failed")
+        return {"lane": name, "state": state.value}
+
+    @app.post("/lanes/{lane}/unload")
+    async def unload(lane: str, request: Request, wait: bool = True):
+        authorize(request)
+        name = lane_name(lane)
+        router.unload(name)
+        if not wait:
+            return JSONResponse({"lane": name, "state": router.scheduler.state(name).value}, status_code=202)
+        state = await router.wait_lane(name, {LaneState.STOPPED, LaneState.FAILED})
+        return {"lane": name, "state": state.value}
+
+    return app

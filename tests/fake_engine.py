@@ -1,0 +1,210 @@
+"""A small stand-in for a vLLM OpenAI server, for fast deterministic tests of the front server.
+
+Started exactly like vLLM (`<python> -m vllm.entrypoints.openai.api_server --model M
+--served-model-name N --host H --port P ...`, through tests/fake_python), it speaks /health,
+/v1/models, /v1/chat/completions, /v1/completions (streaming too), /v1/embeddings, /version
+and /metrics, honours VLLM_API_KEY, and misbehaves on request through its environment
+(set per lane with VLLM_LANE_<LANE>_ENV_FAKE_*):
+
+FAKE_START_DELAY=s      sleep before listening            FAKE_EXIT_ON_START=code  exit at once
+FAKE_FAIL_STARTS=n:file fail the first n starts (counted in file)
+FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a child like EngineCore
+FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
+FAKE_CRASH_AFTER=s      exit this long after becoming ready
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+VERSION = "0.0.0-fake"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-m", dest="module")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def env_float(name: str, default: float = 0.0) -> float:
+    return float(os.environ.get(name) or default)
+
+
+def maybe_fail_start() -> None:
+    code = os.environ.get("FAKE_EXIT_ON_START")
+    if code:
+        print(f"fake engine: failing on start with status {code} (FAKE_EXIT_ON_START)", flush=True)
+        sys.exit(int(code))
+    spec = os.environ.get("FAKE_FAIL_STARTS")
+    if spec:
+        count, path = spec.split(":", 1)
+        done = int(open(path).read() or 0) if os.path.exists(path) else 0
+        with open(path, "w") as counter:
+            counter.write(str(done + 1))
+        if done < int(count):
+            print(f"fake engine: start {done + 1} fails (FAKE_FAIL_STARTS={count})", flush=True)
+            sys.exit(3)
+
+
+def build_app(served: str, model: str) -> Starlette:
+    key = os.environ.get("VLLM_API_KEY")
+    token_delay = env_float("FAKE_TOKEN_DELAY")
+    die_after = int(os.environ.get("FAKE_DIE_AFTER_TOKENS") or 0)
+    state = {"requests": 0, "running": 0}
+
+    def unauthorized(request: Request):
+        if key and request.headers.get("authorization") != f"Bearer {key}":
+            return JSONResponse({"error": {"message": "Unauthorized", "type": "authentication_error",
+                                           "param": None, "code": 401}}, status_code=401)
+        return None
+
+    async def health(request):
+        return PlainTextResponse("")
+
+    async def version(request):
+        return JSONResponse({"version": VERSION})
+
+    async def metrics(request):
+        return PlainTextResponse(
+            "# HELP vllm:num_requests_running Number of requests running.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{served}"}} {state["running"]}\n'
+            "# HELP vllm:prompt_tokens_total Prompt tokens.\n"
+            "# TYPE vllm:prompt_tokens_total counter\n"
+            f'vllm:prompt_tokens_total{{model_name="{served}"}} {state["requests"] * 3}\n'
+            "# HELP python_gc_objects_collected_total not ours\n"
+            "# TYPE python_gc_objects_collected_total counter\n"
+            'python_gc_objects_collected_total{generation="0"} 1.0\n')
+
+    async def models(request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [
+            {"id": served, "object": "model", "created": 0, "owned_by": "fake", "root": model}]})
+
+    async def generate(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        body = await request.json()
+        if body.get("model") != served:
+            return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                           "type": "NotFoundError", "param": "model", "code": 404}},
+                                status_code=404)
+        chat = request.url.path.endswith("chat/completions")
+        if chat:
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+        else:
+            prompt = str(body.get("prompt", ""))
+        tokens = [f"{served}"] + [f" t{i}" for i in range(max(0, int(body.get("max_tokens") or 4) - 1))]
+        created = int(time.time())
+        state["requests"] += 1
+        ident = f"fake-{state['requests']}"
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(tokens),
+                 "total_tokens": len(prompt.split()) + len(tokens)}
+
+        def choice(text, finish):
+            if chat:
+                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        def delta(text, finish):
+            if chat:
+                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        kind = "chat.completion" if chat else "text_completion"
+        state["running"] += 1
+        if not body.get("stream"):
+            try:
+                for count, _ in enumerate(tokens, 1):
+                    await asyncio.sleep(token_delay)
+                    if die_after and count >= die_after:
+                        os._exit(9)
+            finally:
+                state["running"] -= 1
+            return JSONResponse({"id": ident, "object": kind, "created": created, "model": served,
+                                 "choices": [choice("".join(tokens), "length")], "usage": usage})
+
+        async def events():
+            try:
+                for count, token in enumerate(tokens, 1):
+                    await asyncio.sleep(token_delay)
+                    if die_after and count >= die_after:
+                        os._exit(9)
+                    chunk = {"id": ident, "object": kind + ".chunk", "created": created, "model": served,
+                             "choices": [delta(token, None)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                final = {"id": ident, "object": kind + ".chunk", "created": created, "model": served,
+                         "choices": [delta("", "length")]}
+                yield f"data: {json.dumps(final)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                state["running"] -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def embeddings(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        body = await request.json()
+        return JSONResponse({"object": "list", "model": served, "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    return Starlette(routes=[
+        Route("/health", health), Route("/version", version), Route("/metrics", metrics),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", generate, methods=["POST"]),
+        Route("/v1/completions", generate, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+    ])
+
+
+def main(argv) -> None:
+    args = parse_args(argv)
+    print(f"fake engine pid {os.getpid()} pgid {os.getpgid(0)} for {args.served_model_name} on port {args.port}",
+          flush=True)
+    maybe_fail_start()
+    if os.environ.get("FAKE_CHILD"):
+        if os.fork() == 0:                    # like VLLM::EngineCore: same group, outlives a SIGKILLed parent
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            while True:
+                time.sleep(1)
+    if os.environ.get("FAKE_HANG_ON_TERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(env_float("FAKE_START_DELAY"))
+    crash_after = env_float("FAKE_CRASH_AFTER")
+    if crash_after:
+        def crash():
+            print("fake engine: crashing (FAKE_CRASH_AFTER)", flush=True)
+            os._exit(7)
+        import threading
+
+        threading.Timer(crash_after, crash).start()
+    config = uvicorn.Config(build_app(args.served_model_name, args.model), host=args.host, port=args.port,
+                            log_level="warning", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    if os.environ.get("FAKE_HANG_ON_TERM"):
+        server.handle_exit = lambda sig, frame: None
+    server.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,173 @@
+"""Run the real `vllm-launcher serve` in a subprocess for a test, and make sure it and its
+engines are gone afterwards.
+
+Engines are the fake engine (tests/fake_engine.py, through a generated stand-in Python) or
+real vLLM; either way they are found afterwards by process group, from the server's own
+runtime-directory records and by a scan of /proc for the test's unique marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_fake_python(directory: Path) -> Path:
+    """A stand-in engine interpreter: `<it> -m vllm.entrypoints.openai.api_server ARGS` runs
+    the fake engine with ARGS. The path of this test run is the marker in every cmdline."""
+    path = directory / "fake-python"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {TESTS / 'fake_engine.py'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def processes_with(marker: str) -> list[tuple[int, str]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if marker in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
+def group_alive(pgid: int) -> list[int]:
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen
+    url: str
+    runtime_dir: Path
+    log_path: Path
+    env: dict
+    engine_groups: set = field(default_factory=set)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def record_engine_groups(self) -> set[int]:
+        """Engine process groups the server has recorded (running engines)."""
+        for path in self.runtime_dir.glob("engine-*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                self.engine_groups.add(int(json.loads(path.read_text())["pgid"]))
+        return self.engine_groups
+
+    def lanes(self, headers=None) -> dict:
+        with self.client() as client:
+            return client.get("/lanes", headers=headers).json()["lanes"]
+
+    def wait_state(self, lane: str, state: str, timeout: float = 60, headers=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.record_engine_groups()
+            lanes = self.lanes(headers)
+            if lanes[lane]["state"] == state:
+                return lanes[lane]
+            time.sleep(0.1)
+        raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes(headers)}\n{self.log()[-3000:]}")
+
+    def terminate(self, timeout: float = 120) -> int:
+        """SIGTERM, wait for exit; returns the exit status."""
+        self.record_engine_groups()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"server did not exit {timeout} s after SIGTERM\n{self.log()[-3000:]}")
+
+    def leftovers(self) -> list[int]:
+        return [pid for pgid in self.record_engine_groups() for pid in group_alive(pgid)]
+
+
+def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = None, timeout: float = 60,
+                 python: str = sys.executable) -> Served:
+    port = free_port()
+    runtime_dir = tmp_path / "run"
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+                "VLLM_HOST": "127.0.0.1", "VLLM_PORT": str(port), "VLLM_RUNTIME_DIR": str(runtime_dir),
+                "VLLM_STOP_TIMEOUT": "5", **env}
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen([python, "-m", "vllm_launcher", "serve"], env=full_env, stdout=log_file,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    served = Served(process, f"http://127.0.0.1:{port}", runtime_dir, log_path, full_env)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{served.log()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(served.url + "/readyz", timeout=2).status_code == 200:
+                break
+        if time.monotonic() > deadline:
+            served.terminate()
+            raise AssertionError(f"server not listening after {timeout} s:\n{served.log()[-3000:]}")
+        time.sleep(0.1)
+    if wait_ready_lane:
+        headers = {"Authorization": f"Bearer {env['VLLM_API_KEY']}"} if env.get("VLLM_API_KEY") else None
+        served.wait_state(wait_ready_lane, "ready", timeout, headers=headers)
+    return served
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, env: dict, **kwargs):
+    """A running server for the block; afterwards it is stopped and no engine of it is left."""
+    served = start_server(tmp_path, env, **kwargs)
+    try:
+        yield served
+    finally:
+        served.terminate()
+        left = served.leftovers()
+        assert not left, f"engine processes left behind: {left}\n{served.log()[-3000:]}"
+
+
+def fake_lanes_env(fake_python: Path, lanes: dict[str, dict[str, str]], **server) -> dict[str, str]:
+    """Environment for a server whose lanes are fake engines. lanes: name -> extra per-lane
+    settings (keys like ENV_FAKE_START_DELAY or GPU_MEMORY_UTILIZATION)."""
+    env = {"VLLM_ENGINE_PYTHON": str(fake_python), "VLLM_LANES": ",".join(lanes), **server}
+    for lane, extra in lanes.items():
+        env[f"VLLM_LANE_{lane.upper()}_MODEL"] = f"fake-org/{lane}-model"
+        env[f"VLLM_LANE_{lane.upper()}_SERVED_MODEL_NAME"] = lane
+        for key, value in extra.items():
+            env[f"VLLM_LANE_{lane.upper()}_{key}"] = value
+    return env
