@@ -1,0 +1,518 @@
+"""Unit tests for the lane scheduling policy (vllm_launcher.scheduler)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_launcher.scheduler import (
+    AbortInflight,
+    Dispatch,
+    LanePolicy,
+    LaneState,
+    LaneStateChanged,
+    Reject,
+    Scheduler,
+    SchedulerSettings,
+    StartEngine,
+    StopEngine,
+    SwitchPlanned,
+)
+
+
+def of(actions, cls):
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def dispatched(actions):
+    return [a.request_id for a in of(actions, Dispatch)]
+
+
+def make(names=("a", "b"), shares=None, idle=None, **settings) -> Scheduler:
+    shares = shares or {}
+    idle = idle or {}
+    lanes = [LanePolicy(n, shares.get(n, 0.9), idle.get(n)) for n in names]
+    return Scheduler(lanes, SchedulerSettings(**settings))
+
+
+def bring_up(s: Scheduler, lane: str, now: float) -> None:
+    """Make ``lane`` READY (nothing else loaded), checking the actions on the way."""
+    acts = s.load(lane, now)
+    assert StartEngine(lane, 1) in acts
+    s.engine_ready(lane, now)
+    assert s.state(lane) is LaneState.READY
+
+
+# ------------------------------------------------------------ basics
+
+
+def test_first_request_starts_lane_and_ready_dispatches_all_in_order():
+    s = make()
+    acts = s.submit("r1", "a", 0.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 1)]
+    assert of(acts, SwitchPlanned) == [SwitchPlanned((), "a", "idle")]
+    assert LaneStateChanged("a", LaneState.STOPPED, LaneState.STARTING, "start") in acts
+    assert s.state("a") is LaneState.STARTING
+    assert s.submit("r2", "a", 1.0) == []  # joins the load
+    assert s.queue_depth("a") == 2 and s.queued_ahead("r2") == 1
+    acts = s.engine_ready("a", 5.0)
+    assert dispatched(acts) == ["r1", "r2"]
+    assert s.inflight("a") == 2 and s.queue_depth("a") == 0
+    assert dispatched(s.submit("r3", "a", 6.0)) == ["r3"]  # ready lane: at once
+    s.check_invariants()
+
+
+def test_finish_of_unknown_or_queued_request_is_ignored():
+    s = make()
+    s.submit("r1", "a", 0.0)
+    assert s.finish("nope", 1.0) == []
+    assert s.finish("r1", 1.0) == []  # still queued: not in flight
+    assert s.queue_depth("a") == 1
+    s.check_invariants()
+
+
+def test_bad_input_raises():
+    s = make()
+    with pytest.raises(ValueError):
+        s.submit("r1", "zzz", 0.0)
+    s.submit("r1", "a", 0.0)
+    with pytest.raises(ValueError):
+        s.submit("r1", "a", 0.0)
+    with pytest.raises(ValueError):
+        Scheduler([LanePolicy("a"), LanePolicy("a")])
+    with pytest.raises(ValueError):
+        Scheduler([LanePolicy("a", 0.5), LanePolicy("b", 0.9)], SchedulerSettings(memory_budget=0.6))
+
+
+def test_default_budget_is_largest_share():
+    s = make(shares={"a": 0.45, "b": 0.45})
+    assert s.budget == pytest.approx(0.45)
+    s.submit("r1", "a", 0.0)
+    s.submit("r2", "b", 0.0)
+    assert s.state("b") is LaneState.STOPPED  # one lane at a time
+
+
+# ------------------------------------------------------------ switching
+
+
+def test_switch_on_idle_is_immediate():
+    s = make()
+    bring_up(s, "a", 0.0)
+    acts = s.submit("b1", "b", 10.0)
+    assert StopEngine("a", "idle") in acts
+    assert SwitchPlanned(("a",), "b", "idle") in acts
+    acts = s.engine_stopped("a", 12.0)
+    assert of(acts, StartEngine) == [StartEngine("b", 1)]
+    assert of(acts, SwitchPlanned) == []  # already announced
+    assert dispatched(s.engine_ready("b", 20.0)) == ["b1"]
+
+
+def test_switch_when_loaded_lane_becomes_idle_before_max_wait():
+    s = make(switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    assert s.submit("b1", "b", 2.0) == []  # a is busy: b waits
+    acts = s.finish("a1", 5.0)
+    assert StopEngine("a", "idle") in acts
+
+
+def test_hold_then_drain_after_max_wait():
+    s = make(switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    assert s.submit("b1", "b", 1.0) == []
+    assert dispatched(s.submit("a2", "a", 10.0)) == ["a2"]  # before the hold expires: served
+    assert s.next_deadline() == pytest.approx(31.0)
+    assert s.tick(30.9) == []
+    acts = s.tick(31.0)
+    assert SwitchPlanned(("a",), "b", "max_wait") in acts
+    assert s.state("a") is LaneState.DRAINING
+    assert s.submit("a3", "a", 32.0) == []  # draining lane: queues
+    assert s.queue_depth("a") == 1
+    assert of(s.finish("a1", 33.0), StopEngine) == []  # a2 still in flight
+    acts = s.finish("a2", 34.0)
+    assert StopEngine("a", "max_wait") in acts
+    assert s.state("a") is LaneState.STOPPING
+    assert of(s.engine_stopped("a", 36.0), StartEngine) == [StartEngine("b", 1)]
+    acts = s.engine_ready("b", 50.0)
+    assert dispatched(acts) == ["b1"]
+    s.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "c_time, b_time, first",
+    [(1.0, 2.0, "c"), (2.0, 1.0, "b"), (1.0, 1.0, "b")],  # equal ages: lane order decides
+)
+def test_oldest_waiter_goes_first(c_time, b_time, first):
+    s = make(("a", "b", "c"), switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("c1", "c", c_time)
+    s.submit("b1", "b", b_time)
+    s.finish("a1", 3.0)
+    assert of(s.engine_stopped("a", 4.0), StartEngine) == [StartEngine(first, 1)]
+
+
+def test_candidate_is_reevaluated_when_memory_frees():
+    s = make(("a", "b", "c"), switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    s.submit("c1", "c", 2.0)
+    s.tick(31.0)  # drain a for b
+    s.cancel("b1", 31.5)  # b's only waiter leaves
+    s.finish("a1", 32.0)
+    assert of(s.engine_stopped("a", 33.0), StartEngine) == [StartEngine("c", 1)]
+
+
+def test_ready_dispatches_whole_queue_and_hold_applies_to_later_arrivals():
+    s = make(switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    s.tick(31.0)
+    s.finish("a1", 32.0)
+    s.engine_stopped("a", 33.0)
+    s.submit("b2", "b", 40.0)
+    s.submit("a2", "a", 41.0)  # waits for a: already held 30 s when b is ready
+    acts = s.engine_ready("b", 100.0)
+    assert dispatched(acts) == ["b1", "b2"]  # every queued b request, at once
+    assert s.state("b") is LaneState.DRAINING  # a2 waited > 30 s: b drains right away
+    assert SwitchPlanned(("b",), "a", "max_wait") in acts
+    assert s.submit("b3", "b", 101.0) == []  # a later arrival is held
+    s.check_invariants()
+
+
+def test_drain_timeout_aborts_inflight_then_stops():
+    s = make(switch_max_wait=30.0, drain_timeout=120.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("a2", "a", 0.5)
+    s.submit("b1", "b", 1.0)
+    s.tick(31.0)
+    assert s.next_deadline() == pytest.approx(151.0)
+    acts = s.tick(151.0)
+    assert acts[0] == AbortInflight("a", ("a1", "a2"), "drain_timeout")
+    assert StopEngine("a", "max_wait") in acts
+    assert s.inflight("a") == 0
+    assert s.finish("a1", 152.0) == []  # forgotten
+    s.check_invariants()
+
+
+# ------------------------------------------------------------ queue limits
+
+
+def full_queue_retry_after(queue_max: int) -> float:
+    s = make(queue_max=queue_max)
+    bring_up(s, "a", 0.0)
+    s.submit("a0", "a", 0.0)
+    for i in range(queue_max):
+        assert s.submit(f"b{i}", "b", 1.0 + i) == []
+    acts = s.submit("late", "b", 50.0)
+    (reject,) = of(acts, Reject)
+    assert (reject.status, reject.code, reject.request_id) == (503, "queue_full", "late")
+    assert s.queue_depth("b") == queue_max
+    s.check_invariants()
+    return reject.retry_after
+
+
+def test_queue_full_retry_after_grows_with_queue():
+    small, large = full_queue_retry_after(2), full_queue_retry_after(20)
+    assert small >= 1 and large > small
+
+
+def test_queue_full_counts_only_waiting_requests():
+    s = make(queue_max=1)
+    bring_up(s, "a", 0.0)
+    assert dispatched(s.submit("a1", "a", 0.0)) == ["a1"]
+    assert dispatched(s.submit("a2", "a", 0.0)) == ["a2"]  # ready lane: never queued
+    assert s.submit("b1", "b", 1.0) == []
+    assert of(s.submit("b2", "b", 1.0), Reject)[0].code == "queue_full"
+
+
+def test_queue_timeout_rejects_with_retry_after_growing_with_queue():
+    def run(extra: int) -> Reject:
+        s = make(queue_timeout=100.0, switch_max_wait=1000.0)
+        bring_up(s, "a", 0.0)
+        s.submit("a0", "a", 0.0)
+        s.submit("b0", "b", 1.0)
+        for i in range(extra):
+            s.submit(f"b{i + 1}", "b", 50.0)
+        assert s.next_deadline() == pytest.approx(101.0)
+        acts = s.tick(101.0)
+        (reject,) = of(acts, Reject)
+        assert (reject.request_id, reject.status, reject.code) == ("b0", 503, "queue_timeout")
+        assert s.queue_depth("b") == extra
+        s.check_invariants()
+        return reject
+
+    assert run(10).retry_after > run(1).retry_after >= 1
+
+
+def test_retry_after_follows_observed_switch_time():
+    def reject_after(observed):
+        s = make(queue_max=1)
+        for seconds in observed:
+            s.observe_switch_seconds(seconds)
+        bring_up(s, "a", 0.0)
+        s.submit("a0", "a", 0.0)
+        s.submit("b0", "b", 1.0)
+        return of(s.submit("b1", "b", 2.0), Reject)[0].retry_after
+
+    assert reject_after([5.0] * 20) < reject_after([]) < reject_after([300.0] * 20)
+
+
+def test_cancel_removes_queued_request_and_does_not_trigger_a_load():
+    s = make(switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    assert s.cancel("b1", 2.0) == []
+    assert s.queue_depth("b") == 0 and s.queued_ahead("b1") is None
+    assert s.next_deadline() is None
+    assert s.tick(40.0) == []
+    assert s.finish("a1", 41.0) == []  # a idle, nobody waits: no switch
+    assert s.state("a") is LaneState.READY
+    assert s.cancel("a1", 42.0) == []  # unknown / already dispatched: no-op
+    s.check_invariants()
+
+
+# ------------------------------------------------------------ failures
+
+
+def test_start_failures_back_off_then_fail_lane_while_other_lane_serves():
+    s = make(max_restarts=3, backoff_initial=1.0, backoff_max=60.0)
+    assert StartEngine("a", 1) in s.submit("a1", "a", 0.0)
+    s.submit("a2", "a", 0.1)
+    t = 1.0
+    delays = []
+    for attempt in (1, 2):
+        acts = s.engine_start_failed("a", t, "boom")
+        assert of(acts, Reject) == [] and s.state("a") is LaneState.STOPPED
+        deadline = s.next_deadline()
+        delays.append(deadline - t)
+        assert s.tick(deadline - 0.01) == []
+        assert of(s.tick(deadline), StartEngine) == [StartEngine("a", attempt + 1)]
+        t = deadline + 1.0
+    assert delays == [pytest.approx(1.0), pytest.approx(2.0)]
+    acts = s.engine_start_failed("a", t, "CUDA out of memory\nTraceback ...")
+    assert s.state("a") is LaneState.FAILED
+    rejects = of(acts, Reject)
+    assert [r.request_id for r in rejects] == ["a1", "a2"]
+    assert all(r.status == 503 and r.code == "lane_failed" and "CUDA out of memory" in r.message for r in rejects)
+    new = of(s.submit("a3", "a", t + 1), Reject)
+    assert new[0].code == "lane_failed" and "CUDA out of memory" in new[0].message
+    # the other lane keeps working
+    assert of(s.submit("b1", "b", t + 2), StartEngine) == [StartEngine("b", 1)]
+    assert dispatched(s.engine_ready("b", t + 3)) == ["b1"]
+    assert s.snapshot()["lanes"]["a"]["last_cause"].startswith("CUDA")
+    s.check_invariants()
+
+
+def test_failing_lane_in_back_off_does_not_block_other_lanes():
+    s = make(backoff_initial=10.0)
+    s.submit("a1", "a", 0.0)
+    s.engine_start_failed("a", 1.0, "boom")
+    assert of(s.submit("b1", "b", 2.0), StartEngine) == [StartEngine("b", 1)]
+
+
+def test_load_resets_failed_lane():
+    s = make(max_restarts=1)
+    s.submit("a1", "a", 0.0)
+    s.engine_start_failed("a", 1.0, "boom")
+    assert s.state("a") is LaneState.FAILED
+    acts = s.load("a", 2.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 1)]
+    s.engine_ready("a", 3.0)
+    assert dispatched(s.submit("a2", "a", 4.0)) == ["a2"]
+
+
+def test_ready_resets_failure_count():
+    s = make(max_restarts=2)
+    s.submit("a1", "a", 0.0)
+    s.engine_start_failed("a", 1.0, "boom")
+    assert of(s.tick(2.0), StartEngine) == [StartEngine("a", 2)]
+    s.engine_ready("a", 3.0)
+    assert s.snapshot()["lanes"]["a"]["failures"] == 0
+    assert s.snapshot()["lanes"]["a"]["restarts"] == 1
+
+
+def test_engine_exit_forgets_inflight_and_restarts_with_back_off():
+    s = make(backoff_initial=2.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    acts = s.engine_exited("a", 2.0, "segfault")
+    assert LaneStateChanged("a", LaneState.READY, LaneState.STOPPED, "engine exited") in acts
+    assert s.inflight("a") == 0 and s.finish("a1", 2.5) == []
+    assert s.submit("a2", "a", 3.0) == []  # waits for the restart
+    assert s.next_deadline() == pytest.approx(4.0)
+    assert of(s.tick(4.0), StartEngine) == [StartEngine("a", 2)]
+    assert dispatched(s.engine_ready("a", 10.0)) == ["a2"]
+    s.check_invariants()
+
+
+def test_crashed_idle_lane_restarts_when_it_fits():
+    s = make(backoff_initial=1.0)
+    bring_up(s, "a", 0.0)
+    s.engine_exited("a", 5.0, "oom")
+    assert of(s.tick(6.0), StartEngine) == [StartEngine("a", 2)]
+
+
+def test_repeated_crashes_fail_the_lane():
+    s = make(max_restarts=2, backoff_initial=1.0)
+    bring_up(s, "a", 0.0)
+    s.engine_exited("a", 1.0, "crash 1")
+    s.submit("a1", "a", 1.5)
+    s.tick(2.0)
+    acts = s.engine_start_failed("a", 3.0, "crash 2")
+    assert s.state("a") is LaneState.FAILED
+    assert "crash 2" in of(acts, Reject)[0].message
+
+
+# ------------------------------------------------------------ operator
+
+
+def test_load_evicts_busy_lane_without_waiting_for_max_wait():
+    s = make(switch_max_wait=30.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    acts = s.load("b", 2.0)
+    assert SwitchPlanned(("a",), "b", "load") in acts
+    assert s.state("a") is LaneState.DRAINING
+    assert StopEngine("a", "load") in s.finish("a1", 3.0)
+    assert of(s.engine_stopped("a", 4.0), StartEngine) == [StartEngine("b", 1)]
+    s.engine_ready("b", 5.0)
+    assert s.snapshot()["lanes"]["b"]["load_requested"] is False
+
+
+def test_load_goes_before_older_waiters():
+    s = make(("a", "b", "c"))
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    s.load("c", 2.0)
+    s.finish("a1", 3.0)
+    assert of(s.engine_stopped("a", 4.0), StartEngine) == [StartEngine("c", 1)]
+
+
+def test_unload_drains_then_stops_and_queued_requests_reload_later():
+    s = make()
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    acts = s.unload("a", 2.0)
+    assert LaneStateChanged("a", LaneState.READY, LaneState.DRAINING, "unload") in acts
+    assert s.submit("a2", "a", 3.0) == []  # queues while draining
+    assert StopEngine("a", "unload") in s.finish("a1", 4.0)
+    acts = s.engine_stopped("a", 5.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 1)]  # a2 still wants the lane
+    assert dispatched(s.engine_ready("a", 6.0)) == ["a2"]
+
+
+def test_unload_idle_lane_stops_at_once_and_stays_stopped():
+    s = make()
+    bring_up(s, "a", 0.0)
+    assert StopEngine("a", "unload") in s.unload("a", 1.0)
+    assert s.engine_stopped("a", 2.0)[-1] == LaneStateChanged("a", LaneState.STOPPING, LaneState.STOPPED, "engine stopped")
+    assert s.is_idle() and s.next_deadline() is None
+
+
+def test_idle_timeout_stops_unused_lane():
+    s = make(idle={"a": 10.0})
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    assert s.next_deadline() is None  # busy
+    s.finish("a1", 5.0)
+    assert s.next_deadline() == pytest.approx(15.0)
+    assert s.tick(14.9) == []
+    assert StopEngine("a", "idle_timeout") in s.tick(15.0)
+
+
+def test_shutdown_rejects_queue_drains_and_stops():
+    s = make()
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    s.submit("b1", "b", 2.0)
+    acts = s.shutdown(3.0)
+    assert [(r.request_id, r.status, r.code) for r in of(acts, Reject)] == [("b1", 503, "shutting_down")]
+    assert s.state("a") is LaneState.DRAINING
+    assert of(s.submit("a2", "a", 4.0), Reject)[0].code == "shutting_down"
+    assert not s.is_idle()
+    assert StopEngine("a", "shutdown") in s.finish("a1", 5.0)
+    s.engine_stopped("a", 6.0)
+    assert s.is_idle()
+    s.check_invariants()
+
+
+def test_shutdown_stops_starting_engine_and_ignores_late_ready():
+    s = make()
+    s.submit("a1", "a", 0.0)
+    acts = s.shutdown(1.0)
+    assert StopEngine("a", "shutdown") in acts and of(acts, Reject)[0].request_id == "a1"
+    assert s.engine_ready("a", 2.0) == []
+    assert s.state("a") is LaneState.STOPPING
+    s.engine_stopped("a", 3.0)
+    assert s.is_idle()
+
+
+# ------------------------------------------------------------ co-residency
+
+
+def test_co_residency_when_shares_fit():
+    s = make(shares={"a": 0.4, "b": 0.4}, memory_budget=0.9)
+    assert of(s.submit("a1", "a", 0.0), StartEngine) == [StartEngine("a", 1)]
+    acts = s.submit("b1", "b", 0.0)
+    assert of(acts, StartEngine) == [StartEngine("b", 1)]
+    assert of(acts, SwitchPlanned) == [SwitchPlanned((), "b", "co_resident")]
+    s.engine_ready("a", 1.0)
+    s.engine_ready("b", 1.0)
+    assert s.state("a") is LaneState.READY and s.state("b") is LaneState.READY
+    assert s.occupancy() == pytest.approx(0.8)
+
+
+def test_exclusive_when_shares_do_not_fit():
+    s = make(shares={"a": 0.6, "b": 0.6}, memory_budget=0.9)
+    bring_up(s, "a", 0.0)
+    acts = s.submit("b1", "b", 1.0)
+    assert of(acts, StartEngine) == []
+    assert StopEngine("a", "idle") in acts
+
+
+def test_least_recently_used_idle_lane_is_the_victim():
+    s = make(("a", "b", "c"), shares={"a": 0.45, "b": 0.45, "c": 0.45}, memory_budget=0.9)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 0.0)
+    s.engine_ready("a", 1.0)
+    s.engine_ready("b", 1.0)
+    s.finish("b1", 2.0)
+    s.finish("a1", 3.0)  # a used last: b is the least recently used
+    acts = s.submit("c1", "c", 4.0)
+    assert of(acts, StopEngine) == [StopEngine("b", "idle")]
+    assert SwitchPlanned(("b",), "c", "idle") in acts
+    assert of(s.engine_stopped("b", 5.0), StartEngine) == [StartEngine("c", 1)]
+    s.check_invariants()
+
+
+def test_max_wait_drains_least_recently_used_busy_lane():
+    s = make(("a", "b", "c"), shares={"a": 0.45, "b": 0.45, "c": 0.45}, memory_budget=0.9, switch_max_wait=30.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 0.0)
+    s.engine_ready("a", 1.0)
+    s.engine_ready("b", 1.0)
+    s.submit("b2", "b", 2.0)  # b used last
+    s.submit("c1", "c", 3.0)
+    acts = s.tick(33.0)
+    assert SwitchPlanned(("a",), "c", "max_wait") in acts
+    assert s.state("a") is LaneState.DRAINING and s.state("b") is LaneState.READY
+
+
+def test_snapshot_is_plain_data():
+    s = make(idle={"a": 5.0})
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    s.submit("b1", "b", 2.0)
+    snap = s.snapshot()
+    json.dumps(snap)
+    assert snap["lanes"]["a"]["state"] == "ready" and snap["lanes"]["a"]["inflight"] == 1
+    assert snap["lanes"]["b"]["queue_depth"] == 1 and snap["queued"] == 1
+    assert snap["memory_budget"] == pytest.approx(0.9)
