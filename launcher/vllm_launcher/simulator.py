@@ -1,0 +1,530 @@
+"""Discrete-event simulation of lane switching over the real :class:`Scheduler`.
+
+Simulated time, no threads, deterministic: the same inputs give the same result
+(:func:`random_workload` makes inputs from a seed).  The simulator plays the
+part of the I/O layer: it feeds arrivals to a policy, carries out the actions
+(engines become ready after their start time, requests finish after their
+service time, stopped engines report after the stop time) and records what
+happened to every request and lane.
+
+Besides the real scheduler (``policy="scheduler"``) two baselines with the same
+event methods are available for the benchmark:
+
+* ``"fcfs"``: one global FIFO queue; whenever the head of the queue is for
+  another lane, the loaded lane is drained and the head's lane loaded.
+* ``"llama_swap"``: the loaded lane is served whenever it has requests (fast
+  path); when it is idle, the lane of the oldest waiter is loaded.  No bound on
+  waiting: a steady stream for the loaded lane starves the others.
+
+Both baselines keep one lane loaded at a time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .scheduler import (
+    AbortInflight,
+    Action,
+    Dispatch,
+    LanePolicy,
+    LaneState,
+    LaneStateChanged,
+    Reject,
+    Scheduler,
+    SchedulerSettings,
+    StartEngine,
+    StopEngine,
+    SwitchPlanned,
+)
+
+Seconds = float | Mapping[str, float] | Callable[[str], float]
+
+
+# ----------------------------------------------------------------- results
+
+
+@dataclass
+class RequestRecord:
+    request_id: Hashable
+    lane: str
+    arrival: float
+    service: float
+    dispatch: float | None = None
+    finish: float | None = None
+    reject: float | None = None
+    reject_code: str | None = None
+    retry_after: float | None = None
+    outcome: str = "pending"  # finished, rejected, aborted, lost, cancelled, pending
+    previous_lane: str | None = None  # lane of the request dispatched just before
+
+    @property
+    def wait(self) -> float | None:
+        """Queue wait: arrival to dispatch (None if never dispatched)."""
+        return None if self.dispatch is None else self.dispatch - self.arrival
+
+
+@dataclass
+class SimResult:
+    requests: dict[Hashable, RequestRecord]
+    timeline: list[tuple[float, str, str, str, str]]  # (time, lane, old, new, reason)
+    switches: list[tuple[float, tuple[str, ...], str, str]]  # SwitchPlanned: (time, from, to, reason)
+    starts: list[tuple[float, str, int]]  # StartEngine: (time, lane, attempt)
+    ready: list[tuple[float, str]]  # engine ready: (time, lane)
+    end_time: float
+    policy: object = None  # the policy object, in its final state
+
+    @property
+    def switch_count(self) -> int:
+        """Engine loads that completed (cold start included)."""
+        return len(self.ready)
+
+    @property
+    def switching_seconds(self) -> float:
+        """Time during which some lane was starting, draining or stopping."""
+        busy = {"starting", "draining", "stopping"}
+        states: dict[str, str] = {}
+        total = 0.0
+        since: float | None = None
+        for time, lane, _old, new, _reason in self.timeline:
+            states[lane] = new
+            switching = any(s in busy for s in states.values())
+            if switching and since is None:
+                since = time
+            elif not switching and since is not None:
+                total += time - since
+                since = None
+        if since is not None:
+            total += self.end_time - since
+        return total
+
+    def outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for rec in self.requests.values():
+            counts[rec.outcome] = counts.get(rec.outcome, 0) + 1
+        return counts
+
+    def readies_between(self, start: float, end: float) -> int:
+        """Engine-ready events in the interval (start, end]."""
+        return sum(1 for t, _ in self.ready if start < t <= end)
+
+
+# ----------------------------------------------------------------- baselines
+
+
+class _ExclusiveBaseline:
+    """Common machinery of the baselines: one lane loaded at a time."""
+
+    def __init__(self, lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None):
+        self.settings = settings if settings is not None else SchedulerSettings()
+        self.lanes = tuple(p.name for p in lanes)
+        self._state = {name: LaneState.STOPPED for name in self.lanes}
+        self._queue: OrderedDict[Hashable, str] = OrderedDict()  # global FIFO: request -> lane
+        self._inflight: dict[Hashable, str] = {}
+        self._loaded: str | None = None  # lane resident (any non-stopped state)
+        self._drain_started: float | None = None
+        self._now = 0.0
+
+    # events -------------------------------------------------------------
+    def _event(self, now: float, change: Callable[[list[Action]], None] | None = None) -> list[Action]:
+        self._now = now
+        out: list[Action] = []
+        if change is not None:
+            change(out)
+        self._step(now, out)
+        return out
+
+    def submit(self, request_id: Hashable, lane: str, now: float) -> list[Action]:
+        if len(self._queue) >= self.settings.queue_max:
+            return [Reject(request_id, lane, 503, "queue_full", "queue full", 1.0)]
+        self._queue[request_id] = lane
+        return self._event(now)
+
+    def finish(self, request_id: Hashable, now: float) -> list[Action]:
+        self._inflight.pop(request_id, None)
+        return self._event(now)
+
+    def cancel(self, request_id: Hashable, now: float) -> list[Action]:
+        self._queue.pop(request_id, None)
+        return self._event(now)
+
+    def tick(self, now: float) -> list[Action]:
+        return self._event(now)
+
+    def engine_ready(self, lane: str, now: float) -> list[Action]:
+        def change(out: list[Action]) -> None:
+            if self._state[lane] is LaneState.STARTING:
+                self._set(lane, LaneState.READY, "engine ready", out)
+
+        return self._event(now, change)
+
+    def engine_start_failed(self, lane: str, now: float, cause: str) -> list[Action]:
+        # Like llama-swap: a failed start errors every request waiting for it.
+        def change(out: list[Action]) -> None:
+            if self._state[lane] is LaneState.STARTING:
+                self._unload(lane, "start failed", out)
+                for request_id, req_lane in list(self._queue.items()):
+                    if req_lane == lane:
+                        del self._queue[request_id]
+                        out.append(Reject(request_id, lane, 503, "lane_failed", cause))
+
+        return self._event(now, change)
+
+    def engine_exited(self, lane: str, now: float, cause: str) -> list[Action]:
+        def change(out: list[Action]) -> None:
+            if self._state[lane] in (LaneState.READY, LaneState.DRAINING):
+                for request_id in [r for r, ln in self._inflight.items() if ln == lane]:
+                    del self._inflight[request_id]
+                self._unload(lane, "engine exited", out)
+
+        return self._event(now, change)
+
+    def engine_stopped(self, lane: str, now: float) -> list[Action]:
+        def change(out: list[Action]) -> None:
+            if self._state[lane] is LaneState.STOPPING:
+                self._unload(lane, "engine stopped", out)
+
+        return self._event(now, change)
+
+    def next_deadline(self) -> float | None:
+        # The baselines have no queue timeout and no hold: only the drain timeout.
+        if self._drain_started is None:
+            return None
+        deadline = self._drain_started + self.settings.drain_timeout
+        return deadline if deadline > self._now else None
+
+    def state(self, lane: str) -> LaneState:
+        return self._state[lane]
+
+    # machinery ------------------------------------------------------------
+    def _unload(self, lane: str, reason: str, out: list[Action]) -> None:
+        self._set(lane, LaneState.STOPPED, reason, out)
+        self._loaded = None
+        self._drain_started = None
+
+    def _set(self, lane: str, new: LaneState, reason: str, out: list[Action]) -> None:
+        old = self._state[lane]
+        if old is not new:
+            self._state[lane] = new
+            out.append(LaneStateChanged(lane, old, new, reason))
+
+    def _dispatch_where(self, lane: str, pick: Callable[[str], bool], out: list[Action]) -> None:
+        for request_id, req_lane in list(self._queue.items()):
+            if not pick(req_lane):
+                break
+            if req_lane == lane:
+                del self._queue[request_id]
+                self._inflight[request_id] = lane
+                out.append(Dispatch(request_id, lane))
+
+    def _switch_to(self, target: str, now: float, out: list[Action], reason: str) -> None:
+        """Drain the loaded lane (or start ``target`` if none is loaded)."""
+        loaded = self._loaded
+        if loaded is None:
+            self._loaded = target
+            self._set(target, LaneState.STARTING, "start", out)
+            out.append(SwitchPlanned((), target, reason))
+            out.append(StartEngine(target, 1))
+            return
+        state = self._state[loaded]
+        if state is LaneState.READY:
+            self._set(loaded, LaneState.DRAINING, reason, out)
+            self._drain_started = now
+            out.append(SwitchPlanned((loaded,), target, reason))
+            state = LaneState.DRAINING
+        if state is LaneState.DRAINING:
+            lane_inflight = [r for r, ln in self._inflight.items() if ln == loaded]
+            if lane_inflight and now >= (self._drain_started or now) + self.settings.drain_timeout:
+                for request_id in lane_inflight:
+                    del self._inflight[request_id]
+                out.append(AbortInflight(loaded, tuple(lane_inflight), "drain_timeout"))
+                lane_inflight = []
+            if not lane_inflight:
+                self._drain_started = None
+                self._set(loaded, LaneState.STOPPING, reason, out)
+                out.append(StopEngine(loaded, reason))
+
+    def _step(self, now: float, out: list[Action]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FcfsPolicy(_ExclusiveBaseline):
+    """Strict global FIFO: switch whenever the head of the queue is another lane."""
+
+    def _step(self, now: float, out: list[Action]) -> None:
+        while self._queue:
+            head_lane = next(iter(self._queue.values()))
+            loaded = self._loaded
+            if loaded == head_lane and self._state[loaded] is LaneState.READY:
+                self._dispatch_where(loaded, lambda ln: ln == loaded, out)
+                continue
+            if loaded != head_lane:
+                self._switch_to(head_lane, now, out, "fcfs")
+            return
+
+
+class LlamaSwapPolicy(_ExclusiveBaseline):
+    """llama-swap's behaviour: the loaded lane's requests bypass the queue."""
+
+    def _step(self, now: float, out: list[Action]) -> None:
+        loaded = self._loaded
+        if loaded is not None and self._state[loaded] is LaneState.READY:
+            self._dispatch_where(loaded, lambda ln: True, out)
+            busy = any(ln == loaded for ln in self._inflight.values())
+            if busy or not self._queue:
+                return
+        if not self._queue:
+            return
+        oldest_lane = next(iter(self._queue.values()))
+        if loaded != oldest_lane:
+            self._switch_to(oldest_lane, now, out, "idle")
+
+
+POLICIES: dict[str, type] = {"scheduler": Scheduler, "fcfs": FcfsPolicy, "llama_swap": LlamaSwapPolicy}
+
+
+def make_policy(name: str, lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None):
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    return cls(lanes, settings)
+
+
+# ----------------------------------------------------------------- simulation
+
+
+def _seconds(value: Seconds, lane: str) -> float:
+    if callable(value):
+        return float(value(lane))
+    if isinstance(value, Mapping):
+        return float(value[lane])
+    return float(value)
+
+
+@dataclass(order=True)
+class _Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    data: tuple = field(compare=False, default=())
+
+
+def simulate(
+    lanes: Sequence[LanePolicy],
+    arrivals: Iterable[tuple[float, Hashable, str, float]],
+    *,
+    settings: SchedulerSettings | None = None,
+    start_seconds: Seconds = 60.0,
+    stop_seconds: Seconds = 5.0,
+    start_failures: Mapping[str, int] | Callable[[str, int], bool] | None = None,
+    start_fail_seconds: float = 1.0,
+    crashes: Iterable[tuple[float, str]] = (),
+    cancels: Iterable[tuple[float, Hashable]] = (),
+    policy: str = "scheduler",
+    max_time: float = 1e9,
+    check: bool = False,
+) -> SimResult:
+    """Run the simulation; see the module docstring.
+
+    ``arrivals``: (time, request_id, lane, service_seconds).  ``start_failures``:
+    per lane, how many of its first starts fail, or a function (lane, n-th start
+    of that lane, from 1) -> bool.  A failed start is reported after
+    ``start_fail_seconds``.  ``crashes``: (time, lane) at which a ready or
+    draining engine dies.  ``cancels``: (time, request_id) at which a client
+    leaves (only effective while the request is queued).  With ``check`` the
+    scheduler's internal invariants are checked after every event.
+    """
+    pol = make_policy(policy, lanes, settings)
+    records: dict[Hashable, RequestRecord] = {}
+    timeline: list[tuple[float, str, str, str, str]] = []
+    switches: list[tuple[float, tuple[str, ...], str, str]] = []
+    starts: list[tuple[float, str, int]] = []
+    ready: list[tuple[float, str]] = []
+    heap: list[_Event] = []
+    seq = 0
+
+    def push(time: float, kind: str, *data) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, _Event(time, seq, kind, data))
+
+    for time, request_id, lane, service in sorted(arrivals, key=lambda a: a[0]):
+        if request_id in records:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        records[request_id] = RequestRecord(request_id, lane, time, service)
+        push(time, "arrival", request_id)
+    for time, lane in crashes:
+        push(time, "crash", lane)
+    for time, request_id in cancels:
+        push(time, "cancel", request_id)
+
+    generation = {p.name: 0 for p in lanes}  # bumped on every start and stop
+    engine_up = {p.name: False for p in lanes}  # a ready engine is running
+    start_count = {p.name: 0 for p in lanes}
+    running: dict[str, set[Hashable]] = {p.name: set() for p in lanes}  # dispatched, not ended
+    last_dispatched_lane: str | None = None
+    scheduled_ticks: set[float] = set()
+    now = 0.0
+
+    def fails(lane: str) -> bool:
+        if start_failures is None:
+            return False
+        if callable(start_failures):
+            return bool(start_failures(lane, start_count[lane]))
+        return start_count[lane] <= start_failures.get(lane, 0)
+
+    def play(actions: list[Action]) -> None:
+        nonlocal last_dispatched_lane
+        for action in actions:
+            if isinstance(action, (Dispatch, Reject)):
+                rec = records[action.request_id]
+                if rec.dispatch is not None or rec.reject is not None or rec.outcome == "cancelled":
+                    raise AssertionError(f"request {action.request_id!r} decided twice: {action}")
+                if action.lane != rec.lane:
+                    raise AssertionError(f"request {action.request_id!r} routed to {action.lane}")
+            if isinstance(action, Dispatch):
+                rec = records[action.request_id]
+                rec.dispatch = now
+                rec.outcome = "dispatched"
+                rec.previous_lane = last_dispatched_lane
+                last_dispatched_lane = action.lane
+                running[action.lane].add(action.request_id)
+                push(now + rec.service, "finish", action.request_id, action.lane)
+            elif isinstance(action, Reject):
+                rec = records[action.request_id]
+                rec.reject = now
+                rec.reject_code = action.code
+                rec.retry_after = action.retry_after
+                rec.outcome = "rejected"
+            elif isinstance(action, StartEngine):
+                lane = action.lane
+                generation[lane] += 1
+                start_count[lane] += 1
+                starts.append((now, lane, action.attempt))
+                if fails(lane):
+                    push(now + start_fail_seconds, "start_failed", lane, generation[lane])
+                else:
+                    push(now + _seconds(start_seconds, lane), "ready", lane, generation[lane])
+            elif isinstance(action, StopEngine):
+                lane = action.lane
+                generation[lane] += 1
+                engine_up[lane] = False
+                push(now + _seconds(stop_seconds, lane), "stopped", lane, generation[lane])
+            elif isinstance(action, AbortInflight):
+                for request_id in action.request_ids:
+                    if request_id not in running[action.lane]:
+                        raise AssertionError(f"abort of {request_id!r}, not in flight on {action.lane}")
+                    running[action.lane].discard(request_id)
+                    records[request_id].outcome = "aborted"
+                    records[request_id].finish = now
+            elif isinstance(action, LaneStateChanged):
+                timeline.append((now, action.lane, str(action.old), str(action.new), action.reason))
+            elif isinstance(action, SwitchPlanned):
+                switches.append((now, action.from_lanes, action.to_lane, action.reason))
+
+    while heap:
+        event = heapq.heappop(heap)
+        if event.time > max_time:
+            break
+        now = event.time
+        kind, data = event.kind, event.data
+        if kind == "arrival":
+            (request_id,) = data
+            play(pol.submit(request_id, records[request_id].lane, now))
+        elif kind == "finish":
+            request_id, lane = data
+            if request_id in running[lane]:
+                running[lane].discard(request_id)
+                records[request_id].finish = now
+                records[request_id].outcome = "finished"
+                play(pol.finish(request_id, now))
+        elif kind == "cancel":
+            (request_id,) = data
+            rec = records.get(request_id)
+            if rec is not None and rec.outcome == "pending" and rec.arrival <= now:
+                rec.outcome = "cancelled"
+                play(pol.cancel(request_id, now))
+        elif kind == "ready":
+            lane, gen = data
+            if gen == generation[lane]:
+                engine_up[lane] = True
+                ready.append((now, lane))
+                play(pol.engine_ready(lane, now))
+        elif kind == "start_failed":
+            lane, gen = data
+            if gen == generation[lane]:
+                play(pol.engine_start_failed(lane, now, f"{lane}: injected start failure"))
+        elif kind == "stopped":
+            lane, gen = data
+            if gen == generation[lane]:
+                play(pol.engine_stopped(lane, now))
+        elif kind == "crash":
+            (lane,) = data
+            if engine_up[lane]:
+                engine_up[lane] = False
+                generation[lane] += 1
+                for request_id in running[lane]:
+                    records[request_id].outcome = "lost"
+                    records[request_id].finish = now
+                running[lane].clear()
+                play(pol.engine_exited(lane, now, f"{lane}: injected crash"))
+        elif kind == "tick":
+            scheduled_ticks.discard(now)
+            play(pol.tick(now))
+        if check and hasattr(pol, "check_invariants"):
+            pol.check_invariants()
+        deadline = pol.next_deadline()
+        if deadline is not None and deadline > now and deadline not in scheduled_ticks:
+            scheduled_ticks.add(deadline)
+            push(deadline, "tick")
+    return SimResult(records, timeline, switches, starts, ready, now, pol)
+
+
+def random_workload(
+    seed: int,
+    lanes: Sequence[str],
+    n: int,
+    *,
+    mean_gap: float = 2.0,
+    service: tuple[float, float] = (0.5, 10.0),
+) -> list[tuple[float, str, str, float]]:
+    """``n`` arrivals over ``lanes`` with exponential gaps, deterministic for ``seed``."""
+    rng = random.Random(seed)
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += rng.expovariate(1.0 / mean_gap)
+        out.append((t, f"r{i}", rng.choice(list(lanes)), rng.uniform(*service)))
+    return out
+
+
+def steady_stream(
+    lane: str, start: float, end: float, gap: float, service: float, prefix: str = "s"
+) -> list[tuple[float, str, str, float]]:
+    """Back-to-back arrivals for one lane every ``gap`` seconds in [start, end)."""
+    out = []
+    i = 0
+    t = start
+    while t < end:
+        out.append((t, f"{prefix}{i}", lane, service))
+        i += 1
+        t = start + i * gap
+    return out
+
+
+__all__ = [
+    "FcfsPolicy",
+    "LlamaSwapPolicy",
+    "POLICIES",
+    "RequestRecord",
+    "SimResult",
+    "make_policy",
+    "random_workload",
+    "simulate",
+    "steady_stream",
+]
