@@ -163,7 +163,9 @@ def test_candidate_is_reevaluated_when_memory_frees():
     s.tick(31.0)  # drain a for b
     s.cancel("b1", 31.5)  # b's only waiter leaves
     s.finish("a1", 32.0)
-    assert of(s.engine_stopped("a", 33.0), StartEngine) == [StartEngine("c", 1)]
+    acts = s.engine_stopped("a", 33.0)
+    assert of(acts, StartEngine) == [StartEngine("c", 1)]
+    assert of(acts, SwitchPlanned) == [SwitchPlanned((), "c", "idle")]  # announced for c too
 
 
 def test_ready_dispatches_whole_queue_and_hold_applies_to_later_arrivals():

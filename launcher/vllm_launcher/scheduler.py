@@ -659,6 +659,12 @@ class Scheduler:
         return used + ln.share <= self.budget + EPS
 
     def _plan(self, now: float, out: list[Action]) -> None:
+        # Forget announced switches whose target no longer waits (its requests left).
+        self._planned = {
+            name for name in self._planned
+            if self._lanes[name].state is LaneState.STOPPED
+            and (self._lanes[name].queue or self._lanes[name].load_requested is not None)
+        }
         while True:
             cand = self._candidate(now)
             if cand is None:
