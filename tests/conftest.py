@@ -1,5 +1,6 @@
 """Shared fixtures. The session ends with a check that no engine process (fake or real vLLM)
-started by this test run is left alive: the suite fails if one is."""
+started by this test run is left alive: the suite fails if one is. Engines are recognised by
+TMPDIR under this run's base temporary directory (tests give every engine one)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-from serving import TESTS, processes_with, write_fake_python
+from serving import processes_with_tmpdir, write_fake_python
 
 
 @pytest.fixture(scope="session")
@@ -15,18 +16,11 @@ def fake_python(tmp_path_factory):
     return write_fake_python(tmp_path_factory.mktemp("fake-engine"))
 
 
-def _leftover_engines() -> list[tuple[int, str]]:
-    fake = processes_with(str(TESTS / "fake_engine.py"))
-    real = [(pid, cmd) for pid, cmd in processes_with("vllm.entrypoints.openai.api_server")
-            if "pytest" not in cmd]
-    return fake + real
-
-
 @pytest.fixture(scope="session", autouse=True)
-def no_engine_left_behind():
-    before = {pid for pid, _ in _leftover_engines()}
+def no_engine_left_behind(tmp_path_factory):
+    base = str(tmp_path_factory.getbasetemp())
     yield
-    left = [(pid, cmd) for pid, cmd in _leftover_engines() if pid not in before]
+    left = processes_with_tmpdir(base)
     if left:
         for pid, _ in left:
             try:

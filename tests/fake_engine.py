@@ -8,6 +8,7 @@ and /metrics, honours VLLM_API_KEY, and misbehaves on request through its enviro
 
 FAKE_START_DELAY=s      sleep before listening            FAKE_EXIT_ON_START=code  exit at once
 FAKE_FAIL_STARTS=n:file fail the first n starts (counted in file)
+FAKE_FAIL_STARTS_AFTER=n:file  succeed n starts, fail every later one
 FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a child like EngineCore
 FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
 FAKE_CRASH_AFTER=s      exit this long after becoming ready
@@ -52,14 +53,17 @@ def maybe_fail_start() -> None:
     if code:
         print(f"fake engine: failing on start with status {code} (FAKE_EXIT_ON_START)", flush=True)
         sys.exit(int(code))
-    spec = os.environ.get("FAKE_FAIL_STARTS")
-    if spec:
+    for variable, fails in (("FAKE_FAIL_STARTS", lambda done, n: done < n),
+                            ("FAKE_FAIL_STARTS_AFTER", lambda done, n: done >= n)):
+        spec = os.environ.get(variable)
+        if not spec:
+            continue
         count, path = spec.split(":", 1)
         done = int(open(path).read() or 0) if os.path.exists(path) else 0
         with open(path, "w") as counter:
             counter.write(str(done + 1))
-        if done < int(count):
-            print(f"fake engine: start {done + 1} fails (FAKE_FAIL_STARTS={count})", flush=True)
+        if fails(done, int(count)):
+            print(f"fake engine: start {done + 1} fails ({variable}={count})", flush=True)
             sys.exit(3)
 
 
@@ -181,6 +185,7 @@ def main(argv) -> None:
     args = parse_args(argv)
     print(f"fake engine pid {os.getpid()} pgid {os.getpgid(0)} for {args.served_model_name} on port {args.port}",
           flush=True)
+    time.sleep(env_float("FAKE_START_DELAY"))
     maybe_fail_start()
     if os.environ.get("FAKE_CHILD"):
         if os.fork() == 0:                    # like VLLM::EngineCore: same group, outlives a SIGKILLed parent
@@ -189,7 +194,6 @@ def main(argv) -> None:
                 time.sleep(1)
     if os.environ.get("FAKE_HANG_ON_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(env_float("FAKE_START_DELAY"))
     crash_after = env_float("FAKE_CRASH_AFTER")
     if crash_after:
         def crash():

@@ -39,17 +39,21 @@ def write_fake_python(directory: Path) -> Path:
     return path
 
 
-def processes_with(marker: str) -> list[tuple[int, str]]:
+def processes_with_tmpdir(prefix: str) -> list[tuple[int, str]]:
+    """Processes whose environment has TMPDIR under prefix: every engine a test starts gets
+    TMPDIR under its tmp_path (TMPDIR is on the engine allow-list), and engine children inherit it."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
             stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+        tmpdir = next((item[7:].decode(errors="replace") for item in environ if item.startswith(b"TMPDIR=")), "")
+        if tmpdir.startswith(prefix) and stat.rsplit(")", 1)[1].split()[0] != "Z":
             found.append((int(entry), cmdline.strip()))
     return found
 
@@ -90,19 +94,26 @@ class Served:
                 self.engine_groups.add(int(json.loads(path.read_text())["pgid"]))
         return self.engine_groups
 
-    def lanes(self, headers=None) -> dict:
-        with self.client() as client:
-            return client.get("/lanes", headers=headers).json()["lanes"]
+    @property
+    def auth(self) -> dict | None:
+        key = self.env.get("VLLM_API_KEY")
+        if not key and self.env.get("VLLM_API_KEY_FILE"):
+            key = Path(self.env["VLLM_API_KEY_FILE"]).read_text().strip()
+        return {"Authorization": f"Bearer {key}"} if key else None
 
-    def wait_state(self, lane: str, state: str, timeout: float = 60, headers=None) -> dict:
+    def lanes(self) -> dict:
+        with self.client() as client:
+            return client.get("/lanes", headers=self.auth).json()["lanes"]
+
+    def wait_state(self, lane: str, state: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.record_engine_groups()
-            lanes = self.lanes(headers)
+            lanes = self.lanes()
             if lanes[lane]["state"] == state:
                 return lanes[lane]
             time.sleep(0.1)
-        raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes(headers)}\n{self.log()[-3000:]}")
+        raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes()}\n{self.log()[-3000:]}")
 
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM, wait for exit; returns the exit status."""
@@ -123,11 +134,12 @@ class Served:
 def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = None, timeout: float = 60,
                  python: str = sys.executable) -> Served:
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     runtime_dir = tmp_path / "run"
     log_path = tmp_path / f"server-{port}.log"
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
                 "VLLM_HOST": "127.0.0.1", "VLLM_PORT": str(port), "VLLM_RUNTIME_DIR": str(runtime_dir),
-                "VLLM_STOP_TIMEOUT": "5", **env}
+                "VLLM_STOP_TIMEOUT": "5", "TMPDIR": str(tmp_path), **env}
     log_file = open(log_path, "wb")
     process = subprocess.Popen([python, "-m", "vllm_launcher", "serve"], env=full_env, stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -144,8 +156,7 @@ def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = Non
             raise AssertionError(f"server not listening after {timeout} s:\n{served.log()[-3000:]}")
         time.sleep(0.1)
     if wait_ready_lane:
-        headers = {"Authorization": f"Bearer {env['VLLM_API_KEY']}"} if env.get("VLLM_API_KEY") else None
-        served.wait_state(wait_ready_lane, "ready", timeout, headers=headers)
+        served.wait_state(wait_ready_lane, "ready", timeout)
     return served
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from serving import fake_lanes_env, serving
+
+pytestmark = pytest.mark.engine
 
 
 def test_two_lanes_through_openai_client(tmp_path, fake_python):

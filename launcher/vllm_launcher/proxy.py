@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 
 import httpx
@@ -26,7 +27,8 @@ request_log = logging.getLogger("vllm_launcher.requests")
 # with SSE comments (OpenAI clients ignore them; proxies see traffic and do not time out).
 PROGRESS_AFTER = 2.0
 PROGRESS_EVERY = 5.0
-CLIENT_CLOSED = 499                     # nginx's code for "client closed request", for metrics
+CLIENT_CLOSED = 499
+CRASH_REPORT_WAIT = 1.0                 # a broken connection may be an engine crash being noticed                     # nginx's code for "client closed request", for metrics
 PASSED_HEADERS = ("content-type",)
 
 
@@ -43,6 +45,14 @@ async def _first(*awaitables) -> set:
     return done
 
 
+async def _failure(ticket: Ticket, error: Exception) -> APIError:
+    """Why an upstream connection broke: the router's reason (drain timeout, engine crash) when
+    it has one or gives one within a moment, else the transport error itself."""
+    if not ticket.aborted.done():
+        await asyncio.wait([ticket.aborted], timeout=CRASH_REPORT_WAIT)
+    return ticket.aborted.result() if ticket.aborted.done() else _upstream_error(error)
+
+
 def _upstream_error(error: Exception) -> APIError:
     return APIError(502, f"the engine did not answer: {type(error).__name__}: {error}", "engine_unavailable")
 
@@ -55,9 +65,9 @@ class Forwarder:
     async def handle(self, request: Request, path: str, lane: str, body: bytes, stream: bool) -> Response:
         ticket = self.router.admit(lane)
         disconnect = asyncio.ensure_future(wait_disconnect(request))
+        patience = asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER if stream else math.inf))
         try:
-            done = await _first(ticket.decided, disconnect,
-                                *( [asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER))] if stream else []))
+            done = await _first(ticket.decided, disconnect, patience)
             if disconnect in done:
                 self.router.cancel(ticket)
                 self._close(ticket, CLIENT_CLOSED)
@@ -76,6 +86,7 @@ class Forwarder:
             return await self._unary(ticket, path, body, disconnect)
         finally:
             disconnect.cancel()
+            patience.cancel()
 
     def _request(self, ticket: Ticket, path: str, body: bytes) -> httpx.Request:
         client = self.router.client_for(ticket.lane)
@@ -97,7 +108,7 @@ class Forwarder:
         try:
             return send.result()
         except httpx.HTTPError as error:
-            raise (ticket.aborted.result() if ticket.aborted.done() else _upstream_error(error)) from error
+            raise await _failure(ticket, error) from error
 
     async def _unary(self, ticket: Ticket, path: str, body: bytes, disconnect) -> Response:
         try:
@@ -137,7 +148,7 @@ class Forwarder:
             async for chunk in upstream.aiter_raw():
                 yield chunk
         except (httpx.HTTPError, httpx.StreamError, RuntimeError) as error:
-            failure = ticket.aborted.result() if ticket.aborted.done() else _upstream_error(error)
+            failure = await _failure(ticket, error)
             status = failure.status
             yield failure.sse_event()
         except asyncio.CancelledError:
@@ -154,11 +165,10 @@ class Forwarder:
         status = 200
         try:
             while not ticket.decided.done():
+                state = self.router.scheduler.state(ticket.lane).value
+                waited = time.monotonic() - ticket.arrived
+                yield f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()
                 await asyncio.wait([ticket.decided], timeout=PROGRESS_EVERY)
-                if not ticket.decided.done():
-                    state = self.router.scheduler.state(ticket.lane).value
-                    waited = time.monotonic() - ticket.arrived
-                    yield f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()
             outcome = ticket.decided.result()
             if isinstance(outcome, APIError):
                 status = outcome.status

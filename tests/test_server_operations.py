@@ -1,0 +1,342 @@
+"""What operators rely on, with fake engines: metrics, auth, lane control, limits and
+back-pressure, crash recovery, orphan reaping, co-residency, idle unload, logs, sd_notify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import fake_lanes_env, group_alive, serving, start_server
+from test_server_switching import CHAT, chat_body, sse_events
+
+pytestmark = pytest.mark.engine
+
+
+def metric_samples(text: str) -> dict:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def engine_port(pgid: int) -> int:
+    argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
+    return int(argv[argv.index(b"--port") + 1])
+
+
+def test_metrics_after_a_scripted_sequence(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {}}, VLLM_SWITCH_MAX_WAIT="0.5")
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        for lane in ("a", "a", "b", "b", "b"):
+            assert client.post(CHAT, json=chat_body(lane)).status_code == 200
+        assert client.post(CHAT, json=chat_body("nope")).status_code == 404
+        text = client.get("/metrics").text
+        samples = metric_samples(text)
+        assert value(samples, "vllm_launcher_requests_total", lane="a", status="200") == 2
+        assert value(samples, "vllm_launcher_requests_total", lane="b", status="200") == 3
+        assert value(samples, "vllm_launcher_switches_total", from_lane="a", to_lane="b", reason="idle") == 1
+        assert value(samples, "vllm_launcher_engine_starts_total", lane="a") == 1
+        assert value(samples, "vllm_launcher_engine_starts_total", lane="b") == 1
+        assert value(samples, "vllm_launcher_lane_state", lane="b", state="ready") == 1
+        assert value(samples, "vllm_launcher_lane_state", lane="a", state="stopped") == 1
+        assert value(samples, "vllm_launcher_queue_wait_seconds_count", lane="b") == 3
+        assert value(samples, "vllm_launcher_switch_phase_seconds_count", lane="b", phase="start") == 1
+        assert value(samples, "vllm_launcher_switch_phase_seconds_count", lane="a", phase="stop") == 1
+        assert value(samples, "vllm_launcher_inflight_requests", lane="b") == 0
+        assert value(samples, "vllm_launcher_queue_depth", lane="b") == 0
+        # the loaded engine's own metrics, re-exposed with a lane label; nothing else of the engine's
+        assert value(samples, "vllm:prompt_tokens_total", lane="b", model_name="b") == 9
+        assert "python_gc_objects_collected_total{generation=\"0\"} 1.0" not in text
+
+
+def test_api_key_on_the_door_and_engines_unreachable_without_the_internal_key(tmp_path, fake_python):
+    key_file = tmp_path / "key"
+    key_file.write_text("door-key\n")
+    env = fake_lanes_env(fake_python, {"a": {}}, VLLM_API_KEY_FILE=str(key_file))
+    good = {"Authorization": "Bearer door-key"}
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "door-key"},
+                        {"Authorization": "Basic door-key"}):
+            for method, path in (("GET", "/v1/models"), ("POST", CHAT), ("GET", "/lanes"), ("POST", "/lanes/a/load")):
+                response = client.request(method, path, headers=headers, json=chat_body("a"))
+                assert response.status_code == 401, (method, path, headers)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        assert client.post(CHAT, json=chat_body("a"), headers=good).status_code == 200
+        assert client.get("/v1/models", headers=good).status_code == 200
+        for path in ("/livez", "/health", "/healthz", "/version", "/metrics", "/readyz"):
+            assert client.get(path).status_code == 200, path
+        (pgid,) = served.record_engine_groups()
+        port = engine_port(pgid)
+        for headers in (None, good):
+            direct = httpx.post(f"http://127.0.0.1:{port}{CHAT}", json=chat_body("a"), headers=headers)
+            assert direct.status_code == 401       # neither no key nor the client's key opens the engine
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+        assert b"door-key" not in cmdline and b"--api-key" not in cmdline
+
+
+def test_metrics_can_require_the_key(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}}, VLLM_API_KEY="k", VLLM_METRICS_REQUIRE_KEY="true")
+    with serving(tmp_path, env) as served, served.client() as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_load_and_unload_endpoints(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {}})
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        loaded = client.post("/lanes/B/load")
+        assert loaded.status_code == 200 and loaded.json() == {"lane": "b", "state": "ready"}
+        lanes = client.get("/lanes").json()["lanes"]
+        assert lanes["b"]["state"] == "ready" and lanes["a"]["state"] == "stopped"
+        assert lanes["b"]["last_start_seconds"] > 0 and lanes["b"]["memory_plan"]["device_source"]
+        unloaded = client.post("/lanes/b/unload")
+        assert unloaded.status_code == 200 and unloaded.json()["state"] == "stopped"
+        later = client.post("/lanes/a/load?wait=false")
+        assert later.status_code == 202 and later.json()["state"] in ("starting", "ready")
+        served.wait_state("a", "ready")
+        missing = client.post("/lanes/zzz/load")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "lane_not_found"
+
+
+def retry_after_for_queue_full(tmp_path, fake_python, queue_max: int) -> int:
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30"}},
+                         VLLM_QUEUE_MAX=str(queue_max), VLLM_SWITCH_MAX_WAIT="0.2")
+    with serving(tmp_path / f"q{queue_max}", env, wait_ready_lane="a") as served:
+        threads = [threading.Thread(target=lambda: httpx.post(served.url + CHAT, json=chat_body("b"), timeout=5))
+                   for _ in range(queue_max)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while served.lanes()["b"]["queue_depth"] < queue_max and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rejected = httpx.post(served.url + CHAT, json=chat_body("b"), timeout=10)
+        assert rejected.status_code == 503 and rejected.json()["error"]["code"] == "queue_full"
+        for thread in threads:
+            thread.join()
+        return int(rejected.headers["Retry-After"])
+
+
+def test_queue_full_retry_after_grows_with_the_queue(tmp_path, fake_python):
+    small = retry_after_for_queue_full(tmp_path, fake_python, 1)
+    large = retry_after_for_queue_full(tmp_path, fake_python, 6)
+    assert 1 <= small < large, (small, large)
+
+
+def test_queue_timeout(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30"}},
+                         VLLM_QUEUE_TIMEOUT="1", VLLM_SWITCH_MAX_WAIT="0.2")
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        response = client.post(CHAT, json=chat_body("b"))
+        assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout"
+        assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_disconnect_while_queued_removes_the_request_and_loads_nothing(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.05"}, "b": {}},
+                         VLLM_SWITCH_MAX_WAIT="60")
+    with serving(tmp_path, env, wait_ready_lane="a") as served:
+        busy = threading.Thread(target=lambda: httpx.post(served.url + CHAT, json=chat_body("a", max_tokens=40),
+                                                          timeout=30))
+        busy.start()                                   # lane a stays busy for 2 s
+        time.sleep(0.3)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + CHAT, json=chat_body("b"), timeout=0.5)
+        time.sleep(0.3)
+        assert served.lanes()["b"]["queue_depth"] == 0
+        busy.join()
+        time.sleep(1.0)                                 # lane a is idle now: a queued b would load here
+        lanes = served.lanes()
+        assert lanes["b"]["state"] == "stopped" and lanes["a"]["state"] == "ready"
+        assert "lane b: starting engine" not in served.log()
+
+
+def test_crash_restart_then_failed_while_another_lane_serves(tmp_path, fake_python):
+    counter = tmp_path / "starts"
+    env = fake_lanes_env(fake_python, {
+        "steady": {},
+        "flaky": {"ENV_FAKE_CRASH_AFTER": "1.5", "ENV_FAKE_TOKEN_DELAY": "0.1",
+                  "ENV_FAKE_FAIL_STARTS_AFTER": f"1:{counter}", "GPU_MEMORY_UTILIZATION": "0.4"}},
+        VLLM_ENGINE_MAX_RESTARTS="3", VLLM_GPU_MEMORY_BUDGET="0.9", VLLM_DEFAULT_LANE="flaky")
+    env["VLLM_LANE_STEADY_GPU_MEMORY_UTILIZATION"] = "0.4"
+    with serving(tmp_path, env, wait_ready_lane="flaky") as served, served.client() as client:
+        crashed = client.post(CHAT, json=chat_body("flaky", max_tokens=100))     # in flight at the crash
+        assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "engine_crashed"
+        queued = client.post(CHAT, json=chat_body("flaky"))        # waits through the restarts, then fails
+        assert queued.status_code == 503
+        error = queued.json()["error"]
+        assert error["code"] == "lane_failed" and "FAKE_FAIL_STARTS_AFTER" in error["message"]
+        assert served.lanes()["flaky"]["state"] == "failed"
+        assert client.post(CHAT, json=chat_body("flaky")).json()["error"]["code"] == "lane_failed"
+        assert client.post(CHAT, json=chat_body("steady")).status_code == 200     # the other lane works
+        samples = metric_samples(client.get("/metrics").text)
+        assert value(samples, "vllm_launcher_engine_start_failures_total", lane="flaky") == 2
+        assert value(samples, "vllm_launcher_engine_restarts_total", lane="flaky") >= 1
+        retry = client.post("/lanes/flaky/load")                 # an operator retries it
+        assert retry.status_code == 503 and retry.json()["error"]["code"] == "lane_failed"
+        assert int(counter.read_text()) >= 5     # 1 good start, 2 failed restarts, 1 operator retry (+1)
+
+
+def test_sigkilled_server_engines_are_reaped_by_the_next_server(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_CHILD": "1"}})
+    first = start_server(tmp_path / "one", env, wait_ready_lane="a")
+    env_second = {**env, "VLLM_RUNTIME_DIR": str(first.runtime_dir)}
+    (pgid,) = first.record_engine_groups()
+    assert len(group_alive(pgid)) == 2                         # the engine and its forked "EngineCore"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    time.sleep(0.5)
+    survivors = group_alive(pgid)
+    assert survivors, "the forked child should outlive a SIGKILLed server (as VLLM::EngineCore does)"
+    with serving(tmp_path / "two", env_second, wait_ready_lane="a") as second:
+        assert not group_alive(pgid)                           # reaped at start-up
+        assert "left behind by a previous server" in second.log()
+
+
+def test_two_live_servers_sharing_a_runtime_dir_leave_each_other_alone(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}})
+    with serving(tmp_path / "one", env, wait_ready_lane="a") as first:
+        (pgid,) = first.record_engine_groups()
+        with serving(tmp_path / "two", {**env, "VLLM_RUNTIME_DIR": str(first.runtime_dir)},
+                     wait_ready_lane="a") as second:
+            assert group_alive(pgid) and "left behind" not in second.log()
+            second.engine_groups = second.record_engine_groups() - {pgid}
+        assert group_alive(pgid)
+
+
+def test_co_residency_when_shares_fit_and_exclusive_when_not(tmp_path, fake_python):
+    lanes = {"a": {"GPU_MEMORY_UTILIZATION": "0.4"}, "b": {"GPU_MEMORY_UTILIZATION": "0.4"}}
+    with serving(tmp_path / "fit", fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_BUDGET="0.9"),
+                 wait_ready_lane="a") as served, served.client() as client:
+        assert client.post(CHAT, json=chat_body("b")).status_code == 200
+        states = {lane: view["state"] for lane, view in served.lanes().items()}
+        assert states == {"a": "ready", "b": "ready"}
+    lanes = {"a": {"GPU_MEMORY_UTILIZATION": "0.6"}, "b": {"GPU_MEMORY_UTILIZATION": "0.6"}}
+    with serving(tmp_path / "nofit", fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_BUDGET="0.9"),
+                 wait_ready_lane="a") as served, served.client() as client:
+        assert client.post(CHAT, json=chat_body("b")).status_code == 200
+        states = {lane: view["state"] for lane, view in served.lanes().items()}
+        assert states == {"a": "stopped", "b": "ready"}
+
+
+def test_idle_timeout_unloads_a_lane(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {"IDLE_TIMEOUT": "1"}})
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        assert client.post(CHAT, json=chat_body("a")).status_code == 200
+        served.wait_state("a", "stopped", timeout=10)
+        assert client.get("/health").json()["status"] == "idle"
+        assert client.get("/readyz").status_code == 200
+        assert client.post(CHAT, json=chat_body("a")).status_code == 200    # loads again on demand
+
+
+def test_progress_comments_while_a_stream_waits_then_the_stream(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}, "slow": {"ENV_FAKE_START_DELAY": "4"}})
+    with serving(tmp_path, env, wait_ready_lane="a") as served:
+        with httpx.stream("POST", served.url + CHAT, json=chat_body("slow", True, 3), timeout=60) as response:
+            text = response.read().decode()
+        assert response.status_code == 200
+        assert text.startswith(": waiting for lane slow (starting")
+        assert [e["model"] for e in sse_events(text)] == ["slow"] * 4 and text.rstrip().endswith("[DONE]")
+
+
+def test_failure_after_a_waiting_stream_was_answered_is_an_sse_error(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}, "broken": {"ENV_FAKE_START_DELAY": "3", "ENV_FAKE_EXIT_ON_START": "4"}},
+                         VLLM_ENGINE_MAX_RESTARTS="1")
+    with serving(tmp_path, env, wait_ready_lane="a") as served:
+        with httpx.stream("POST", served.url + CHAT, json=chat_body("broken", True), timeout=60) as response:
+            text = response.read().decode()
+        assert response.status_code == 200 and text.startswith(": waiting for lane broken")
+        assert sse_events(text)[-1]["error"]["code"] == "lane_failed"
+
+
+def test_request_logs_json_and_log_files(tmp_path, fake_python):
+    logs = tmp_path / "logs"
+    env = fake_lanes_env(fake_python, {"a": {}}, VLLM_LOG_REQUESTS="true", VLLM_LOG_FORMAT="json",
+                         LOG_DIRECTORY=str(logs))
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        assert client.post(CHAT, json=chat_body("a", max_tokens=3)).status_code == 200
+        time.sleep(0.2)
+        lines = [json.loads(line) for line in (logs / "launcher.log").read_text().splitlines()]
+        request = [line for line in lines if line["logger"] == "vllm_launcher.requests"]
+        assert request and request[0]["lane"] == "a" and request[0]["status"] == 200
+        assert request[0]["usage"]["completion_tokens"] == 3 and "queue_wait" in request[0]
+        engine_lines = [json.loads(line) for line in (logs / "engine-a.log").read_text().splitlines()]
+        assert any("fake engine pid" in line["message"] for line in engine_lines)
+        assert all(line["lane"] == "a" for line in engine_lines)
+
+
+def test_sd_notify_ready_and_status(tmp_path, fake_python):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    env = fake_lanes_env(fake_python, {"a": {}}, NOTIFY_SOCKET=str(path))
+    try:
+        with serving(tmp_path, env, wait_ready_lane="a"):
+            messages = []
+            while not any(m.startswith("STATUS=lane a: ready") for m in messages):
+                messages.append(sock.recv(4096).decode())
+            assert "READY=1" in messages
+    finally:
+        sock.close()
+
+
+BAD_REQUESTS = [
+    ("POST", CHAT, {"content": b"{not json"}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": b""}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": b"\xff\xfe\x00"}, 400, "invalid_json"),
+    ("POST", CHAT, {"json": []}, 400, "invalid_body"),
+    ("POST", CHAT, {"json": "a string"}, 400, "invalid_body"),
+    ("POST", CHAT, {"json": 42}, 400, "invalid_body"),
+    ("POST", CHAT, {"json": {"messages": []}}, 400, "missing_model"),
+    ("POST", CHAT, {"json": {"model": 7}}, 400, "invalid_model"),
+    ("POST", CHAT, {"json": {"model": None}}, 400, "invalid_model"),
+    ("POST", CHAT, {"json": {"model": ["a"]}}, 400, "invalid_model"),
+    ("POST", CHAT, {"json": {"model": {"name": "a"}}}, 400, "invalid_model"),
+    ("POST", CHAT, {"json": {"model": "unknown"}}, 404, "model_not_found"),
+    ("POST", CHAT, {"json": {"model": "../../etc/passwd"}}, 404, "model_not_found"),
+    ("POST", CHAT, {"json": {"model": "x" * 10000}}, 404, "model_not_found"),
+    ("POST", CHAT, {"json": {"model": "--help"}}, 404, "model_not_found"),
+    ("POST", CHAT, {"content": b"{" + b" " * (2 * 1024 * 1024) + b"}"}, 413, "body_too_large"),
+    ("POST", "/v1/completions", {"json": {"model": "a", "prompt": "x" * (3 * 1024 * 1024)}}, 413, "body_too_large"),
+    ("POST", CHAT, {"json": {"model": "a"}, "headers": {"Authorization": "Bearer wrong"}}, 401, "invalid_api_key"),
+    ("POST", CHAT, {"json": {"model": "a"}, "headers": {"Authorization": ""}}, 401, "invalid_api_key"),
+    ("POST", CHAT, {"json": {"model": "a"}, "headers": {}}, 401, "invalid_api_key"),
+    ("GET", "/v1/models", {"headers": {"Authorization": "Bearer"}}, 401, "invalid_api_key"),
+    ("GET", "/v1/models", {"headers": {"Authorization": "bearer k"}}, 200, None),
+    ("GET", "/nope", {}, 404, "not_found"),
+    ("GET", CHAT, {}, 405, "method_not_allowed"),
+    ("POST", "/lanes/a/../../load", {}, 404, None),
+    ("POST", "/lanes/%00/load", {}, 404, "lane_not_found"),
+]
+
+
+def test_bad_input_sweep_gets_4xx_openai_errors_and_the_server_keeps_serving(tmp_path, fake_python):
+    env = fake_lanes_env(fake_python, {"a": {}}, VLLM_API_KEY="k", VLLM_MAX_BODY_BYTES="1Mi")
+    auth = {"Authorization": "Bearer k"}
+    with serving(tmp_path, env, wait_ready_lane="a", ) as served, served.client() as client:
+        assert len(BAD_REQUESTS) >= 20
+        for method, path, kwargs, status, code in BAD_REQUESTS:
+            kwargs = dict(kwargs)
+            headers = kwargs.pop("headers", auth)
+            response = client.request(method, path, headers=headers, **kwargs)
+            assert response.status_code == status, (method, path, status, response.text[:300])
+            if status >= 400:
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"}, error
+                assert code is None or error["code"] == code, (path, error)
+        ok = client.post(CHAT, json=chat_body("a"), headers=auth)
+        assert ok.status_code == 200 and ok.json()["model"] == "a"
