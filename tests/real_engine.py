@@ -195,10 +195,14 @@ _PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH"
                    "SSL_CERT_FILE", "TZ", "USER")
 
 
-def tiny_engine_env(cache_root: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def tiny_engine_env(cache_root: Path, extra: Mapping[str, str] | None = None,
+                    tmpdir: Path | None = None) -> dict[str, str]:
     """An explicit engine environment (never a copy of os.environ): offline, no telemetry,
-    a 1 GiB CPU KV cache, VLLM_CACHE_ROOT under the test run."""
+    a 1 GiB CPU KV cache, VLLM_CACHE_ROOT under the test run, TMPDIR when given (tests/
+    conftest.py recognises a run's engines by TMPDIR under its base temp dir)."""
     env = {name: os.environ[name] for name in _PASSED_THROUGH if name in os.environ}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache_root),
                 "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
@@ -424,7 +428,7 @@ def _descendants(processes: list[ProcessInfo], root: int) -> set[int]:
 
 
 def find_leftover_vllm_processes(pgids: Iterable[int] | None = None,
-                                 cache_root: Path | str | None = None,
+                                 under: Iterable[Path | str] = (),
                                  descendants_of: int | None = None) -> list[ProcessInfo]:
     """Live (not zombie) processes that look like vLLM: command line or name `VLLM::...` or
     `vllm.entrypoints...`, like `pgrep -af 'VLLM::|vllm.entrypoints'`. This process is
@@ -432,25 +436,26 @@ def find_leftover_vllm_processes(pgids: Iterable[int] | None = None,
 
     Without arguments: every such process on the machine (other people's too: the machine
     is shared). With arguments, only those that are ours by any of: process group in PGIDS
-    (an orphaned VLLM::EngineCore keeps the group of its killed server), VLLM_CACHE_ROOT in
-    its environment under CACHE_ROOT (the test run's engines, also those a launcher under
-    test started), or a descendant of the process DESCENDANTS_OF.
+    (an orphaned VLLM::EngineCore keeps the group of its killed server), VLLM_CACHE_ROOT or
+    TMPDIR in its environment under one of the directories UNDER (the test run's engines,
+    also those a launcher under test started: both variables are on its allow-list; tests/
+    conftest.py gives engines a TMPDIR under the run's base temp dir), or a descendant of the
+    process DESCENDANTS_OF.
     """
     processes = list_processes()
     candidates = [p for p in processes if p.pid != os.getpid() and p.state != "Z" and p.is_vllm]
-    if pgids is None and cache_root is None and descendants_of is None:
+    roots = [str(Path(root).resolve()) for root in under]
+    if pgids is None and not roots and descendants_of is None:
         return candidates
     wanted = set(pgids or ())
     below = _descendants(processes, descendants_of) if descendants_of is not None else set()
-    root = str(Path(cache_root).resolve()) if cache_root is not None else None
 
     def ours(p: ProcessInfo) -> bool:
         if p.pgid in wanted or p.pid in below:
             return True
-        if root is None:
-            return False
-        value = p.environ().get("VLLM_CACHE_ROOT")
-        return bool(value) and (value == root or value.startswith(root + os.sep))
+        environ = p.environ() if roots else {}
+        values = [environ.get("VLLM_CACHE_ROOT") or "", environ.get("TMPDIR") or ""]
+        return any(v == root or v.startswith(root + os.sep) for v in values if v for root in roots)
 
     return [p for p in candidates if ours(p)]
 
@@ -461,17 +466,19 @@ def engine_process_tree(handle: EngineHandle) -> list[ProcessInfo]:
 
 
 @pytest.fixture(scope="session")
-def no_leftover_vllm_processes(vllm_cache_root: Path) -> Iterator[None]:
+def no_leftover_vllm_processes(vllm_cache_root: Path,
+                               tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Fail the run if a vLLM process of this run is alive at its end: one in a group
-    start_engine() made, a descendant of this test process, or one whose VLLM_CACHE_ROOT is
-    the run's (so engines a launcher under test started count, and other people's engines
-    on this shared machine do not). Use it in every real-engine test module; the session
-    teardown checks once. The leftovers' groups are then killed: they are this run's."""
+    start_engine() made, a descendant of this test process, or one whose VLLM_CACHE_ROOT or
+    TMPDIR is the run's (so engines a launcher under test started count, and other people's
+    engines on this shared machine do not). Use it in every real-engine test module; the
+    session teardown checks once. The leftovers' groups are then killed: they are this run's."""
+    under = [vllm_cache_root, tmp_path_factory.getbasetemp()]
     yield
     leftovers = []
     deadline = time.monotonic() + 10  # a group stopped just now may still be exiting
     while time.monotonic() < deadline:
-        leftovers = find_leftover_vllm_processes(STARTED_PGIDS, vllm_cache_root, os.getpid())
+        leftovers = find_leftover_vllm_processes(STARTED_PGIDS, under, os.getpid())
         if not leftovers:
             return
         time.sleep(0.5)

@@ -54,9 +54,10 @@ def facts(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(demo_models, vllm_cache_root, tmp_path_factory, facts):
     argv = tiny_engine_argv(demo_models["alpha"], free_port(), SERVED)
+    directory = tmp_path_factory.mktemp("engine")
     env = tiny_engine_env(vllm_cache_root, {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
-                                            "VLLM_API_KEY": API_KEY})
-    log = tmp_path_factory.mktemp("engine") / "engine.log"
+                                            "VLLM_API_KEY": API_KEY}, tmpdir=directory)
+    log = directory / "engine.log"
     handle = start_engine(argv, env, log_path=log)
     facts["start_to_health_200_seconds"] = round(handle.start_seconds, 1)
     facts["health_before_ready"] = handle.health_failures
@@ -114,8 +115,8 @@ def test_leftover_finder_follows_the_group_of_a_killed_server(tmp_path):
         server.wait()
         (orphan,) = find_leftover_vllm_processes([server.pid])
         assert orphan.cmdline.startswith("VLLM::FakeCore") and orphan.pgid == server.pid
-        assert find_leftover_vllm_processes(cache_root=tmp_path) == [orphan]
-        assert find_leftover_vllm_processes(cache_root=tmp_path / "other") == []
+        assert find_leftover_vllm_processes(under=[tmp_path]) == [orphan]
+        assert find_leftover_vllm_processes(under=[tmp_path / "other"]) == []
         assert orphan in find_leftover_vllm_processes()
     finally:
         with contextlib.suppress(ProcessLookupError):
