@@ -28,3 +28,12 @@ def no_engine_left_behind(tmp_path_factory):
             except OSError:
                 pass
         pytest.fail(f"engine processes left behind by the test run: {left}", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from measurements import MEASURED
+
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

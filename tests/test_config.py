@@ -121,6 +121,8 @@ BAD_INPUTS = [
     ({"VLLM_QUEUE_MAX": "0"}, "VLLM_QUEUE_MAX='0'"),
     ({"VLLM_MAX_BODY_BYTES": "big"}, "VLLM_MAX_BODY_BYTES='big'"),
     ({"VLLM_GPU_MEMORY_BUDGET": "2"}, "VLLM_GPU_MEMORY_BUDGET='2'"),
+    ({"VLLM_GPU_MEMORY_BUDGET": "0.5", "VLLM_GPU_MEMORY_UTILIZATION": "0.6"},
+     "VLLM_GPU_MEMORY_BUDGET=0.5: lane 'default' alone needs 0.6"),
     ({"VLLM_API_KEY_FILE": "/nonexistent/key"}, "VLLM_API_KEY_FILE='/nonexistent/key': cannot read"),
     ({"VLLM_LANES": "a,b", "VLLM_DEFAULT_LANE": "c"}, "VLLM_DEFAULT_LANE='c': not a lane; must be one of: a, b"),
     ({"VLLM_LANES": "coder,Coder"}, "VLLM_LANES='coder,Coder': lanes 'coder' and 'Coder' are the same name"),

@@ -23,6 +23,7 @@ from .settings import (
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_LANE_NAME = "default"
+VLLM_DEFAULT_SHARE = 0.9          # vLLM's --gpu-memory-utilization default (0.12)
 
 # Flags the launcher owns: an engine's address and key are chosen per start, its model and
 # names come from the lane settings. EXTRA_ARGS may not set them.
@@ -142,6 +143,7 @@ def load_config(environ: Mapping[str, str]) -> LauncherConfig:
     globals_ = {s.key: reader.setting(s) for s in ENGINE_SETTINGS if not s.lane_only}
     lanes = {name: _lane_config(reader, name, globals_, overrides.get(name, {})) for name in lane_names}
     _check_unique_names(reader, lanes)
+    _check_budget(reader, server, lanes)
     if reader.problems:
         raise ConfigError(reader.problems)
     return LauncherConfig(server=server, lanes=lanes, default_lane=default_lane,
@@ -314,6 +316,20 @@ def _check_unique_names(reader: _Reader, lanes: dict[str, LaneConfig]) -> None:
                     f"lanes {other!r} and {lane.name!r} both answer to model name {name!r} "
                     f"(served name, alias or lane name); each name must belong to one lane")
             owner.setdefault(name.lower(), lane.name)
+
+
+def _check_budget(reader: _Reader, server: ServerConfig, lanes: dict[str, LaneConfig]) -> None:
+    """Every lane must fit the shared budget on its own, or it could never start."""
+    budget = server.gpu_memory_budget
+    if budget is None:
+        return
+    for lane in lanes.values():
+        share = lane.gpu_memory_utilization or VLLM_DEFAULT_SHARE
+        if share > budget + 1e-9:
+            reader.problems.append(
+                f"VLLM_GPU_MEMORY_BUDGET={budget:g}: lane {lane.name!r} alone needs {share:g} "
+                f"(its GPU_MEMORY_UTILIZATION{'' if lane.gpu_memory_utilization else ', vLLM default'}); "
+                "the budget must be at least the largest lane's share")
 
 
 def _warnings(lanes: dict[str, LaneConfig]) -> list[str]:

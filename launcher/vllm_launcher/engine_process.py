@@ -26,6 +26,7 @@ from .engine_command import EngineSpec
 log = logging.getLogger("vllm_launcher.engine")
 
 LOG_TAIL_LINES = 40
+KILL_CONFIRM_SECONDS = 30
 PR_SET_PDEATHSIG = 1
 _libc = None
 
@@ -200,10 +201,13 @@ class EngineProcess:
                     pass
             else:
                 await asyncio.sleep(0.1)
-        while group_members(pgid):
+        give_up = time.monotonic() + KILL_CONFIRM_SECONDS
+        while (left := group_members(pgid)) and time.monotonic() < give_up:
             kill_group(pgid, signal.SIGKILL)
             await asyncio.sleep(0.1)
-        if self.process.returncode is None:
+        if left:      # unkillable (uninterruptible I/O in a driver): say so loudly, do not hang
+            log.error("engine group %d of lane %s still has processes %s after SIGKILL", pgid, self.lane, left)
+        elif self.process.returncode is None:
             await self.process.wait()
         await self._drain_output()
         return time.monotonic() - began

@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-from .engine_process import group_members, kill_group, process_start_time
+from .engine_process import KILL_CONFIRM_SECONDS, group_members, kill_group, process_start_time
 
 log = logging.getLogger("vllm_launcher.reaper")
 
@@ -77,7 +77,8 @@ class EngineRecords:
                 deadline = time.monotonic() + grace
                 while group_members(pgid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                while group_members(pgid):
+                give_up = time.monotonic() + KILL_CONFIRM_SECONDS
+                while group_members(pgid) and time.monotonic() < give_up:
                     kill_group(pgid, signal.SIGKILL)
                     time.sleep(0.1)
                 reaped.append(pgid)

