@@ -132,7 +132,7 @@ class Served:
 
 
 def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = None, timeout: float = 60,
-                 python: str = sys.executable) -> Served:
+                 python: str = sys.executable, command: tuple[str, ...] = ("serve",)) -> Served:
     port = free_port()
     tmp_path.mkdir(parents=True, exist_ok=True)
     runtime_dir = tmp_path / "run"
@@ -141,7 +141,7 @@ def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = Non
                 "VLLM_HOST": "127.0.0.1", "VLLM_PORT": str(port), "VLLM_RUNTIME_DIR": str(runtime_dir),
                 "VLLM_STOP_TIMEOUT": "5", "TMPDIR": str(tmp_path), **env}
     log_file = open(log_path, "wb")
-    process = subprocess.Popen([python, "-m", "vllm_launcher", "serve"], env=full_env, stdout=log_file,
+    process = subprocess.Popen([python, "-m", "vllm_launcher", *command], env=full_env, stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     served = Served(process, f"http://127.0.0.1:{port}", runtime_dir, log_path, full_env)
     deadline = time.monotonic() + timeout

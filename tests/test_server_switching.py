@@ -246,3 +246,26 @@ def test_health_readyz_livez_version(tmp_path, fake_python):
             version = client.get("/version").json()
             assert version["build_sha"] == "abc123" and version["build_time"] == "2026-11-22"
             assert version["vllm_version"] == "0.0.0-fake" and version["version"]
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_request(tmp_path, fake_python):
+    from test_server_operations import metric_samples, value
+
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.1"}})
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        with client.stream("POST", CHAT, json=chat_body("a", True, 300)) as response:
+            assert response.status_code == 200
+            chunks = response.iter_bytes()
+            next(chunks)                                      # the stream runs; then the client leaves
+            running = value(metric_samples(client.get("/metrics").text), "vllm:num_requests_running",
+                            lane="a", model_name="a")
+            assert running == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            samples = metric_samples(client.get("/metrics").text)
+            if value(samples, "vllm:num_requests_running", lane="a", model_name="a") == 0:
+                break
+            time.sleep(0.2)
+        assert value(samples, "vllm:num_requests_running", lane="a", model_name="a") == 0
+        assert value(samples, "vllm_launcher_inflight_requests", lane="a") == 0
+        assert client.post(CHAT, json=chat_body("a")).status_code == 200
