@@ -93,8 +93,8 @@ class Forwarder:
         return client.build_request("POST", path, content=body, headers={"content-type": "application/json"})
 
     async def _send(self, ticket: Ticket, request: httpx.Request, stream: bool, disconnect=None) -> httpx.Response:
-        """The engine's response headers (and body unless streaming); raises APIError on an abort,
-        a crash or an unreachable engine, and CancelledError's cousin CLIENT_CLOSED on disconnect."""
+        """The engine's response headers (and body unless streaming). Raises APIError on an abort,
+        a crash or an unreachable engine, _ClientGone when the client disconnects first."""
         client = self.router.client_for(ticket.lane)
         send = asyncio.ensure_future(client.send(request, stream=stream))
         waiters = [send, ticket.aborted] + ([disconnect] if disconnect is not None else [])
@@ -119,18 +119,13 @@ class Forwarder:
         except _ClientGone:
             self._close(ticket, CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
-        except KeyError:                   # the engine went away between dispatch and send
-            error = _upstream_error(RuntimeError("engine stopped"))
-            self._close(ticket, error.status)
-            return error.response()
         self._close(ticket, upstream.status_code, _usage(upstream.content))
         return Response(upstream.content, status_code=upstream.status_code, headers=_headers(upstream))
 
     async def _stream(self, ticket: Ticket, path: str, body: bytes) -> Response:
         try:
             upstream = await self._send(ticket, self._request(ticket, path, body), stream=True)
-        except (APIError, KeyError) as error:
-            error = error if isinstance(error, APIError) else _upstream_error(RuntimeError("engine stopped"))
+        except APIError as error:
             self._close(ticket, error.status)
             return error.response()
         if upstream.status_code != 200:
@@ -176,8 +171,7 @@ class Forwarder:
                 return
             try:
                 upstream = await self._send(ticket, self._request(ticket, path, body), stream=True)
-            except (APIError, KeyError) as error:
-                error = error if isinstance(error, APIError) else _upstream_error(RuntimeError("engine stopped"))
+            except APIError as error:
                 status = error.status
                 yield error.sse_event()
                 return

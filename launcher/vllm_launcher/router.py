@@ -158,7 +158,12 @@ class Router:
             self._apply(self.scheduler.finish(ticket.id, self.clock()))
 
     def client_for(self, lane: str) -> httpx.AsyncClient:
-        return self.clients[lane]
+        """The upstream client of a dispatched request's engine (it may have died just now)."""
+        try:
+            return self.clients[lane]
+        except KeyError:
+            raise APIError(502, f"the engine of lane {lane!r} stopped before the request reached it",
+                           "engine_unavailable") from None
 
     # ------------------------------------------------------------------ lane control
 
