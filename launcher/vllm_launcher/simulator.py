@@ -21,6 +21,8 @@ Both baselines keep one lane loaded at a time.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import heapq
 import random
 from collections import OrderedDict
@@ -116,7 +118,7 @@ class SimResult:
 # ----------------------------------------------------------------- baselines
 
 
-class _ExclusiveBaseline:
+class _ExclusiveBaseline(ABC):
     """Common machinery of the baselines: one lane loaded at a time."""
 
     def __init__(self, lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None):
@@ -248,8 +250,9 @@ class _ExclusiveBaseline:
                 self._set(loaded, LaneState.STOPPING, reason, out)
                 out.append(StopEngine(loaded, reason))
 
-    def _step(self, now: float, out: list[Action]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _step(self, now: float, out: list[Action]) -> None:
+        """The baseline's own rule: dispatch, start or drain given the current state."""
 
 
 class FcfsPolicy(_ExclusiveBaseline):
