@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         from . import scheduling
 
         result = scheduling.run()
-        write_json("scheduling.json", {"meta": meta, **result})
+        write_json("scheduling.json", {"meta": meta, **result}, digits=2, compact=("waits", "timelines"))
     if "overhead" in wanted:
         from . import overhead
 

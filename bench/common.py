@@ -123,10 +123,15 @@ def machine_info() -> dict:
     }
 
 
-def write_json(name: str, data: dict) -> Path:
+def write_json(name: str, data: dict, digits: int = 4, compact: tuple[str, ...] = ()) -> Path:
+    """Write results; the top-level keys in ``compact`` (long series) go on one line each."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps(rounded(data), indent=1, sort_keys=False) + "\n")
+    data = rounded(data, digits)
+    lines = [f" {json.dumps(k)}: " + (json.dumps(v, separators=(",", ":")) if k in compact else
+                                      json.dumps(v, indent=1).replace("\n", "\n "))
+             for k, v in data.items()]
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     log(f"wrote {path.relative_to(ROOT)}")
     return path
 
