@@ -133,7 +133,7 @@ class Served:
 
 def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = None, timeout: float = 60,
                  python: str = sys.executable, command: tuple[str, ...] = ("serve",)) -> Served:
-    port = free_port()
+    port = int(env.get("VLLM_PORT") or free_port())
     tmp_path.mkdir(parents=True, exist_ok=True)
     runtime_dir = tmp_path / "run"
     log_path = tmp_path / f"server-{port}.log"
