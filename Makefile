@@ -33,7 +33,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vllm_launcher demo
 
-bench: $(STAMP)
+$(VENV)/.bench-installed: $(STAMP)
+	$(PIP) install -e "launcher[bench]"
+	@touch $@
+
+bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 
 clean:
