@@ -78,3 +78,6 @@ def setup_logging(level: str, fmt: str, directory: str | None) -> None:
         root.addHandler(_EngineFiles(path, formatter))
     # engine lines are logged at INFO whatever the launcher's level: they are vLLM's own output
     logging.getLogger("vllm_launcher.engine").setLevel(logging.INFO)
+    # httpx logs every upstream request at INFO: noise (and cost) on the hot path; our own
+    # request log (VLLM_LOG_REQUESTS) says what an operator needs
+    logging.getLogger("httpx").setLevel(logging.WARNING)

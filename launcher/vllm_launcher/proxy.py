@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 
 import httpx
@@ -65,9 +64,11 @@ class Forwarder:
     async def handle(self, request: Request, path: str, lane: str, body: bytes, stream: bool) -> Response:
         ticket = self.router.admit(lane)
         disconnect = asyncio.ensure_future(wait_disconnect(request))
-        patience = asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER if stream else math.inf))
+        waiters = [ticket.decided, disconnect]
+        if stream and not ticket.decided.done():
+            waiters.append(asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER)))    # patience
         try:
-            done = await _first(ticket.decided, disconnect, patience)
+            done = await _first(*waiters) if not ticket.decided.done() else {ticket.decided}
             if disconnect in done:
                 self.router.cancel(ticket)
                 self._close(ticket, CLIENT_CLOSED)
@@ -85,8 +86,8 @@ class Forwarder:
                 return await self._stream(ticket, path, body)
             return await self._unary(ticket, path, body, disconnect)
         finally:
-            disconnect.cancel()
-            patience.cancel()
+            for waiter in waiters[1:]:
+                waiter.cancel()
 
     def _request(self, ticket: Ticket, path: str, body: bytes) -> httpx.Request:
         client = self.router.client_for(ticket.lane)
