@@ -167,7 +167,7 @@ def build_app(served: str, model: str) -> Starlette:
     async def embeddings(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
-        body = await request.json()
+        await request.json()
         return JSONResponse({"object": "list", "model": served, "data": [
             {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
             "usage": {"prompt_tokens": 1, "total_tokens": 1}})

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from . import values
 from .settings import (
     DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY, LANE_ENV_INFIX, LANE_PREFIX,
-    LANES_VAR, SECRET_NAMES, SERVER_SETTINGS, EngineSetting, Setting,
+    LANES_VAR, SECRET_NAMES, SERVER_SETTINGS, Setting,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")

@@ -7,12 +7,10 @@ module turns HTTP into router calls and errors into OpenAI-style bodies.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import logging
-import time
 
 import httpx
 from fastapi import FastAPI, Request
