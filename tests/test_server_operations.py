@@ -57,6 +57,7 @@ def test_metrics_after_a_scripted_sequence(tmp_path, fake_python):
         assert value(samples, "vllm_launcher_switch_phase_seconds_count", lane="b", phase="start") == 1
         assert value(samples, "vllm_launcher_switch_phase_seconds_count", lane="a", phase="stop") == 1
         assert value(samples, "vllm_launcher_inflight_requests", lane="b") == 0
+        assert value(samples, "vllm_launcher_requests_rejected_total", lane="", reason="model_not_found") == 1
         assert value(samples, "vllm_launcher_queue_depth", lane="b") == 0
         # the loaded engine's own metrics, re-exposed with a lane label; nothing else of the engine's
         assert value(samples, "vllm:prompt_tokens_total", lane="b", model_name="b") == 9

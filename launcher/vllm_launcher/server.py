@@ -90,12 +90,14 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
+        metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
         return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code).response()
+        return await api_error(request, APIError(error.status_code, f"{request.method} {request.url.path}: "
+                                                                    f"{error.detail}", code))
 
     # ---------------------------------------------------------------- OpenAI API
 
