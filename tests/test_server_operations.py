@@ -221,19 +221,14 @@ def test_two_live_servers_sharing_a_runtime_dir_leave_each_other_alone(tmp_path,
         assert group_alive(pgid)
 
 
-def test_co_residency_when_shares_fit_and_exclusive_when_not(tmp_path, fake_python):
-    lanes = {"a": {"GPU_MEMORY_UTILIZATION": "0.4"}, "b": {"GPU_MEMORY_UTILIZATION": "0.4"}}
-    with serving(tmp_path / "fit", fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_BUDGET="0.9"),
+@pytest.mark.parametrize("share,a_after", [("0.4", "ready"), ("0.6", "stopped")], ids=["fit", "exclusive"])
+def test_co_residency_when_shares_fit_and_exclusive_when_not(tmp_path, fake_python, share, a_after):
+    lanes = {"a": {"GPU_MEMORY_UTILIZATION": share}, "b": {"GPU_MEMORY_UTILIZATION": share}}
+    with serving(tmp_path, fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_BUDGET="0.9"),
                  wait_ready_lane="a") as served, served.client() as client:
         assert client.post(CHAT, json=chat_body("b")).status_code == 200
         states = {lane: view["state"] for lane, view in served.lanes().items()}
-        assert states == {"a": "ready", "b": "ready"}
-    lanes = {"a": {"GPU_MEMORY_UTILIZATION": "0.6"}, "b": {"GPU_MEMORY_UTILIZATION": "0.6"}}
-    with serving(tmp_path / "nofit", fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_BUDGET="0.9"),
-                 wait_ready_lane="a") as served, served.client() as client:
-        assert client.post(CHAT, json=chat_body("b")).status_code == 200
-        states = {lane: view["state"] for lane, view in served.lanes().items()}
-        assert states == {"a": "stopped", "b": "ready"}
+        assert states == {"a": a_after, "b": "ready"}
 
 
 def test_idle_timeout_unloads_a_lane(tmp_path, fake_python):

@@ -34,6 +34,19 @@ def sse_events(text: str) -> list:
     return events
 
 
+def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    """POST a streaming request from a thread; outcome["status"], outcome["text"] when it ends."""
+    outcome: dict = {}
+
+    def run():
+        with httpx.stream("POST", url + CHAT, json=body, timeout=120) as response:
+            outcome["status"], outcome["text"] = response.status_code, response.read().decode()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 async def mixed_traffic(url: str, lanes: list[str], total: int, clients: int, seed: int) -> list[tuple]:
     """`clients` concurrent clients send `total` requests in all, each to a random lane, a
     third of them streaming. Returns (lane, status, model seen, text) per request."""
@@ -89,19 +102,12 @@ def test_streaming_through_a_switch_and_queued_served_after(tmp_path, fake_pytho
     env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.05"}, "b": {}},
                          VLLM_SWITCH_MAX_WAIT="0.5")
     with serving(tmp_path, env, wait_ready_lane="a") as served:
-        outcome = {}
-
-        def long_stream():
-            with httpx.stream("POST", served.url + CHAT, json=chat_body("a", True, 60), timeout=120) as response:
-                outcome["a"] = (response.status_code, response.read().decode())
-
-        thread = threading.Thread(target=long_stream)
-        thread.start()
+        thread, outcome = stream_in_background(served.url, chat_body("a", True, 60))
         time.sleep(0.5)
         with served.client() as client:
             b_answers = [client.post(CHAT, json=chat_body("b")) for _ in range(1)]
         thread.join(60)
-        status, text = outcome["a"]
+        status, text = outcome["status"], outcome["text"]
         events = sse_events(text)
         assert status == 200 and text.rstrip().endswith("data: [DONE]")
         assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events).count(" t") == 59
@@ -211,19 +217,12 @@ def test_drain_timeout_ends_a_long_stream_with_an_error_event(tmp_path, fake_pyt
     env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.2"}, "b": {}},
                          VLLM_SWITCH_MAX_WAIT="0.5", VLLM_DRAIN_TIMEOUT="1")
     with serving(tmp_path, env, wait_ready_lane="a") as served:
-        outcome = {}
-
-        def long_stream():
-            with httpx.stream("POST", served.url + CHAT, json=chat_body("a", True, 200), timeout=120) as response:
-                outcome["a"] = (response.status_code, response.read().decode())
-
-        thread = threading.Thread(target=long_stream)
-        thread.start()
+        thread, outcome = stream_in_background(served.url, chat_body("a", True, 200))
         time.sleep(0.5)
         b = httpx.post(served.url + CHAT, json=chat_body("b"), timeout=60)
         thread.join(60)
         assert b.status_code == 200
-        status, text = outcome["a"]
+        status, text = outcome["status"], outcome["text"]
         events = sse_events(text)
         assert status == 200 and "error" in events[-1], text[-500:]
         assert events[-1]["error"]["code"] == "drain_timeout"
