@@ -115,6 +115,14 @@ class Served:
             time.sleep(0.1)
         raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes()}\n{self.log()[-3000:]}")
 
+    def wait_queue(self, lane: str, depth: int, timeout: float = 30) -> None:
+        """Until `depth` requests wait for `lane` (requests sent from threads need a moment)."""
+        deadline = time.monotonic() + timeout
+        while self.lanes()[lane]["queue_depth"] != depth:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lane {lane}: queue depth not {depth} after {timeout} s: {self.lanes()}")
+            time.sleep(0.05)
+
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM, wait for exit; returns the exit status."""
         self.record_engine_groups()

@@ -135,7 +135,7 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
     for thread in threads[1:]:
         thread.start()
     time.sleep(1.0)
-    assert served.lanes()["beta"]["queue_depth"] == 3
+    served.wait_queue("beta", 3)
     served.process.send_signal(signal.SIGTERM)
     code = served.process.wait(120)
     for thread in threads:

@@ -3,7 +3,6 @@ back-pressure, crash recovery, orphan reaping, co-residency, idle unload, logs, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -117,21 +116,18 @@ def retry_after_for_queue_full(tmp_path, fake_python, queue_max: int) -> int:
     env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30"}},
                          VLLM_QUEUE_MAX=str(queue_max), VLLM_SWITCH_MAX_WAIT="0.2")
     with serving(tmp_path / f"q{queue_max}", env, wait_ready_lane="a") as served:
-        def queued():
-            with contextlib.suppress(httpx.TimeoutException):     # they wait for a 30 s start
-                httpx.post(served.url + CHAT, json=chat_body("b"), timeout=5)
+        def queued():      # waits for the 30 s start; the server's shutdown answers it 503
+            httpx.post(served.url + CHAT, json=chat_body("b"), timeout=60)
 
         threads = [threading.Thread(target=queued) for _ in range(queue_max)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 10
-        while served.lanes()["b"]["queue_depth"] < queue_max and time.monotonic() < deadline:
-            time.sleep(0.05)
+        served.wait_queue("b", queue_max)
         rejected = httpx.post(served.url + CHAT, json=chat_body("b"), timeout=10)
         assert rejected.status_code == 503 and rejected.json()["error"]["code"] == "queue_full"
-        for thread in threads:
-            thread.join()
-        return int(rejected.headers["Retry-After"])
+    for thread in threads:
+        thread.join()
+    return int(rejected.headers["Retry-After"])
 
 
 def test_queue_full_retry_after_grows_with_the_queue(tmp_path, fake_python):

@@ -170,7 +170,7 @@ def test_shutdown_with_requests_in_flight_and_queued(tmp_path, fake_python):
         thread.start()
         time.sleep(0.3)
     groups = served.record_engine_groups()
-    assert served.lanes()["b"]["queue_depth"] == 1
+    served.wait_queue("b", 1)
     code = served.terminate()
     for thread in threads:
         thread.join(30)
@@ -229,7 +229,7 @@ def test_drain_timeout_ends_a_long_stream_with_an_error_event(tmp_path, fake_pyt
 
 
 def test_health_readyz_livez_version(tmp_path, fake_python):
-    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_START_DELAY": "2"}, "b": {}},
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_START_DELAY": "5"}, "b": {}},
                          BUILD_SHA="abc123", BUILD_TIME="2026-11-22")
     with serving(tmp_path, env) as served:
         with served.client() as client:
