@@ -111,6 +111,7 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
     served = start_server(tmp_path, env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
     groups = set(served.record_engine_groups())
     outcome: dict = {}
+    streaming = threading.Event()
 
     def long_stream():
         body = {"model": "alpha", "prompt": "Tell me a long story", "max_tokens": 16000, "stream": True,
@@ -120,6 +121,9 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
                 streaming.set()
+                # A thread reading a fast stream flat out holds the GIL so much that the test's
+                # other threads (the queued requests, /lanes polls) wait seconds per call.
+                time.sleep(0.02)
             outcome["stream"] = (response.status_code, b"".join(chunks).decode())
 
     def queued(index: int):
@@ -127,19 +131,21 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
                               timeout=120)
         outcome[f"queued{index}"] = (response.status_code, response.json())
 
-    streaming = threading.Event()
-    threads = [threading.Thread(target=long_stream)]
-    threads[0].start()
-    assert streaming.wait(60), "the stream did not start"        # alpha busy: beta requests must queue
-    threads += [threading.Thread(target=queued, args=(i,)) for i in range(3)]
-    for thread in threads[1:]:
-        thread.start()
-    time.sleep(1.0)
-    served.wait_queue("beta", 3)
-    served.process.send_signal(signal.SIGTERM)
-    code = served.process.wait(120)
-    for thread in threads:
-        thread.join(60)
+    threads = [threading.Thread(target=long_stream)] + [threading.Thread(target=queued, args=(i,)) for i in range(3)]
+    try:
+        threads[0].start()
+        assert streaming.wait(60), "the stream did not start"     # alpha busy: beta requests must queue
+        for thread in threads[1:]:
+            thread.start()
+        served.wait_queue("beta", 3)
+        served.process.send_signal(signal.SIGTERM)
+        code = served.process.wait(120)
+    finally:
+        if served.process.poll() is None:
+            served.terminate()
+        for thread in threads:
+            if thread.is_alive() or thread.ident:
+                thread.join(60)
     assert code == 0, served.log()[-3000:]
     status, text = outcome["stream"]
     assert status == 200
