@@ -7,8 +7,10 @@ Cold-start and switch times are printed in the test summary (see conftest.py).""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -111,50 +113,49 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
     served = start_server(tmp_path, env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
     groups = set(served.record_engine_groups())
     outcome: dict = {}
-    streaming = threading.Event()
-
-    def long_stream():
-        body = {"model": "alpha", "prompt": "Tell me a long story", "max_tokens": 16000, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=120) as response:
-            chunks = []
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                streaming.set()
-                # A thread reading a fast stream flat out holds the GIL so much that the test's
-                # other threads (the queued requests, /lanes polls) wait seconds per call.
-                time.sleep(0.02)
-            outcome["stream"] = (response.status_code, b"".join(chunks).decode())
+    # The stream is read by curl in its own process: a Python thread reading a fast stream flat
+    # out holds the GIL so much that this test's other requests wait seconds per call.
+    stream_file = tmp_path / "stream.txt"
+    body = {"model": "alpha", "prompt": "Tell me a long story", "max_tokens": 16000, "stream": True,
+            "ignore_eos": True}
+    stream = subprocess.Popen(["curl", "-sN", "--max-time", "180", "-o", str(stream_file), "-w", "%{http_code}",
+                               "-H", "Content-Type: application/json", "-d", json.dumps(body),
+                               served.url + "/v1/completions"], stdout=subprocess.PIPE, text=True)
 
     def queued(index: int):
         response = httpx.post(served.url + "/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 4},
                               timeout=120)
         outcome[f"queued{index}"] = (response.status_code, response.json())
 
-    threads = [threading.Thread(target=long_stream)] + [threading.Thread(target=queued, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=queued, args=(i,)) for i in range(3)]
     try:
-        threads[0].start()
-        assert streaming.wait(60), "the stream did not start"     # alpha busy: beta requests must queue
-        for thread in threads[1:]:
+        deadline = time.monotonic() + 60
+        while not (stream_file.exists() and stream_file.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stream_file.exists() and stream_file.stat().st_size, "the stream did not start"
+        for thread in threads:                         # alpha is busy: these must queue for beta
             thread.start()
         served.wait_queue("beta", 3)
         served.process.send_signal(signal.SIGTERM)
         code = served.process.wait(120)
+        status = int(stream.communicate(timeout=120)[0] or 0)
     finally:
         if served.process.poll() is None:
             served.terminate()
+        if stream.poll() is None:
+            stream.kill()
         for thread in threads:
-            if thread.is_alive() or thread.ident:
+            if thread.ident:
                 thread.join(60)
     assert code == 0, served.log()[-3000:]
-    status, text = outcome["stream"]
-    assert status == 200
+    assert stream.returncode == 0 and status == 200, (stream.returncode, status)     # complete, not cut
+    text = stream_file.read_text()
     ends_cleanly = text.rstrip().endswith("data: [DONE]")
     ends_with_error = '"error"' in text.rstrip().split("\n")[-1]
     assert ends_cleanly or ends_with_error, text[-500:]
     for index in range(3):
-        status, body = outcome[f"queued{index}"]
-        assert status == 503 and body["error"]["code"] == "shutting_down"
+        status, answer = outcome[f"queued{index}"]
+        assert status == 503 and answer["error"]["code"] == "shutting_down"
     time.sleep(0.5)
     assert not [pid for pgid in groups for pid in group_alive(pgid)]
     assert not processes_with_tmpdir(str(tmp_path)), "an engine process (EngineCore/Worker) outlived the server"
