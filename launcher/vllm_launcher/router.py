@@ -380,6 +380,3 @@ class Router:
 
     def lane_states(self) -> dict[str, str]:
         return {lane: self.scheduler.state(lane).value for lane in self.config.lanes}
-
-    def engine_for(self, lane: str) -> EngineProcess | None:
-        return self.engines.get(lane)

@@ -37,16 +37,6 @@ def parse_positive_int(raw: str) -> int:
     return value
 
 
-def parse_nonnegative_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("must be a whole number, 0 or more") from None
-    if value < 0:
-        raise ValueError("must be a whole number, 0 or more")
-    return value
-
-
 def parse_fraction(raw: str) -> float:
     """A share of device memory: 0 < x <= 1."""
     try:
