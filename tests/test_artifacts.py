@@ -78,6 +78,14 @@ def test_lock_hashes_and_sizes(wheels: Path, tmp_path: Path):
     assert validate_lock(data, "lock") == []
 
 
+def test_lock_without_python_env_skips_the_relock_with_a_warning(wheels: Path, tmp_path: Path):
+    # These fake wheels carry no Requires-Dist: the closure re-lock is tests/test_closure_lock.py.
+    result = run("lock", str(wheels), "--lock-file", str(tmp_path / "l.json"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path / 'python-env' / 'pyproject.toml'} not found" in result.output
+    assert "not re-locked" in result.output and (tmp_path / "l.json").exists()
+
+
 def test_lock_finds_a_wheel_by_project_name(wheels: Path, tmp_path: Path):
     (wheels / TORCH).rename(wheels / "torch-2.9.2-cp311-cp311-linux_x86_64.whl")
     data = lock(wheels, tmp_path / "l.json")

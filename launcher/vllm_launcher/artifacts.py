@@ -6,13 +6,37 @@ size of the files a user holds, `verify DIR` checks files against the lock, and 
 into the Nix store with `nix-store --add-fixed sha256` (what nixpkgs' `requireFile` expects).
 The lock format (schema version 1) is described by nix/artifacts.schema.json and read by
 nix/lock.nix.
+
+`lock DIR` also re-locks the engines' Python closure, `python-env/uv.lock` next to the lock file
+(`--python-env DIR` names another, `--no-relock` skips it), against the wheels' own METADATA:
+the committed python-env/pyproject.toml describes the private wheels with
+`[[tool.uv.dependency-metadata]]` entries (their Requires-Dist as vLLM's sources give them) and
+lets uv lock PyPI's torch and vllm files as placeholders. The re-lock works on a copy in a
+temporary directory: the pyproject with those entries replaced by `[tool.uv.sources]` path
+entries `torch = { path = "wheels/<file>" }` (and vllm, and `pytorch-triton-rocm` when torch's
+METADATA requires it or the lock names it), the wheels symlinked into `wheels/`, the launcher
+reachable as `../launcher` (a symlink), and the current uv.lock so uv keeps the versions it can.
+`uv lock` runs there (it may ask PyPI for new dependencies); then the rewritten pyproject.toml
+and the new uv.lock replace python-env's, and one line per added, removed or changed package is
+printed ("closure unchanged" otherwise). uv records a path wheel as
+`source = { path = "wheels/<file>" }` with `wheels = [{ filename, hash = "sha256:..." }]`: the
+lock holds relative paths only (refused otherwise), and the hash must equal artifacts.lock.json's.
+
+On a clone without the wheels the rewritten pyproject's `wheels/<file>` paths do not exist.
+uv2nix never reads them (the Nix overlay swaps in the requireFile'd wheels pinned in
+artifacts.lock.json, whose hashes the uv.lock repeats), so Nix builds as before; but a plain
+`uv lock` in python-env then fails on the missing files: keep the committed uv.lock, or re-run
+`vllm-launcher artifacts lock DIR` with the wheels (`git checkout python-env/` goes back to the
+placeholder form).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import email.parser
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +44,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,8 +188,13 @@ def write_lock(path: Path, data: dict) -> None:
     problems = validate_lock(data, str(path))
     if problems:  # never write a lock Nix would refuse
         raise LockError("\n".join(problems))
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -270,6 +302,269 @@ def check_entry(directory: Path, entry: dict, *, progress: bool) -> Check:
     return Check(entry, path, None)
 
 
+# --- re-locking the Python closure (python-env/uv.lock) -------------------------------------
+
+PYTHON_ENV_DIR = "python-env"
+TRITON_ROCM = "pytorch-triton-rocm"
+# Written into python-env/pyproject.toml's [tool.uv.sources] above the wheels' path entries.
+SOURCES_COMMENT = [
+    "# Written by `vllm-launcher artifacts lock DIR`: the private wheels, read from wheels/ while",
+    "# locking (sha256 in ../artifacts.lock.json and uv.lock). uv2nix never reads these paths (Nix",
+    "# swaps in the requireFile'd wheels); a plain `uv lock` here fails without the files: keep",
+    "# uv.lock, or re-run `artifacts lock DIR` (`git checkout python-env/` restores placeholders).",
+]
+# Added to override-dependencies with the third wheel: PyPI's triton and pytorch-triton-rocm
+# both install the `triton` package, and xgrammar still requires `triton` by name.
+TRITON_OVERRIDE = "\"triton; sys_platform == 'never'\","
+TRITON_OVERRIDE_COMMENT = (
+    "  # pytorch-triton-rocm (artifacts.lock.json) provides the `triton` module: "
+    "no PyPI triton beside it."
+)
+_HEADER_RE = re.compile(r"^\[\[?\s*([A-Za-z0-9_.\-]+)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r'^\s*"?([A-Za-z0-9][A-Za-z0-9._-]*)"?\s*=')
+
+
+def wheel_requires(path: Path) -> list[str]:
+    """The Requires-Dist lines of a wheel's METADATA."""
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            names = [n for n in wheel.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+            if not names:
+                raise click.ClickException(f"{path}: no *.dist-info/METADATA in this wheel")
+            metadata = email.parser.BytesParser().parsebytes(wheel.read(names[0]))
+    except zipfile.BadZipFile as exc:
+        raise click.ClickException(f"{path}: not a wheel (zip) file: {exc}") from exc
+    return [str(value) for value in metadata.get_all("Requires-Dist") or []]
+
+
+def required_triton(torch_wheel: Path) -> str | None:
+    """The file name of the pytorch-triton-rocm wheel torch's METADATA requires, if it does.
+
+    By name only: the torch ROCm wheel's marker (Linux, x86_64) is the closure's platform; a
+    requirement under an `extra ==` marker is optional and ignored.
+    """
+    for requirement in wheel_requires(torch_wheel):
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;]*)(;.*)?$", requirement)
+        if not match or normalize_name(match.group(1)) != TRITON_ROCM:
+            continue
+        if match.group(4) and "extra" in match.group(4):
+            continue
+        pin = re.search(r"===?\s*([A-Za-z0-9_.!+]+)", match.group(3) or "")
+        tags = parse_wheel_filename(torch_wheel.name) or {}
+        version = pin.group(1) if pin else "<version>"
+        return (f"pytorch_triton_rocm-{version}-{tags.get('py', 'cp311')}-{tags.get('abi', 'cp311')}"
+                f"-{tags.get('plat', 'linux_x86_64')}.whl")
+    return None
+
+
+def uv_command() -> list[str]:
+    """uv on PATH, else `python -m uv` when the uv package is installed beside the launcher."""
+    found = shutil.which("uv")
+    if found:
+        return [found]
+    if importlib.util.find_spec("uv") is not None:
+        return [sys.executable, "-m", "uv"]
+    raise click.ClickException(
+        "uv is needed to re-lock python-env/uv.lock: pip install uv (or pass --no-relock)"
+    )
+
+
+def _split_blocks(lines: list[str]) -> list[tuple[str | None, list[str]]]:
+    """TOML text as (table name, lines) blocks; a comment run right above a header joins it."""
+    blocks: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in lines:
+        header = _HEADER_RE.match(line)
+        if header is None:
+            blocks[-1][1].append(line)
+            continue
+        previous = blocks[-1][1]
+        start = len(previous)
+        while start > 0 and previous[start - 1].startswith("#"):
+            start -= 1
+        leading = previous[start:]
+        del previous[start:]
+        blocks.append((header.group(1), leading + [line]))
+    return blocks
+
+
+def _insert_before_close(body: list[str], key: str, new_lines: list[str]) -> None:
+    """Insert lines before the `]` closing the multi-line array `key = [`."""
+    opening = next(i for i, line in enumerate(body) if re.match(rf"^{re.escape(key)}\s*=\s*\[\s*$", line))
+    closing = next(i for i in range(opening + 1, len(body)) if body[i].strip() == "]")
+    body[closing:closing] = new_lines
+
+
+def _requirement_name(requirement: str) -> str:
+    return normalize_name(re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0])
+
+
+def rewrite_pyproject(text: str, wheels: dict[str, str]) -> str:
+    """python-env/pyproject.toml with the artifacts as path sources `wheels/<file>`.
+
+    `wheels` maps each artifact's project name to its wheel file name. Drops the
+    `[[tool.uv.dependency-metadata]]` entries of those projects (their stand-in Requires-Dist)
+    with the comments above them, replaces any earlier path entries, and makes each artifact a
+    direct dependency (uv applies sources to direct dependencies only: pytorch-triton-rocm is
+    torch's), overriding PyPI's triton out of the closure beside pytorch-triton-rocm.
+    """
+    names = {normalize_name(name) for name in wheels}
+    blocks = []
+    for table, body in _split_blocks(text.splitlines()):
+        if table == "tool.uv.dependency-metadata":
+            entry = tomllib.loads("\n".join(line for line in body if not _HEADER_RE.match(line)))
+            if normalize_name(entry.get("name", "")) in names:
+                continue
+        blocks.append((table, body))
+    current = tomllib.loads(text)
+    dependencies = {_requirement_name(d) for d in current.get("project", {}).get("dependencies", [])}
+    overrides = current.get("tool", {}).get("uv", {}).get("override-dependencies", [])
+    has_sources = any(table == "tool.uv.sources" for table, _ in blocks)
+    if not has_sources:
+        blocks.append(("tool.uv.sources", ["", "[tool.uv.sources]"]))
+    for table, body in blocks:
+        if table == "project" and names - dependencies:
+            _insert_before_close(body, "dependencies", [
+                "  # Private wheels of ../artifacts.lock.json (torch's METADATA requires",
+                "  # pytorch-triton-rocm): uv applies path sources to direct dependencies only.",
+            ] + [f'  "{name}",' for name in wheels if normalize_name(name) not in dependencies])
+        elif table == "tool.uv" and TRITON_ROCM in names and not any(
+            _requirement_name(o) == "triton" for o in overrides
+        ):
+            if not overrides:
+                raise click.ClickException(
+                    "python-env/pyproject.toml: [tool.uv] needs an override-dependencies = [ ... ] "
+                    "array (one entry a line) to take PyPI's triton out beside pytorch-triton-rocm"
+                )
+            _insert_before_close(body, "override-dependencies", [TRITON_OVERRIDE_COMMENT, f"  {TRITON_OVERRIDE}"])
+        elif table == "tool.uv.sources":
+            kept = [
+                line for line in body
+                if line not in SOURCES_COMMENT
+                and not ((key := _KEY_RE.match(line)) and normalize_name(key.group(1)) in names)
+            ]
+            end = len(kept)
+            while end > 0 and not kept[end - 1].strip():
+                end -= 1
+            added = SOURCES_COMMENT + [
+                f'{name} = {{ path = "wheels/{filename}" }}' for name, filename in wheels.items()
+            ]
+            body[:] = kept[:end] + added + kept[end:]
+    result = "\n".join(line for _, body in blocks for line in body).rstrip("\n") + "\n"
+    tomllib.loads(result)  # never write a pyproject uv cannot read
+    return result
+
+
+def _lock_packages(text: str) -> dict[str, list[dict]]:
+    packages: dict[str, list[dict]] = {}
+    for package in tomllib.loads(text).get("package", []):
+        packages.setdefault(normalize_name(package["name"]), []).append(package)
+    return packages
+
+
+def _source(package: dict) -> str:
+    source = package.get("source", {})
+    if "registry" in source:
+        return "PyPI" if "pypi.org" in source["registry"] else source["registry"]
+    return next(iter(source.values()), "?") if source else "?"
+
+
+def _hashes(packages: list[dict]) -> list[str]:
+    return sorted(wheel.get("hash", "") for package in packages for wheel in package.get("wheels", []))
+
+
+def closure_changes(old: str | None, new: str) -> list[str]:
+    """One line per package added, removed or changed (version, source or wheel hash)."""
+    before = _lock_packages(old) if old else {}
+    after = _lock_packages(new)
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        old_p, new_p = before.get(name, []), after.get(name, [])
+        old_v = ", ".join(p["version"] for p in old_p)
+        new_v = ", ".join(p["version"] for p in new_p)
+        new_src = ", ".join(_source(p) for p in new_p)
+        old_src = ", ".join(_source(p) for p in old_p)
+        if not old_p:
+            lines.append(f"added   {name} {new_v} ({new_src})")
+        elif not new_p:
+            lines.append(f"removed {name} {old_v}")
+        elif old_v != new_v:
+            lines.append(f"changed {name} {old_v} -> {new_v} ({new_src})")
+        elif old_src != new_src:
+            lines.append(f"changed {name} {new_v}: {old_src} -> {new_src}")
+        elif _hashes(old_p) != _hashes(new_p):
+            lines.append(f"changed {name} {new_v}: new wheel hash ({new_src})")
+    return lines
+
+
+def _outside_paths(pyproject: str) -> list[str]:
+    """Relative path sources that leave the python-env directory (`../launcher`)."""
+    sources = tomllib.loads(pyproject).get("tool", {}).get("uv", {}).get("sources", {})
+    paths = []
+    for source in sources.values():
+        for item in source if isinstance(source, list) else [source]:
+            path = item.get("path") if isinstance(item, dict) else None
+            if path and not os.path.isabs(path) and Path(path).parts[0] == "..":
+                paths.append(path)
+    return paths
+
+
+def check_relocked(lock_text: str, allowed_outside: list[str], entries: list[dict]) -> None:
+    """No absolute path, nothing outside python-env but the pyproject's own `../` sources, and
+    each artifact's wheel hash in uv.lock equal to artifacts.lock.json's."""
+    problems = []
+    allowed = {os.path.normpath(path) for path in allowed_outside}
+    packages = _lock_packages(lock_text)
+    for name, versions in packages.items():
+        for package in versions:
+            for kind, value in package.get("source", {}).items():
+                if kind not in ("path", "directory", "editable", "virtual"):
+                    continue
+                if os.path.isabs(value) or (
+                    Path(value).parts[:1] == ("..",) and os.path.normpath(value) not in allowed
+                ):
+                    problems.append(f"{name}: source {kind} = {value!r} is outside python-env")
+    for entry in entries:
+        versions = packages.get(normalize_name(entry["name"]), [])
+        hashes = _hashes(versions)
+        if hashes != [f"sha256:{entry['sha256']}"]:
+            problems.append(f"{entry['name']}: uv.lock has {hashes or 'no wheel'}, "
+                            f"artifacts.lock.json sha256:{entry['sha256']}")
+    if problems:
+        raise click.ClickException("the re-locked uv.lock is not usable, nothing written:\n"
+                                   + "\n".join(problems))
+
+
+def relock_closure(env_dir: Path, wheels: dict[str, Path]) -> tuple[str, str]:
+    """(pyproject text, uv.lock text) re-locked against `wheels` ({project name: file})."""
+    uv = uv_command()
+    pyproject = rewrite_pyproject((env_dir / "pyproject.toml").read_text(),
+                                  {name: path.name for name, path in wheels.items()})
+    with tempfile.TemporaryDirectory(prefix="vllm-relock-") as tmp:
+        work = Path(tmp) / "python-env"
+        (work / "wheels").mkdir(parents=True)
+        for path in wheels.values():
+            (work / "wheels" / path.name).symlink_to(path.resolve())
+        for relative in _outside_paths(pyproject):  # ../launcher -> <tmp>/launcher
+            link = Path(os.path.normpath(work / relative))
+            if not link.is_relative_to(tmp):
+                raise click.ClickException(f"{env_dir / 'pyproject.toml'}: source path {relative!r} "
+                                           "reaches more than one directory above python-env")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to((env_dir / relative).resolve())
+        (work / "pyproject.toml").write_text(pyproject)
+        if (env_dir / "uv.lock").is_file():
+            shutil.copyfile(env_dir / "uv.lock", work / "uv.lock")
+        click.echo(f"re-locking {env_dir / 'uv.lock'} against the wheels' METADATA (uv lock)", err=True)
+        result = subprocess.run([*uv, "lock"], cwd=work, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise click.ClickException(
+                f"uv lock failed (exit status {result.returncode}, its messages above); "
+                f"nothing written ({env_dir}, the artifacts lock)"
+            )
+        return pyproject, (work / "uv.lock").read_text()
+
+
 # --- commands --------------------------------------------------------------------------------
 
 _lock_option = click.option(
@@ -298,32 +593,88 @@ def artifacts() -> None:
 @_dir_argument
 @_lock_option
 @_progress_option
-def lock_command(directory: Path, lock_file: Path | None, progress: bool) -> None:
-    """Find each wheel of the lock in DIRECTORY, hash it and write sha256 and size to the lock.
+@click.option(
+    "--python-env",
+    "python_env",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help=f"The uv project to re-lock [default: {PYTHON_ENV_DIR}/ next to the lock file].",
+)
+@click.option("--relock/--no-relock", default=True,
+              help="Re-lock python-env/uv.lock against the wheels' METADATA (needs uv).")
+def lock_command(
+    directory: Path, lock_file: Path | None, progress: bool, python_env: Path | None, relock: bool
+) -> None:
+    """Find each wheel of the lock in DIRECTORY, hash it and write sha256 and size to the lock;
+    then re-lock the engines' closure (python-env/uv.lock) against the wheels' METADATA.
 
     Without a lock file, one naming the torch 2.9.1 and vLLM 0.12.0+rocm711 wheels is created.
     A wheel found under another file name of the same project updates filename and version.
+    When torch's METADATA requires pytorch-triton-rocm, its wheel must be in DIRECTORY too (it
+    joins the lock). The re-lock prints each package added, removed or changed.
     """
     path = lock_file or default_lock_path()
     data = read_lock(path, missing_ok=True)
+    env_dir = None
+    if relock:
+        env_dir = python_env or path.parent / PYTHON_ENV_DIR
+        if not (env_dir / "pyproject.toml").is_file():
+            click.echo(f"warning: {env_dir / 'pyproject.toml'} not found: the Python closure is not "
+                       "re-locked (--python-env DIR names it)", err=True)
+            env_dir = None
     missing = []
+    found: dict[str, Path] = {}
     for entry in data["artifacts"]:
-        found = find_wheel(directory, entry)
-        if found is None:
+        wheel = find_wheel(directory, entry)
+        if wheel is None:
             missing.append(
                 f"{directory / entry['filename']}: not found (no wheel of {entry['name']!r} in {directory})"
             )
             continue
-        parsed = parse_wheel_filename(found.name)
-        entry["filename"] = found.name
-        entry["version"] = parsed["version"] if parsed else entry["version"]
-        entry["size"] = found.stat().st_size
-        entry["sha256"] = sha256_file(found, progress=progress)
-        click.echo(f"{entry['name']}: {found.name} {entry['size']} bytes sha256 {entry['sha256']}")
+        found[entry["name"]] = wheel
+    if env_dir is not None and "torch" in found and not any(
+        normalize_name(name) == TRITON_ROCM for name in found
+    ):
+        expected = required_triton(found["torch"])
+        if expected is not None:
+            entry = {"name": TRITON_ROCM, "version": expected.split("-")[1], "filename": expected,
+                     "sha256": "", "size": None}
+            wheel = find_wheel(directory, entry)
+            if wheel is None:
+                missing.append(
+                    f"{directory / expected}: not found: {found['torch'].name} requires "
+                    f"{TRITON_ROCM} (its METADATA's Requires-Dist), which is not on PyPI; put "
+                    f"that wheel in {directory} (it joins the lock as a third artifact)"
+                )
+            else:
+                data["artifacts"].append(entry)
+                found[TRITON_ROCM] = wheel
     if missing:
         raise click.ClickException("\n".join(missing) + f"\n{path} left unchanged.")
+    for entry in data["artifacts"]:
+        wheel = found[entry["name"]]
+        parsed = parse_wheel_filename(wheel.name)
+        entry["filename"] = wheel.name
+        entry["version"] = parsed["version"] if parsed else entry["version"]
+        entry["size"] = wheel.stat().st_size
+        entry["sha256"] = sha256_file(wheel, progress=progress)
+        click.echo(f"{entry['name']}: {wheel.name} {entry['size']} bytes sha256 {entry['sha256']}")
+    if env_dir is not None:
+        old_lock = env_dir / "uv.lock"
+        old_text = old_lock.read_text() if old_lock.is_file() else None
+        pyproject, new_text = relock_closure(env_dir, found)
+        check_relocked(new_text, _outside_paths(pyproject), data["artifacts"])
     write_lock(path, data)
-    click.echo(f"wrote {path}; next: `vllm-launcher artifacts add {directory}`")
+    click.echo(f"wrote {path}")
+    if env_dir is not None:
+        write_text(env_dir / "pyproject.toml", pyproject)
+        write_text(env_dir / "uv.lock", new_text)
+        changes = closure_changes(old_text, new_text)
+        count = sum(len(v) for v in _lock_packages(new_text).values())
+        click.echo(f"wrote {env_dir / 'pyproject.toml'} and {env_dir / 'uv.lock'} ({count} packages):")
+        for line in changes or ["closure unchanged"]:
+            click.echo(f"  {line}")
+    click.echo(f"next: `vllm-launcher artifacts add {directory}`")
 
 
 @artifacts.command("verify")
