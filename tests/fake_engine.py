@@ -12,6 +12,10 @@ FAKE_FAIL_STARTS_AFTER=n:file  succeed n starts, fail every later one
 FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a child like EngineCore
 FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
 FAKE_CRASH_AFTER=s      exit this long after becoming ready
+FAKE_PATH_LOG=file      append every request's method and raw path (as received) to file
+
+/v1/responses, /v1/rerank and /v1/score answer with a small JSON echo; /v1/audio/transcriptions
+and /v1/audio/translations take multipart form data and answer with the form's model.
 """
 
 from __future__ import annotations
@@ -164,6 +168,25 @@ def build_app(served: str, model: str) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def echo(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        body = await request.json()
+        return JSONResponse({"object": request.url.path.rsplit("/", 1)[-1], "model": body.get("model")})
+
+    async def audio(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        body = await request.body()
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return JSONResponse({"error": {"message": "expected multipart/form-data", "type": "BadRequestError",
+                                           "param": None, "code": 400}}, status_code=400)
+        if f'name="model"\r\n\r\n{served}\r\n'.encode() not in body:
+            return JSONResponse({"error": {"message": f"no model field {served!r}", "type": "NotFoundError",
+                                           "param": "model", "code": 404}}, status_code=404)
+        return JSONResponse({"text": f"{served} heard {len(body)} bytes"})
+
     async def embeddings(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
@@ -172,13 +195,27 @@ def build_app(served: str, model: str) -> Starlette:
             {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
             "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/health", health), Route("/version", version), Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/v1/chat/completions", generate, methods=["POST"]),
         Route("/v1/completions", generate, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        *[Route(f"/v1/{path}", echo, methods=["POST"]) for path in ("responses", "rerank", "score")],
+        *[Route(f"/v1/audio/{path}", audio, methods=["POST"]) for path in ("transcriptions", "translations")],
     ])
+    path_log = os.environ.get("FAKE_PATH_LOG")
+    return record_paths(app, path_log) if path_log else app
+
+
+def record_paths(app, path_log: str):
+    """Every request's method and raw path, one line each, before the app sees it."""
+    async def recorded(scope, receive, send):
+        if scope["type"] == "http":
+            with open(path_log, "a") as log:
+                log.write(f"{scope['method']} {(scope.get('raw_path') or scope['path'].encode()).decode('latin-1')}\n")
+        await app(scope, receive, send)
+    return recorded
 
 
 def main(argv) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import httpx
 from fastapi import Request
@@ -61,7 +62,9 @@ class Forwarder:
         self.router = router
         self.log_requests = log_requests
 
-    async def handle(self, request: Request, path: str, lane: str, body: bytes, stream: bool) -> Response:
+    async def handle(self, request: Request, path: str, lane: str, body: bytes, stream: bool,
+                     content_type: str = "application/json") -> Response:
+        outgoing = _Outgoing(path, body, content_type)
         ticket = self.router.admit(lane)
         disconnect = asyncio.ensure_future(wait_disconnect(request))
         waiters = [ticket.decided, disconnect]
@@ -75,7 +78,7 @@ class Forwarder:
                 return Response(status_code=CLIENT_CLOSED)
             if not ticket.decided.done():     # a stream still waiting: answer 200 now, report progress
                 disconnect.cancel()
-                return StreamingResponse(self._waiting_stream(ticket, path, body),
+                return StreamingResponse(self._waiting_stream(ticket, outgoing),
                                          media_type="text/event-stream")
             outcome = ticket.decided.result()
             if isinstance(outcome, APIError):
@@ -83,15 +86,16 @@ class Forwarder:
                 return outcome.response()
             if stream:
                 disconnect.cancel()
-                return await self._stream(ticket, path, body)
-            return await self._unary(ticket, path, body, disconnect)
+                return await self._stream(ticket, outgoing)
+            return await self._unary(ticket, outgoing, disconnect)
         finally:
             for waiter in waiters[1:]:
                 waiter.cancel()
 
-    def _request(self, ticket: Ticket, path: str, body: bytes) -> httpx.Request:
+    def _request(self, ticket: Ticket, outgoing: _Outgoing) -> httpx.Request:
         client = self.router.client_for(ticket.lane)
-        return client.build_request("POST", path, content=body, headers={"content-type": "application/json"})
+        return client.build_request("POST", outgoing.path, content=outgoing.body,
+                                    headers={"content-type": outgoing.content_type})
 
     async def _send(self, ticket: Ticket, request: httpx.Request, stream: bool, disconnect=None) -> httpx.Response:
         """The engine's response headers (and body unless streaming). Raises APIError on an abort,
@@ -111,9 +115,9 @@ class Forwarder:
         except httpx.HTTPError as error:
             raise await _failure(ticket, error) from error
 
-    async def _unary(self, ticket: Ticket, path: str, body: bytes, disconnect) -> Response:
+    async def _unary(self, ticket: Ticket, outgoing: _Outgoing, disconnect) -> Response:
         try:
-            upstream = await self._send(ticket, self._request(ticket, path, body), stream=False, disconnect=disconnect)
+            upstream = await self._send(ticket, self._request(ticket, outgoing), stream=False, disconnect=disconnect)
         except APIError as error:
             self._close(ticket, error.status)
             return error.response()
@@ -123,9 +127,9 @@ class Forwarder:
         self._close(ticket, upstream.status_code, _usage(upstream.content))
         return Response(upstream.content, status_code=upstream.status_code, headers=_headers(upstream))
 
-    async def _stream(self, ticket: Ticket, path: str, body: bytes) -> Response:
+    async def _stream(self, ticket: Ticket, outgoing: _Outgoing) -> Response:
         try:
-            upstream = await self._send(ticket, self._request(ticket, path, body), stream=True)
+            upstream = await self._send(ticket, self._request(ticket, outgoing), stream=True)
         except APIError as error:
             self._close(ticket, error.status)
             return error.response()
@@ -155,7 +159,7 @@ class Forwarder:
             await upstream.aclose()
             self._close(ticket, status)
 
-    async def _waiting_stream(self, ticket: Ticket, path: str, body: bytes):
+    async def _waiting_stream(self, ticket: Ticket, outgoing: _Outgoing):
         """A stream answered 200 before its lane was ready: comments while it waits, then the
         engine's stream, or an SSE error event for whatever ends it."""
         status = 200
@@ -171,7 +175,7 @@ class Forwarder:
                 yield outcome.sse_event()
                 return
             try:
-                upstream = await self._send(ticket, self._request(ticket, path, body), stream=True)
+                upstream = await self._send(ticket, self._request(ticket, outgoing), stream=True)
             except APIError as error:
                 status = error.status
                 yield error.sse_event()
@@ -215,6 +219,14 @@ class Forwarder:
 
 class _ClientGone(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """What goes to the engine: a path from openai_routes.FORWARDED, the body and its type."""
+    path: str
+    body: bytes
+    content_type: str
 
 
 def _headers(upstream: httpx.Response) -> dict[str, str]:

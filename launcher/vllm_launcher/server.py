@@ -1,6 +1,7 @@
 """The front server: one OpenAI-compatible endpoint for every lane (FastAPI on uvicorn).
 
-Routes: POST /v1/* (routed by the body's `model`), GET /v1/models, /livez, /health, /healthz,
+Routes: POST to the OpenAI routes of openai_routes.FORWARDED (routed by the body's `model`; no
+other path reaches an engine), GET /v1/models, /livez, /health, /healthz,
 /readyz, /version, /metrics, /lanes and lane control. The router owns the decisions; this
 module turns HTTP into router calls and errors into OpenAI-style bodies.
 """
@@ -8,9 +9,11 @@ module turns HTTP into router calls and errors into OpenAI-style bodies.
 from __future__ import annotations
 
 import contextlib
+import email.policy
 import hmac
 import json
 import logging
+from email.parser import BytesParser
 
 import httpx
 from fastapi import FastAPI, Request
@@ -22,6 +25,7 @@ from .config import LauncherConfig, route_table
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
+from .openai_routes import FORWARDED, MULTIPART, forwarded_route
 from .proxy import Forwarder
 from .router import Router
 from .scheduler import LaneState
@@ -46,6 +50,34 @@ def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
         raise APIError(404, f"The model '{shown}' does not exist. Available models: {available}",
                        "model_not_found", param="model")
     return lane
+
+
+def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, str, bytes]]:
+    """A multipart/form-data body as (name, filename, content type, value) per field."""
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise APIError(400, "this route takes multipart/form-data with a boundary", "invalid_form")
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart() or message.defects:
+        raise APIError(400, "the request body is not valid multipart/form-data", "invalid_form")
+    return [(part.get_param("name", header="content-disposition"), part.get_filename(), part.get_content_type(),
+             part.get_payload(decode=True) or b"") for part in message.iter_parts()]
+
+
+def _form_body(fields, model: str) -> tuple[bytes, str]:
+    """The form again, with `model` replaced: its body and content type."""
+    data: dict[str, list[str]] = {"model": [model]}
+    for name, filename, _, value in fields:
+        if filename is None and name != "model":
+            data.setdefault(name, []).append(value.decode(errors="replace"))
+    files = [(name, (filename, value, kind)) for name, filename, kind, value in fields if filename is not None]
+    rebuilt = httpx.Request("POST", "http://engine", data=data, files=files)
+    return rebuilt.read(), rebuilt.headers["content-type"]
+
+
+def _shown_path(request: Request) -> str:
+    path = request.scope.get("raw_path") or request.url.path.encode()
+    return path[:200].decode("ascii", errors="replace")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -114,11 +146,17 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         return {"object": "list", "data": data}
 
     @app.post("/v1/{path:path}")
-    async def openai_post(path: str, request: Request):
+    async def openai_post(request: Request):
         authorize(request)
+        route = forwarded_route(request.scope.get("raw_path") or request.url.path.encode())
+        if route is None:
+            raise APIError(404, f"POST {_shown_path(request)}: not an OpenAI route this server forwards "
+                                f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
         if router.scheduler.shutting_down:
             raise APIError(503, "the server is shutting down", "shutting_down")
         body = await read_body(request, config.server.max_body_bytes)
+        if FORWARDED[route] == MULTIPART:
+            return await forward_form(request, route, body)
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as error:
@@ -128,7 +166,20 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         if data["model"] != served:
             data["model"] = served          # the engine knows only its served name
             body = json.dumps(data).encode()
-        return await forwarder.handle(request, "/v1/" + path, lane, body, data.get("stream") is True)
+        return await forwarder.handle(request, "/v1/" + route, lane, body, data.get("stream") is True)
+
+    async def forward_form(request: Request, route: str, body: bytes):
+        """An audio request: multipart form data, its `model` one of the fields."""
+        fields = _form_fields(body, request.headers.get("content-type", ""))
+        models = [value.decode(errors="replace") for name, filename, _, value in fields
+                  if name == "model" and filename is None]
+        lane = _lane_of(config, routes, {"model": models[0]} if models else {})
+        served = config.lane(lane).served_model_name
+        content_type = request.headers["content-type"]
+        if models[0] != served:                 # the engine knows only its served name
+            body, content_type = _form_body(fields, served)
+        stream = any(name == "stream" and value.strip().lower() == b"true" for name, _, _, value in fields)
+        return await forwarder.handle(request, "/v1/" + route, lane, body, stream, content_type)
 
     # ---------------------------------------------------------------- health and info
 
