@@ -2,7 +2,8 @@
 # (options, DynamicUser, DeviceAllow, hardening) and comfyui.nix.
 # Every setting becomes the launcher's environment through ./lane-env.nix: there is no second
 # configuration format, and `vllm-launcher config` on the host shows what the unit runs.
-# The flake's nixosModules.vllm wraps this file and sets `package` to its own vllm-server.
+# The flake's nixosModules.vllm wraps this file and sets `package` (mkDefault) to its own
+# vllm-server; imported alone, the module takes `pkgs.vllm-server` (overlays.default adds it).
 {
   config,
   lib,
@@ -17,7 +18,15 @@ let
 
   staticUser = cfg.user != null;
   defaultStateDir = "/var/lib/vllm";
-  stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  # Directories systemd creates and hands to the (dynamic) user: StateDirectory= and
+  # LogsDirectory= take paths relative to /var/lib and /var/log.
+  under = base: dir: lib.hasPrefix "${base}/" dir && lib.removePrefix "${base}/" dir != "";
+  stateUnderVarLib = under "/var/lib" cfg.stateDir;
+  logsUnderVarLog = cfg.logDirectory != null && under "/var/log" cfg.logDirectory;
+  # Writable paths systemd does not create (static users only, see the assertions).
+  extraWritable =
+    lib.optional (!stateUnderVarLib) cfg.stateDir
+    ++ lib.optional (cfg.logDirectory != null && !logsUnderVarLog) cfg.logDirectory;
 
   kindType = {
     str = types.str;
@@ -70,8 +79,7 @@ let
 
   rendered = laneEnv.render {
     inherit (cfg) host port defaultLane;
-    logLevel = cfg.logLevel;
-    startTimeout = cfg.startTimeout;
+    inherit (cfg) logLevel logRequests logDirectory startTimeout;
     apiKeyFile = if cfg.apiKeyFile == null then null else "%d/api-key";
     defaults = clean cfg.defaults;
     lanes = lib.mapAttrs (_: clean) cfg.lanes;
@@ -87,11 +95,16 @@ in
   options.services.vllm = {
     enable = lib.mkEnableOption "vLLM model lanes behind one OpenAI-compatible endpoint";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.vllm-server;
-      defaultText = literalExpression "inputs.<this flake>.packages.\${pkgs.stdenv.hostPlatform.system}.vllm-server";
-      description = "The vllm-server package (launcher, torch and vLLM for ROCm).";
+    # mkPackageOption reads `pkgs.vllm-server` only when the default is used: the flake's
+    # nixosModules.vllm overrides it (mkDefault beats the option default), and a system with
+    # this flake's overlays.default has the attribute. Otherwise evaluation stops with
+    # "vllm-server cannot be found in pkgs", which names the fix.
+    package = lib.mkPackageOption pkgs "vllm-server" {
+      extraDescription = ''
+        (the launcher wrapped with torch and vLLM for ROCm). The flake's `nixosModules.vllm`
+        sets it to the flake's own `packages.<system>.vllm-server`; with this file imported
+        alone, add the flake's `overlays.default` or set it yourself.
+      '';
     };
 
     host = mkOption {
@@ -183,6 +196,21 @@ in
       default = "INFO";
       description = "VLLM_LOG_LEVEL.";
     };
+    logRequests = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Log one line per request (VLLM_LOG_REQUESTS).";
+    };
+    logDirectory = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/log/vllm";
+      description = ''
+        Also write the launcher's logs to files in this directory (LOG_DIRECTORY); null = the
+        journal only. Under /var/log systemd creates it for the service (LogsDirectory=); a
+        directory elsewhere needs a static `user` and must exist.
+      '';
+    };
     startTimeout = mkOption {
       type = types.ints.positive;
       default = 1800;
@@ -204,7 +232,10 @@ in
     stateDir = mkOption {
       type = types.str;
       default = defaultStateDir;
-      description = "HOME and Hugging Face home of the service; compile caches go to ${cacheDir}.";
+      description = ''
+        HOME and Hugging Face home of the service; compile caches go to ${cacheDir}. Under
+        DynamicUser (`user` = null) it must lie below /var/lib (systemd's StateDirectory=).
+      '';
     };
   };
 
@@ -217,6 +248,16 @@ in
       {
         assertion = lib.hasPrefix "/" cfg.stateDir;
         message = "services.vllm.stateDir must be an absolute path, got \"${cfg.stateDir}\".";
+      }
+      {
+        # A DynamicUser's UID is allocated at start: only the directories systemd creates and
+        # chowns for it (StateDirectory= under /var/lib) are writable and keep their contents.
+        assertion = staticUser || stateUnderVarLib;
+        message = "services.vllm.stateDir = \"${cfg.stateDir}\" is outside /var/lib, which a DynamicUser (services.vllm.user = null) cannot own: use a directory below /var/lib or set services.vllm.user.";
+      }
+      {
+        assertion = staticUser || cfg.logDirectory == null || logsUnderVarLog;
+        message = "services.vllm.logDirectory = \"${toString cfg.logDirectory}\" is outside /var/log, which a DynamicUser (services.vllm.user = null) cannot write: use a directory below /var/log or set services.vllm.user.";
       }
     ];
 
@@ -277,9 +318,10 @@ in
 
           WorkingDirectory = cfg.stateDir;
           StateDirectory = lib.mkIf stateUnderVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
-          ReadWritePaths = lib.mkIf (!stateUnderVarLib) [ cfg.stateDir ];
           CacheDirectory = "vllm";
           StateDirectoryMode = "0750";
+          LogsDirectory = lib.mkIf logsUnderVarLog (lib.removePrefix "/var/log/" cfg.logDirectory);
+          ReadWritePaths = lib.mkIf (extraWritable != [ ]) extraWritable;
           BindReadOnlyPaths = lib.optional (cfg.modelsDir != null) (toString cfg.modelsDir);
           LoadCredential = lib.optional (cfg.apiKeyFile != null) "api-key:${cfg.apiKeyFile}";
           EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
@@ -296,14 +338,31 @@ in
             "video"
           ];
 
-          # Hardening as far as torch allows. Not MemoryDenyWriteExecute: Triton and inductor
-          # generate and load code at run time. /dev/shm stays usable (no PrivateIPC): vLLM's
-          # shared-memory queues need it.
-          MemoryDenyWriteExecute = false;
+          # Hardening as far as torch allows; `systemd-analyze security --offline=true` on the
+          # rendered unit (tests/test_nix_module.py) scores what is left, each for a reason:
+          # the GPU (PrivateDevices=false, DeviceAllow, SupplementaryGroups), Triton
+          # (MemoryDenyWriteExecute=false), /proc/meminfo and /proc/cpuinfo (ProcSubset=all),
+          # the network and a later Ray cluster (AF_INET/AF_INET6, AF_NETLINK, no PrivateNetwork,
+          # no IPAddressDeny), the engines' sockets and sd_notify (AF_UNIX), @resources (below),
+          # models under /home (ProtectHome=tmpfs), and no PrivateUsers: inside its user
+          # namespace render/video show as nogroup (systemd issue 41994); the kernel's device
+          # checks would still pass, but nothing here can prove every ROCm tool only relies on them.
+          # /dev/shm stays usable (no PrivateIPC): vLLM's shared-memory queues need it.
+          MemoryDenyWriteExecute = false; # Triton and inductor generate and load code at run time
           ProcSubset = "all"; # /proc/meminfo, /proc/cpuinfo
+          # Hides other users' processes in /proc (hidepid=invisible). The launcher and every
+          # engine process run as the one service user and still see each other (the launcher's
+          # /proc/<pid> checks of its engine groups, psutil in vLLM); nothing in vLLM, torch or
+          # ROCm looks at other users' processes.
+          ProtectProc = "invisible";
           ProtectSystem = "strict";
           ProtectHome = "tmpfs"; # hides /home, still allows bind-mounting modelsDir from it
           PrivateTmp = true;
+          # Mounts made inside the service do not propagate to the host. The service already has
+          # its own mount namespace (ProtectSystem=strict, PrivateTmp) and never mounts anything
+          # (no CAP_SYS_ADMIN, @mount filtered); mounts made on the host later, such as a models
+          # disk, still propagate into it.
+          PrivateMounts = true;
           NoNewPrivileges = true;
           RestrictNamespaces = true;
           RestrictRealtime = true;
@@ -318,15 +377,36 @@ in
           RestrictAddressFamilies = [
             "AF_INET"
             "AF_INET6"
-            "AF_UNIX"
-            "AF_NETLINK"
+            "AF_UNIX" # sd_notify, vLLM's ZeroMQ ipc:// sockets between API server and EngineCore
+            "AF_NETLINK" # glibc: getaddrinfo(AI_ADDRCONFIG), getifaddrs() (gloo, Ray pick interfaces)
           ];
           CapabilityBoundingSet = [ "" ];
           SystemCallArchitectures = "native";
+          # @system-service already contains @resources; it is named because vLLM needs it:
+          # setrlimit (vLLM raises its RLIMIT_NOFILE soft limit), sched_setaffinity (OpenMP and
+          # vLLM's CPU thread binding), mbind/set_mempolicy (NUMA-aware allocations in the HSA
+          # runtime and torch). `~@privileged` then removes (`systemd-analyze syscall-filter
+          # @privileged`, systemd 252): @chown (chown, fchown, fchownat, lchown), @clock,
+          # @module, @raw-io, @reboot, @swap, _sysctl, acct, bpf, capset, chroot,
+          # fanotify_init/fanotify_mark, nfsservctl, open_by_handle_at, pivot_root, quotactl,
+          # sethostname/setdomainname, setfsuid, setgroups, setuid/setreuid/setresuid, vhangup.
+          # With an empty CapabilityBoundingSet these could at most give a file or the process
+          # to its own user. ROCm reaches the GPU with open/ioctl/mmap on /dev/kfd and
+          # /dev/dri (@system-service); torch, Triton and vLLM write their caches with
+          # open/rename/chmod and start engines with fork/execve/setsid/prctl (@process): none
+          # of them changes owners or identities.
           SystemCallFilter = [
             "@system-service"
             "@resources"
+            "~@privileged"
           ];
+          # A filtered call fails with EPERM (what an unprivileged process mostly gets for these
+          # calls anyway) instead of killing the engine with SIGSYS.
+          SystemCallErrorNumber = "EPERM";
+          # One descriptor per client connection and per proxied engine connection in the
+          # front server, plus each engine's own sockets, shared-memory handles and model files:
+          # systemd's default soft limit of 1024 would refuse connections under load.
+          LimitNOFILE = 65536;
           UMask = "0077";
         };
     };

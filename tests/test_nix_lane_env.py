@@ -34,6 +34,7 @@ def test_three_lane_environment():
     assert env["VLLM_LANE_CODER_EXTRA_ARGS"] == "'--seed' '7'"
     assert env["VLLM_LANE_CODER_ENV_HIP_VISIBLE_DEVICES"] == "0"
     assert "VLLM_LANE_FAST_RAG_QUANTIZATION" not in env  # null = unset
+    assert env["VLLM_LOG_REQUESTS"] == "true" and env["LOG_DIRECTORY"] == "/var/log/vllm"
     assert all(isinstance(v, str) for v in env.values())
 
 
@@ -46,6 +47,8 @@ def test_three_lanes_through_the_launcher():
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["default_lane"] == "orchestrator"
+    # the module's logRequests / logDirectory, as the launcher reads them
+    assert config["server"]["log_requests"] is True and config["server"]["log_directory"] == "/var/log/vllm"
     lanes = config["lanes"]
     assert set(lanes) == {"orchestrator", "coder", "fast_rag"}
     expected = {

@@ -6,6 +6,8 @@
     host = "127.0.0.1";
     port = 8000;
     defaultLane = "orchestrator";
+    logRequests = true;
+    logDirectory = "/var/log/vllm";
     defaults = {
       gpuMemoryUtilization = 0.45;
       dtype = "float32";
