@@ -1,6 +1,7 @@
 # flake check `module-vm`: a NixOS VM runs services.vllm with two lanes whose engine is the fake
-# vLLM of ./fake-vllm (no GPU, no model), and checks that the unit becomes active (Type=notify),
-# answers /health and lists both lanes' names. Needs nixpkgs and KVM: it runs on a NixOS
+# vLLM of ./fake-vllm (no GPU, no model), and checks that the unit becomes active (Type=notify)
+# under the module's hardening, answers /health, lists both lanes' names and writes its log
+# directory. Needs nixpkgs and KVM: it runs on a NixOS
 # builder (`nix flake check`), not on the CI machines of this repository.
 {
   lib,
@@ -31,6 +32,8 @@ testers.runNixOSTest {
       enable = true;
       package = fakeServer;
       port = 8000;
+      logRequests = true;
+      logDirectory = "/var/log/vllm";
       lanes = {
         alpha = {
           model = "org/alpha-model";
@@ -49,6 +52,10 @@ testers.runNixOSTest {
     models = machine.succeed("curl -fs http://127.0.0.1:8000/v1/models")
     assert "alpha" in models, models
     machine.succeed("systemctl show vllm.service -p KillMode | grep control-group")
+    # the hardening of issue 11 leaves Python, the launcher and the engine working; its limits hold
+    machine.succeed("systemctl show vllm.service -p LimitNOFILE | grep -x LimitNOFILE=65536")
+    machine.succeed("test -n \"$(ls -A /var/log/vllm)\"")  # LOG_DIRECTORY in the LogsDirectory
+    machine.log(machine.succeed("systemd-analyze security vllm.service | tail -1"))
     machine.succeed("systemctl stop vllm.service")
     machine.fail("pgrep -f vllm.entrypoints.openai.api_server")
   '';
