@@ -357,6 +357,25 @@ def required_triton(torch_wheel: Path) -> str | None:
     return None
 
 
+def find_required_triton(directory: Path, torch_wheel: Path, lock_path: Path) -> tuple[dict, Path] | None:
+    """(new lock entry, file) of the pytorch-triton-rocm wheel torch requires, None if it does
+    not; an error naming the file expected when DIRECTORY lacks it."""
+    expected = required_triton(torch_wheel)
+    if expected is None:
+        return None
+    entry = {"name": TRITON_ROCM, "version": expected.split("-")[1], "filename": expected,
+             "sha256": "", "size": None}
+    wheel = find_wheel(directory, entry)
+    if wheel is None:
+        raise click.ClickException(
+            f"{directory / expected}: not found: {torch_wheel.name} requires {TRITON_ROCM} (its "
+            f"METADATA's Requires-Dist), which is not on PyPI; put that wheel in {directory} (it "
+            f"joins the lock as a third artifact), or lock without re-locking: --no-relock.\n"
+            f"{lock_path} left unchanged."
+        )
+    return entry, wheel
+
+
 def uv_command() -> list[str]:
     """uv on PATH, else `python -m uv` when the uv package is installed beside the launcher."""
     found = shutil.which("uv")
@@ -534,9 +553,8 @@ def check_relocked(lock_text: str, allowed_outside: list[str], entries: list[dic
                                    + "\n".join(problems))
 
 
-def relock_closure(env_dir: Path, wheels: dict[str, Path]) -> tuple[str, str]:
+def relock_closure(env_dir: Path, wheels: dict[str, Path], uv: list[str]) -> tuple[str, str]:
     """(pyproject text, uv.lock text) re-locked against `wheels` ({project name: file})."""
-    uv = uv_command()
     pyproject = rewrite_pyproject((env_dir / "pyproject.toml").read_text(),
                                   {name: path.name for name, path in wheels.items()})
     with tempfile.TemporaryDirectory(prefix="vllm-relock-") as tmp:
@@ -556,7 +574,10 @@ def relock_closure(env_dir: Path, wheels: dict[str, Path]) -> tuple[str, str]:
         if (env_dir / "uv.lock").is_file():
             shutil.copyfile(env_dir / "uv.lock", work / "uv.lock")
         click.echo(f"re-locking {env_dir / 'uv.lock'} against the wheels' METADATA (uv lock)", err=True)
-        result = subprocess.run([*uv, "lock"], cwd=work, stdin=subprocess.DEVNULL)
+        env = dict(os.environ)
+        if sys.version_info[:2] == (3, 11):  # the closure's Python: spare uv the search for one
+            env.setdefault("UV_PYTHON", sys.executable)
+        result = subprocess.run([*uv, "lock"], cwd=work, env=env, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             raise click.ClickException(
                 f"uv lock failed (exit status {result.returncode}, its messages above); "
@@ -632,25 +653,14 @@ def lock_command(
             )
             continue
         found[entry["name"]] = wheel
-    if env_dir is not None and "torch" in found and not any(
-        normalize_name(name) == TRITON_ROCM for name in found
-    ):
-        expected = required_triton(found["torch"])
-        if expected is not None:
-            entry = {"name": TRITON_ROCM, "version": expected.split("-")[1], "filename": expected,
-                     "sha256": "", "size": None}
-            wheel = find_wheel(directory, entry)
-            if wheel is None:
-                missing.append(
-                    f"{directory / expected}: not found: {found['torch'].name} requires "
-                    f"{TRITON_ROCM} (its METADATA's Requires-Dist), which is not on PyPI; put "
-                    f"that wheel in {directory} (it joins the lock as a third artifact)"
-                )
-            else:
-                data["artifacts"].append(entry)
-                found[TRITON_ROCM] = wheel
     if missing:
         raise click.ClickException("\n".join(missing) + f"\n{path} left unchanged.")
+    if env_dir is not None and "torch" in found and TRITON_ROCM not in map(normalize_name, found):
+        triton = find_required_triton(directory, found["torch"], path)
+        if triton is not None:
+            data["artifacts"].append(triton[0])
+            found[TRITON_ROCM] = triton[1]
+    uv = uv_command() if env_dir is not None else []  # before hashing half a gigabyte
     for entry in data["artifacts"]:
         wheel = found[entry["name"]]
         parsed = parse_wheel_filename(wheel.name)
@@ -659,20 +669,20 @@ def lock_command(
         entry["size"] = wheel.stat().st_size
         entry["sha256"] = sha256_file(wheel, progress=progress)
         click.echo(f"{entry['name']}: {wheel.name} {entry['size']} bytes sha256 {entry['sha256']}")
-    if env_dir is not None:
-        old_lock = env_dir / "uv.lock"
-        old_text = old_lock.read_text() if old_lock.is_file() else None
-        pyproject, new_text = relock_closure(env_dir, found)
-        check_relocked(new_text, _outside_paths(pyproject), data["artifacts"])
-    write_lock(path, data)
-    click.echo(f"wrote {path}")
-    if env_dir is not None:
+    if env_dir is None:
+        write_lock(path, data)
+        click.echo(f"wrote {path}")
+    else:
+        old_lock = (env_dir / "uv.lock").read_text() if (env_dir / "uv.lock").is_file() else None
+        pyproject, new_lock = relock_closure(env_dir, found, uv)
+        check_relocked(new_lock, _outside_paths(pyproject), data["artifacts"])
+        write_lock(path, data)
         write_text(env_dir / "pyproject.toml", pyproject)
-        write_text(env_dir / "uv.lock", new_text)
-        changes = closure_changes(old_text, new_text)
-        count = sum(len(v) for v in _lock_packages(new_text).values())
-        click.echo(f"wrote {env_dir / 'pyproject.toml'} and {env_dir / 'uv.lock'} ({count} packages):")
-        for line in changes or ["closure unchanged"]:
+        write_text(env_dir / "uv.lock", new_lock)
+        count = sum(len(v) for v in _lock_packages(new_lock).values())
+        click.echo(f"wrote {path}, {env_dir / 'pyproject.toml'} and {env_dir / 'uv.lock'} "
+                   f"({count} packages):")
+        for line in closure_changes(old_lock, new_lock) or ["closure unchanged"]:
             click.echo(f"  {line}")
     click.echo(f"next: `vllm-launcher artifacts add {directory}`")
 
