@@ -3,6 +3,7 @@ back-pressure, crash recovery, orphan reaping, co-residency, idle unload, logs, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -335,3 +336,40 @@ def test_bad_input_sweep_gets_4xx_openai_errors_and_the_server_keeps_serving(tmp
                 assert code is None or error["code"] == code, (path, error)
         ok = client.post(CHAT, json=chat_body("a"), headers=auth)
         assert ok.status_code == 200 and ok.json()["model"] == "a"
+
+
+class ListeningProxy:
+    """A "proxy" that takes connections and records them (then hangs up): nothing should come."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                connection, peer = self.sock.accept()
+                self.connections.append(peer)
+                connection.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("variables", [("HTTP_PROXY", "HTTPS_PROXY", "http_proxy"), ("ALL_PROXY", "all_proxy")],
+                         ids=["http", "socks5"])
+def test_engine_traffic_ignores_proxy_settings(tmp_path, fake_python, variables):
+    proxy = ListeningProxy()
+    scheme = "socks5" if "ALL_PROXY" in variables else "http"
+    proxies = {name: f"{scheme}://user:pw@127.0.0.1:{proxy.port}" for name in variables}
+    try:
+        with serving(tmp_path, fake_lanes_env(fake_python, {"a": {}}, **proxies), wait_ready_lane="a",
+                     timeout=30) as served, served.client() as client:
+            assert client.post(CHAT, json=chat_body("a")).json()["model"] == "a"
+            assert client.get("/version").json()["vllm_version"] == "0.0.0-fake"       # asked the engine
+            assert 'vllm:num_requests_running{lane="a"' in client.get("/metrics").text    # and its metrics
+        assert proxy.connections == []
+    finally:
+        proxy.close()

@@ -31,6 +31,13 @@ PR_SET_PDEATHSIG = 1
 _libc = None
 
 
+def engine_client(**options) -> httpx.AsyncClient:
+    """An HTTP client for talking to engines. It never reads the environment's proxy settings
+    (HTTP_PROXY, ALL_PROXY, .netrc ...): engine traffic carries the engine's key and stays on
+    loopback, whatever proxy the operator set for downloads."""
+    return httpx.AsyncClient(trust_env=False, **options)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free right now on loopback. Fresh per start: vLLM 0.12 binds with SO_REUSEPORT, so
     a reused port could split traffic between an old engine and a new one."""
@@ -150,7 +157,7 @@ class EngineProcess:
         """Ready = /health 200 and our served name in /v1/models. Fails at once if the process exits."""
         deadline = self.started_at + timeout
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+        async with engine_client(timeout=httpx.Timeout(5.0)) as client:
             while True:
                 if self.exited():
                     await self._drain_output()

@@ -19,7 +19,7 @@ import httpx
 
 from .config import VLLM_DEFAULT_SHARE, LauncherConfig
 from .engine_command import build_engine_spec
-from .engine_process import EngineProcess, EngineStartError, free_port
+from .engine_process import EngineProcess, EngineStartError, engine_client, free_port
 from .errors import APIError
 from .metrics import Metrics
 from .reaper import EngineRecords
@@ -296,9 +296,8 @@ class Router:
             raise
         self._starting.pop(lane, None)
         self._record_start(lane, engine)
-        self.clients[lane] = httpx.AsyncClient(base_url=engine.base_url, timeout=UPSTREAM_TIMEOUT,
-                                               limits=UPSTREAM_LIMITS,
-                                               headers={"Authorization": f"Bearer {key}"})
+        self.clients[lane] = engine_client(base_url=engine.base_url, timeout=UPSTREAM_TIMEOUT,
+                                           limits=UPSTREAM_LIMITS, headers={"Authorization": f"Bearer {key}"})
         self._spawn(self._watch_engine(lane, engine))
         self._apply(self.scheduler.engine_ready(lane, self.clock()))
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import LauncherConfig, route_table
+from .engine_process import engine_client
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
@@ -223,7 +224,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         for lane, engine in list(router.engines.items()):
             if router.scheduler.state(lane) == LaneState.READY:
                 try:
-                    async with httpx.AsyncClient(timeout=5.0) as client:
+                    async with engine_client(timeout=5.0) as client:
                         return (await client.get(engine.base_url + "/version")).json().get("version")
                 except (httpx.HTTPError, ValueError):
                     pass
@@ -234,7 +235,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         if config.server.metrics_require_key:
             authorize(request)
         engine_metrics = {}
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with engine_client(timeout=5.0) as client:
             for lane, engine in list(router.engines.items()):
                 if router.scheduler.state(lane) in (LaneState.READY, LaneState.DRAINING):
                     with contextlib.suppress(httpx.HTTPError):
