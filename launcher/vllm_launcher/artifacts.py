@@ -384,7 +384,8 @@ def uv_command() -> list[str]:
     if importlib.util.find_spec("uv") is not None:
         return [sys.executable, "-m", "uv"]
     raise click.ClickException(
-        "uv is needed to re-lock python-env/uv.lock: pip install uv (or pass --no-relock)"
+        "uv is needed to re-lock python-env/uv.lock: pip install uv (with Nix: "
+        "`nix shell nixpkgs#uv`), or pass --no-relock"
     )
 
 
