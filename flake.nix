@@ -9,6 +9,17 @@
       url = "github:nlewo/nix2container";
       inputs.nixpkgs.follows = "nixpkgs";
     };
+    # The Python environment: python-env/uv.lock built with uv2nix on pyproject.nix's builders
+    # (nix/python.nix); no nixpkgs Python package set.
+    pyproject-nix = {
+      url = "github:pyproject-nix/pyproject.nix";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+    uv2nix = {
+      url = "github:pyproject-nix/uv2nix";
+      inputs.pyproject-nix.follows = "pyproject-nix";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
   };
 
   outputs =
@@ -16,72 +27,44 @@
       self,
       nixpkgs,
       nix2container,
+      pyproject-nix,
+      uv2nix,
     }:
     let
       system = "x86_64-linux";
       pkgs = nixpkgs.legacyPackages.${system};
 
-      # Everything this flake builds, for any nixpkgs package set and any lock file: users who
-      # consume the flake pass their own lock instead of forking
-      # (`inputs.vllm-strix.lib.packagesFor { inherit pkgs; lockFile = ./my.lock.json; }`).
+      # Everything this flake builds (nix/packages.nix), for any nixpkgs package set, artifacts
+      # lock and uv lock: users who consume the flake pass their own locks instead of forking
+      # (`inputs.vllm-strix.lib.packagesFor { inherit pkgs; lockFile = ./artifacts.lock.json;
+      # pythonEnvDir = ./python-env; }`, docs/nix.md section 5).
       packagesFor =
         {
           pkgs,
           lockFile ? ./artifacts.lock.json,
+          pythonEnvDir ? ./python-env,
           hsaOverrideGfxVersion ? null,
         }:
-        let
-          inherit (pkgs) lib rocmPackages;
-          locked = import ./nix/lock.nix { inherit lockFile; };
-          sources = locked.sources { inherit (pkgs) requireFile fetchurl; };
-          # The wheels are ROCm 7.1.1 builds: refuse another ROCm instead of failing at run time
-          # with missing sonames (pitfall 1 in the packaging notes).
-          rocmVersion = rocmPackages.clr.version;
-          checkedRocm =
-            if lib.versions.majorMinor rocmVersion == "7.1" then
-              rocmPackages
-            else
-              throw "vllm-strix: the wheels need ROCm 7.1.x, this nixpkgs has rocmPackages ${rocmVersion}; use this flake's nixpkgs pin (flake.lock) or wheels built for ${rocmVersion}";
-          runtimeEnv = import ./nix/runtime-env.nix {
-            rocmPath = "${checkedRocm.clr}";
-            hipDeviceLibPath = "${checkedRocm.rocm-device-libs}/amdgcn/bitcode";
-            inherit hsaOverrideGfxVersion;
-          };
-          python = pkgs.callPackage ./nix/python.nix {
-            rocmPackages = checkedRocm;
-            inherit sources;
-            inherit (locked) versions;
-          };
-          vllm-server = pkgs.callPackage ./nix/vllm-server.nix {
-            rocmPackages = checkedRocm;
-            inherit python runtimeEnv;
-          };
-          # The launcher alone (no torch, no wheels): what `nix run .#artifacts` needs.
-          vllm-launcher = python.pkgs.vllm-launcher;
-        in
-        {
-          inherit python runtimeEnv vllm-server vllm-launcher;
-          torch-rocm = python.pkgs.torch;
-          vllm = python.pkgs.vllm;
-          vllm-env = vllm-server.env;
-          vllm-container = pkgs.callPackage ./nix/container.nix {
-            inherit (nix2container.packages.${pkgs.stdenv.hostPlatform.system}) nix2container;
-            vllmServer = vllm-server;
-            inherit runtimeEnv;
-          };
-          devShell = pkgs.callPackage ./nix/devshell.nix {
-            vllmServer = vllm-server;
-            inherit runtimeEnv;
-          };
+        import ./nix/packages.nix {
+          inherit
+            pkgs
+            lockFile
+            pythonEnvDir
+            hsaOverrideGfxVersion
+            uv2nix
+            pyproject-nix
+            ;
+          nix2container = nix2container.packages.${pkgs.stdenv.hostPlatform.system}.nix2container;
         };
 
+      # `overlayWithLock ./my-artifacts.lock.json`, or with your own uv lock too:
+      # `overlayWithLock { lockFile = ./my-artifacts.lock.json; pythonEnvDir = ./python-env; }`.
       overlayWithLock =
-        lockFile: final: prev:
+        locks: final: prev:
         let
-          built = packagesFor {
-            pkgs = prev;
-            inherit lockFile;
-          };
+          built = packagesFor (
+            { pkgs = prev; } // (if builtins.isAttrs locks then locks else { lockFile = locks; })
+          );
         in
         {
           inherit (built)
@@ -89,11 +72,23 @@
             vllm-launcher
             torch-rocm
             vllm-env
+            vllm-engine-env
             ;
         };
 
       built = packagesFor { inherit pkgs; };
-      launcherTested = built.vllm-launcher.override { testsSrc = ./tests; };
+
+      # Imports in the built environment: what `pythonImportsCheck` did in nixpkgs' builders,
+      # plus the module the launcher runs (not just `vllm`) and every Requires-Dist of the
+      # installed torch and vLLM wheels (pyproject.nix installs wheels with --no-deps, so nothing
+      # else compares the private wheels' own METADATA with the lock).
+      importCheck =
+        name: code:
+        pkgs.runCommand "vllm-strix-${name}" { } ''
+          export HOME=$TMPDIR
+          ${built.vllm-env}/bin/python ${./nix/check-imports.py} ${code}
+          touch $out
+        '';
     in
     {
       lib = {
@@ -110,6 +105,7 @@
           torch-rocm
           vllm
           vllm-env
+          vllm-engine-env
           vllm-launcher
           vllm-server
           vllm-container
@@ -152,11 +148,14 @@
       formatter.${system} = pkgs.nixfmt-tree;
 
       checks.${system} = {
-        # The launcher's tests that need no engine (pytest in checkPhase).
-        launcher-tests = launcherTested;
-        # pythonImportsCheck of torch and vLLM: need the wheels in the store (artifacts add).
-        torch-import = built.torch-rocm;
-        vllm-import = built.vllm;
+        # The launcher alone (its own tests run in `make test`: the lock has no pytest plugins).
+        launcher-cli = pkgs.runCommand "vllm-launcher-cli" { } ''
+          export HOME=$TMPDIR
+          ${built.vllm-launcher}/bin/vllm-launcher --help > $out
+        '';
+        # Need the wheels in the store (artifacts add).
+        torch-import = importCheck "torch-import" "torch";
+        vllm-import = importCheck "vllm-import" "vllm";
         # The pure Nix parts, evaluated the way CI does without nixpkgs.
         nix-eval =
           pkgs.runCommand "vllm-nix-eval"

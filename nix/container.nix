@@ -5,8 +5,12 @@
 # Layers, heaviest and most stable first, each passed to the next so nothing is duplicated:
 #   1. ROCm runtime libraries     (change with the nixpkgs pin)
 #   2. torch                      (changes with the torch wheel)
-#   3. the Python environment     (vLLM, its dependencies)
-#   4. the launcher + vllm-server (changes with every launcher commit; small)
+#   3. the engines' environment   (vllm-engine-env: vLLM and the whole locked closure, without
+#                                  the launcher; changes with uv.lock or the vLLM wheel)
+#   4. the launcher, the final venv (vllm-env: symlinks into layer 3 plus the launcher) and the
+#      vllm-server wrapper: all a launcher commit changes; a few hundred kB
+# The tag is `<vLLM version>-<launcher version>` (`+` is not allowed in a tag: `_`), e.g.
+# 0.12.0_rocm711-0.1.0, so a new wheel or a new launcher is a new tag.
 {
   lib,
   runCommand,
@@ -25,6 +29,7 @@ let
   user = "vllm";
   home = "/var/lib/vllm";
   inherit (vllmServer) torch vllm vllm-launcher;
+  tag = lib.replaceStrings [ "+" ] [ "_" ] "${vllm.version}-${vllm-launcher.version}";
 
   # /etc/passwd, /etc/group, /tmp (1777 via perms below), HOME and the models mount point.
   rootfs = runCommand "vllm-container-root" { } ''
@@ -55,11 +60,19 @@ let
     deps = [ torch ];
     layers = [ rocmLayer ];
   };
-  envLayer = nix2container.buildLayer {
-    deps = [ vllmServer.env ];
+  engineLayer = nix2container.buildLayer {
+    deps = [ vllmServer.engineEnv ];
     layers = [
       rocmLayer
       torchLayer
+    ];
+  };
+  launcherLayer = nix2container.buildLayer {
+    deps = [ vllmServer ];
+    layers = [
+      rocmLayer
+      torchLayer
+      engineLayer
     ];
   };
 
@@ -75,9 +88,9 @@ let
     PATH = "/bin";
   };
 in
-nix2container.buildImage {
+(nix2container.buildImage {
   name = "vllm-strix";
-  tag = vllm-launcher.version;
+  inherit tag;
   copyToRoot = [
     rootfs
     tools
@@ -85,7 +98,8 @@ nix2container.buildImage {
   layers = [
     rocmLayer
     torchLayer
-    envLayer
+    engineLayer
+    launcherLayer
   ];
   perms = [
     {
@@ -119,12 +133,22 @@ nix2container.buildImage {
       "org.opencontainers.image.title" = "vllm-strix";
       "org.opencontainers.image.description" =
         "vLLM lanes behind one OpenAI endpoint, for AMD Strix Halo (gfx1151, ROCm)";
-      "org.opencontainers.image.version" = vllm-launcher.version;
+      "org.opencontainers.image.version" = tag;
       "org.opencontainers.image.licenses" = "MIT";
       "org.opencontainers.image.base.name" = "scratch (nix2container)";
       "io.vllm-strix.torch.version" = torch.version;
       "io.vllm-strix.vllm.version" = vllm.version;
       "io.vllm-strix.launcher.version" = vllm-launcher.version;
     };
+  };
+})
+// {
+  # For tests and `nix eval .#vllm-container.layerInputs`: what each layer is built from.
+  layerInputs = {
+    inherit tag;
+    rocm = torch.rocmLibraries or [ ];
+    torch = [ torch ];
+    engine = [ vllmServer.engineEnv ];
+    launcher = [ vllmServer ];
   };
 }

@@ -1,6 +1,7 @@
 # `vllm-server`: the launcher wrapped with the gfx1151 runtime environment, a C compiler on PATH
 # (Triton and torch.compile compile at run time) and VLLM_ENGINE_PYTHON pointing at the one
-# Python environment that holds torch, vLLM and the launcher. With no arguments it runs
+# Python environment that holds torch, vLLM and the launcher (nix/python.nix `env`, a
+# pyproject.nix virtual environment built from uv.lock). With no arguments it runs
 # `vllm-launcher serve`; with arguments it is `vllm-launcher ARGS...`.
 # Every runtime default is --set-default: a value the user or the unit sets wins.
 {
@@ -9,15 +10,13 @@
   makeWrapper,
   stdenv,
   rocmPackages,
+  # nix/python.nix's result
   python,
   runtimeEnv,
 }:
 let
-  env = python.withPackages (ps: [
-    ps.torch
-    ps.vllm
-    ps.vllm-launcher
-  ]);
+  inherit (python) env pythonSet;
+  launcher = pythonSet.vllm-launcher;
   setDefaults = lib.concatStringsSep " " (
     lib.mapAttrsToList (k: v: "--set-default ${k} ${lib.escapeShellArg v}") (
       runtimeEnv // { VLLM_ENGINE_PYTHON = "${env}/bin/python"; }
@@ -29,12 +28,14 @@ let
     env
   ];
 in
-runCommand "vllm-server-${python.pkgs.vllm-launcher.version}"
+runCommand "vllm-server-${launcher.version}"
   {
     nativeBuildInputs = [ makeWrapper ];
     passthru = {
       inherit env runtimeEnv;
-      inherit (python.pkgs) torch vllm vllm-launcher;
+      engineEnv = python.engineEnv;
+      inherit (pythonSet) torch vllm;
+      vllm-launcher = launcher;
     };
     meta = {
       description = "vLLM lane launcher with torch and vLLM for ROCm (gfx1151)";

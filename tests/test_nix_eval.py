@@ -1,4 +1,5 @@
 """Nix checks that need no nixpkgs (issue 6 point 4, issue 7 point 4): every .nix file parses;
+no nixpkgs Python package set is used (issue 11);
 the pure parts (lock -> sources, runtime environment) evaluate to the expected JSON; the lock
 validates against its schema; flake.lock pins what docs/nix.md says.
 
@@ -50,6 +51,19 @@ def test_no_machine_paths_or_repository_wheels():
         code = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
         assert not re.search(r"/home/|/opt/rocm|/root/|/Users/", code), f"{path}: absolute machine path"
         assert not re.search(r"[\w./-]*\.whl\b", code), f"{path}: a wheel referenced by path"
+
+
+# nixpkgs' Python package set and its builders (issue 11): the environment comes from uv.lock
+# through uv2nix/pyproject.nix; nixpkgs gives only the interpreter, stdenv and libraries.
+PYTHON_SET = re.compile(r"python3\d*Packages|pythonPackages|python3\d*\.pkgs|\.withPackages|buildPythonPackage|"
+                        r"buildPythonApplication|toPythonModule|packageOverrides|pythonRemoveDeps|pythonRelaxDeps")
+
+
+def test_no_nixpkgs_python_package_set():
+    for path in [ROOT / "flake.nix", *sorted((ROOT / "nix").glob("*.nix"))]:
+        code = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+        found = PYTHON_SET.findall(code)
+        assert not found, f"{path.relative_to(ROOT)}: nixpkgs Python package set ({found})"
 
 
 def test_lock_validates_against_schema():
@@ -160,15 +174,22 @@ def test_runtime_env_with_rocm_paths_and_override():
 def test_flake_lock_pins():
     lock = json.loads((ROOT / "flake.lock").read_text())
     nodes = lock["nodes"]
-    assert set(nodes["root"]["inputs"]) == {"nixpkgs", "nix2container"}
+    assert set(nodes["root"]["inputs"]) == {"nixpkgs", "nix2container", "pyproject-nix", "uv2nix"}
     nixpkgs = nodes["nixpkgs"]["locked"]
     # nixos-unstable of 2026-02-04 (ROCm 7.1.x); narHash from hellas-ai/nix-strix-halo's
     # flake.lock at commit 8fee904 (docs/nix.md says why and where).
     assert nixpkgs["rev"] == "00c21e4c93d963c50d4c0c89bfa84ed6e0694df2"
     assert nixpkgs["narHash"] == "sha256-AYqlWrX09+HvGs8zM6ebZ1pwUqjkfpnv8mewYwAo+iM="
     assert nodes["nix2container"]["inputs"] == {"nixpkgs": ["nixpkgs"]}
-    for node in ("nixpkgs", "nix2container"):
+    # uv2nix and pyproject.nix follow our nixpkgs, uv2nix our pyproject.nix (one copy of each).
+    assert nodes["pyproject-nix"]["inputs"] == {"nixpkgs": ["nixpkgs"]}
+    assert nodes["uv2nix"]["inputs"] == {"nixpkgs": ["nixpkgs"], "pyproject-nix": ["pyproject-nix"]}
+    assert (nodes["uv2nix"]["locked"]["owner"], nodes["pyproject-nix"]["locked"]["repo"]) == (
+        "pyproject-nix", "pyproject.nix")
+    nodes_pinned = ("nixpkgs", "nix2container", "pyproject-nix", "uv2nix")
+    for node in nodes_pinned:
         assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", nodes[node]["locked"]["narHash"])
+        assert re.fullmatch(r"[0-9a-f]{40}", nodes[node]["locked"]["rev"])
     docs = (ROOT / "docs/nix.md").read_text()
-    for node in ("nixpkgs", "nix2container"):
+    for node in nodes_pinned:
         assert nodes[node]["locked"]["rev"] in docs and nodes[node]["locked"]["narHash"] in docs

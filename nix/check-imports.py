@@ -1,0 +1,56 @@
+"""flake checks torch-import / vllm-import: run by the built environment's Python.
+
+    python check-imports.py torch|vllm
+
+Imports the module that matters (for vLLM the one the launcher runs,
+vllm.entrypoints.openai.api_server, which imports model_hosting_container_standards at the
+top) and checks every Requires-Dist of the installed distribution whose marker holds here
+against what the environment has installed. pyproject.nix installs wheels with `--no-deps`,
+so this is the one place the private wheels' own METADATA meets the locked closure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import sys
+
+from packaging.requirements import Requirement
+
+MODULES = {"torch": "torch", "vllm": "vllm.entrypoints.openai.api_server"}
+# The ROCm torch wheel requires pytorch-triton-rocm; with the registry-shaped uv.lock the
+# `triton` package provides the same module (nix/python-overlay.nix).
+ALIASES = {"pytorch-triton-rocm": ("pytorch-triton-rocm", "triton")}
+
+
+def installed(name: str) -> str | None:
+    for candidate in ALIASES.get(name, (name,)):
+        try:
+            return md.version(candidate)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def main(dist: str) -> int:
+    problems = []
+    for line in md.requires(dist) or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        version = installed(req.name)
+        if version is None:
+            problems.append(f"{req} : not installed")
+        elif req.specifier and not req.specifier.contains(version, prereleases=True):
+            # Local versions (+rocm711) are compared without their local part, as pip does.
+            if not req.specifier.contains(version.split("+")[0], prereleases=True):
+                problems.append(f"{req} : {version} installed")
+    for problem in problems:
+        print(f"{dist}: requirement not met: {problem}", file=sys.stderr)
+    importlib.import_module(MODULES[dist])
+    print(f"{dist} {md.version(dist)}: {MODULES[dist]} imports; {len(md.requires(dist) or [])} requirements checked")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
