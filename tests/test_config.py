@@ -3,6 +3,7 @@ the variable, the value and what is accepted, before anything starts."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from launcher_cli import config_json, run_launcher
 from vllm_launcher.config import ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
+from vllm_launcher.logs import setup_logging
+from vllm_launcher.settings import is_secret, masked
 from vllm_launcher.vllm_info import VllmInfo
 
 V012 = VllmInfo("vllm", "0.12.0+rocm711")
@@ -172,23 +175,78 @@ def test_missing_model_is_an_error_naming_the_lane():
         load_config({"VLLM_LANES": "orchestrator,coder", "VLLM_LANE_ORCHESTRATOR_MODEL": "org/o"})
 
 
+@pytest.mark.parametrize("name,secret", [
+    ("VLLM_API_KEY", True), ("HF_TOKEN", True), ("HUGGING_FACE_HUB_TOKEN", True), ("AWS_SECRET_ACCESS_KEY", True),
+    ("DB_PASSWORD", True), ("GOOGLE_APPLICATION_CREDENTIALS", True), ("api_key", True), ("MY_SERVICE_Token", True),
+    ("VLLM_LANE_CODER_ENV_OPENAI_API_KEY", True), ("KEY", True), ("SECRET", True),
+    ("VLLM_TOKENIZER", False), ("VLLM_MAX_NUM_BATCHED_TOKENS", False), ("VLLM_LANE_A_TOKENIZER", False),
+    ("KEYBOARD", False), ("MONKEY", False), ("PASSWORDS", False), ("SECRETARY", False), ("HF_HOME", False),
+    ("HTTP_PROXY", False), ("VLLM_KV_CACHE_DTYPE", False), ("TOKENS", False), ("", False),
+    ("VLLM_API_KEY_FILE", False),          # a path: the file holding the key
+
+])
+def test_which_variables_are_secret(name, secret):
+    assert is_secret(name) is secret
+    assert (masked(name, "s3cr3t-value") == "***") is secret
+
+
+@pytest.mark.parametrize("value,shown", [
+    ("http://user:pass@proxy:3128", "http://***@proxy:3128"),
+    ("socks5://u@127.0.0.1:1080", "socks5://***@127.0.0.1:1080"),
+    ("https://tok:x-oauth@github.com/a/b.git", "https://***@github.com/a/b.git"),
+    ("http://proxy:3128/p@th", "http://proxy:3128/p@th"),
+    ("a http://a:b@h and https://c:d@i/", "a http://***@h and https://***@i/"),
+    ("no url user:pass@host", "no url user:pass@host"),
+    ("/models/org/model", "/models/org/model"),
+])
+def test_credentials_inside_urls_are_masked(value, shown):
+    assert masked("HTTP_PROXY", value) == shown
+
+
+SECRET_ENV = {
+    **MODEL, "VLLM_API_KEY": "topsecret-key", "HF_TOKEN": "hf_secret_token",
+    "HTTP_PROXY": "http://proxyuser:proxypass@proxy.example:3128",
+    "VLLM_LANE_DEFAULT_ENV_MY_SERVICE_PASSWORD": "lane-password-value",
+    "VLLM_LANE_DEFAULT_ENV_HTTPS_PROXY": "https://lanetok@proxy.example",
+}
+SECRET_VALUES = ("topsecret-key", "hf_secret_token", "proxypass", "proxyuser", "lane-password-value", "lanetok")
+
+
 def test_secrets_never_printed(tmp_path):
-    env = {**MODEL, "VLLM_API_KEY": "topsecret-key", "HF_TOKEN": "hf_secret_token", "VLLM_DTYPE": "int4"}
-    bad = run_launcher(env, "config")
-    assert bad.returncode == 2
-    good_env = {**env, "VLLM_DTYPE": "auto"}
+    bad_env = {**SECRET_ENV, "VLLM_DTYPE": "int4", "VLLM_LANE_DEFAULT_ENV_VLLM_API_KEY": "owned-key-value",
+               "VLLM_LANE_NOPE_ENV_SOME_TOKEN": "unknown-lane-token", "VLLM_LANE_DEFAULT_SECRET": "unknown-setting"}
+    bad = run_launcher(bad_env, "config")
+    assert bad.returncode == 2 and "VLLM_LANE_DEFAULT_ENV_VLLM_API_KEY='***'" in bad.stderr, bad.stderr
+    assert "VLLM_LANE_NOPE_ENV_SOME_TOKEN='***'" in bad.stderr and "VLLM_LANE_DEFAULT_SECRET='***'" in bad.stderr
     outputs = [bad.stdout + bad.stderr]
     for fmt in ("json", "env", "argv"):
-        result = run_launcher(good_env, "config", "--format", fmt)
+        result = run_launcher(SECRET_ENV, "config", "--format", fmt)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)
     text = "\n".join(outputs)
-    assert "topsecret-key" not in text and "hf_secret_token" not in text
-    data = config_json(good_env)
+    for value in (*SECRET_VALUES, "owned-key-value", "unknown-lane-token", "unknown-setting"):
+        assert value not in text, value
+    data = config_json(SECRET_ENV)
     assert data["server"]["api_key"] == "***"
-    assert data["lanes"]["default"]["env"]["VLLM_API_KEY"] == "***"
-    assert data["lanes"]["default"]["env"]["HF_TOKEN"] == "***"
-    assert "topsecret-key" not in " ".join(data["lanes"]["default"]["argv"])
+    env = data["lanes"]["default"]["env"]
+    assert env["VLLM_API_KEY"] == env["HF_TOKEN"] == env["MY_SERVICE_PASSWORD"] == "***"
+    assert env["HTTP_PROXY"] == "http://***@proxy.example:3128" and env["HTTPS_PROXY"] == "https://***@proxy.example"
+
+
+def test_logs_mask_secret_values_and_url_credentials(tmp_path):
+    config = load_config({**SECRET_ENV, "VLLM_API_KEY_FILE": str(tmp_path / "unused")})
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO", "json", str(tmp_path / "logs"), config.secret_values())
+        logging.getLogger("vllm_launcher.test").info("key %s, proxy %s", "topsecret-key", "http://u:p@h")
+        logging.getLogger("vllm_launcher.engine.default").info("engine saw hf_secret_token lane-password-value")
+    finally:
+        root.handlers[:], root.level = saved
+    text = (tmp_path / "logs" / "launcher.log").read_text() + (tmp_path / "logs" / "engine-default.log").read_text()
+    assert "key ***, proxy http://***@h" in text and "engine saw *** ***" in text, text
+    for value in SECRET_VALUES:
+        assert value not in text
 
 
 def test_engine_env_is_an_allow_list():

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from . import values
 from .settings import (
     DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY, LANE_ENV_INFIX, LANE_PREFIX,
-    LANES_VAR, SECRET_NAMES, SERVER_SETTINGS, Setting,
+    LANES_VAR, SERVER_SETTINGS, Setting, is_secret, masked,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -67,10 +67,9 @@ class ServerConfig:
     runtime_dir: str | None = None
 
     def public(self) -> dict[str, Any]:
-        """The settings as JSON-able data, the key shown as ***."""
+        """The settings as JSON-able data, secrets masked."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        data["api_key"] = "***" if self.api_key else None
-        return data
+        return {name: masked(name, value) if isinstance(value, str) else value for name, value in data.items()}
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,17 @@ class LauncherConfig:
     def lane(self, name: str) -> LaneConfig:
         return self.lanes[name]
 
+    def secret_values(self) -> set[str]:
+        """Every secret value the configuration holds, for logs to mask."""
+        found = {value.strip() for name, value in self.environ.items() if is_secret(name)}
+        if self.server.api_key:
+            found.add(self.server.api_key)        # also when read from VLLM_API_KEY_FILE
+        return found
+
 
 def shown(name: str, raw: str) -> str:
     """How a variable's value appears in a message: secrets never appear."""
-    return f"{name}=***" if name in SECRET_NAMES else f"{name}={raw!r}"
+    return f"{name}={masked(name, raw)!r}"
 
 
 class _Reader:
@@ -165,11 +171,11 @@ def _read_key_file(reader: _Reader, path: str) -> str | None:
         key = Path(path).read_text().strip()
     except OSError as error:
         reader.problems.append(
-            f"VLLM_API_KEY_FILE={path!r}: cannot read the key file ({error.strerror or error}); "
+            f"{shown('VLLM_API_KEY_FILE', path)}: cannot read the key file ({error.strerror or error}); "
             "give a readable file holding the key")
         return None
     if not key:
-        reader.problems.append(f"VLLM_API_KEY_FILE={path!r}: the file is empty; it must hold the key")
+        reader.problems.append(f"{shown('VLLM_API_KEY_FILE', path)}: the file is empty; it must hold the key")
     return key or None
 
 
@@ -254,7 +260,7 @@ def _lane_config(reader: _Reader, lane: str, globals_: dict[str, Any],
             name = key[len(LANE_ENV_INFIX):]
             if name in OWNED_ENGINE_ENV:
                 reader.problems.append(
-                    f"{variable}={raw!r}: {name} is set by the launcher for every engine and cannot be overridden")
+                    f"{shown(variable, raw)}: {name} is set by the launcher for every engine and cannot be overridden")
             else:
                 env[name] = raw
         elif not values.is_unset(raw):            # empty / None inherits the global value

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .config import LaneConfig, LauncherConfig
-from .settings import ENGINE_SETTINGS, LANE_PREFIX, SECRET_NAMES, SERVER_SETTINGS
+from .settings import ENGINE_SETTINGS, LANE_PREFIX, SERVER_SETTINGS, masked
 from .vllm_info import VllmInfo
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -45,7 +45,7 @@ class EngineSpec:
 
     def shown_env(self) -> dict[str, str]:
         """The environment with secrets as ***, for printing."""
-        return {name: ("***" if name in SECRET_NAMES else value) for name, value in self.env.items()}
+        return {name: masked(name, value) for name, value in self.env.items()}
 
 
 def passed_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -8,11 +8,15 @@ import logging
 import logging.handlers
 import time
 from pathlib import Path
+from typing import Iterable
+
+from .settings import MASK, mask_url_credentials
 
 ENGINE_LOGGER = "vllm_launcher.engine."
 ROTATE_BYTES = 50 * 1024 * 1024
 ROTATE_KEEP = 5
 _EXTRA_FIELDS = ("lane", "status", "queue_wait", "total", "usage")
+MIN_MASKED_LENGTH = 4        # shorter values would mask ordinary text
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,22 +64,41 @@ class _EngineFiles(logging.Handler):
         self.files[lane].emit(record)
 
 
-def setup_logging(level: str, fmt: str, directory: str | None) -> None:
+class SecretMask(logging.Filter):
+    """Masks the configuration's secret values and credentials inside URLs in every line,
+    the engines' own output included."""
+
+    def __init__(self, secrets: Iterable[str]):
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if len(s) >= MIN_MASKED_LENGTH}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url_credentials(message)
+        for secret in self.secrets:
+            masked = masked.replace(secret, MASK)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def setup_logging(level: str, fmt: str, directory: str | None, secrets: Iterable[str] = ()) -> None:
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    mask = SecretMask(secrets)
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
-    console = logging.StreamHandler()
-    console.setFormatter(formatter)
-    root.addHandler(console)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
     if directory:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        launcher_file = logging.handlers.RotatingFileHandler(path / "launcher.log", maxBytes=ROTATE_BYTES,
-                                                             backupCount=ROTATE_KEEP)
-        launcher_file.setFormatter(formatter)
-        root.addHandler(launcher_file)
-        root.addHandler(_EngineFiles(path, formatter))
+        handlers += [logging.handlers.RotatingFileHandler(path / "launcher.log", maxBytes=ROTATE_BYTES,
+                                                          backupCount=ROTATE_KEEP),
+                     _EngineFiles(path, formatter)]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(mask)
+        root.addHandler(handler)
     # engine lines are logged at INFO whatever the launcher's level: they are vLLM's own output
     logging.getLogger("vllm_launcher.engine").setLevel(logging.INFO)
     # httpx logs every upstream request at INFO: noise (and cost) on the hot path; our own

@@ -68,5 +68,6 @@ async def _serve(config: LauncherConfig) -> int:
 
 
 def run_server(config: LauncherConfig) -> int:
-    setup_logging(config.server.log_level, config.server.log_format, config.server.log_directory)
+    setup_logging(config.server.log_level, config.server.log_format, config.server.log_directory,
+                  config.secret_values())
     return asyncio.run(_serve(config))

@@ -9,6 +9,7 @@ the Nix module and the tests all read them from here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,7 +45,6 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     default: Any = None
-    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -60,8 +60,8 @@ class EngineSetting(Setting):
     extra: dict = field(default_factory=dict)
 
 
-def _server(key, names, parse, help, default=None, secret=False):
-    return Setting(key, tuple(names), parse, help, default, secret)
+def _server(key, names, parse, help, default=None):
+    return Setting(key, tuple(names), parse, help, default)
 
 
 def _engine(key, parse, help, flag=None, names=None, bool_style=None, lane_only=False):
@@ -75,7 +75,7 @@ _identifier = values.pattern_parser(r"[A-Za-z0-9_.\-]+", "a name of letters, dig
 SERVER_SETTINGS: tuple[Setting, ...] = (
     _server("host", ["VLLM_HOST", "HOST"], _str, "address the front server listens on", "0.0.0.0"),
     _server("port", ["VLLM_PORT", "PORT"], lambda raw: _port(raw), "port of the front server", 8000),
-    _server("api_key", ["VLLM_API_KEY"], _str, "bearer key clients must send (unset: no auth)", secret=True),
+    _server("api_key", ["VLLM_API_KEY"], _str, "bearer key clients must send (unset: no auth)"),
     _server("api_key_file", ["VLLM_API_KEY_FILE"], _str, "file holding the bearer key"),
     _server("log_level", ["VLLM_LOG_LEVEL", "VLLM_LOGGING_LEVEL"],
             values.choice_parser(LOG_LEVELS, "log level"),
@@ -179,8 +179,27 @@ SERVER_SETTINGS_BY_KEY = {setting.key: setting for setting in SERVER_SETTINGS}
 LANES_VAR = "VLLM_LANES"
 DEFAULT_LANE_VAR = "VLLM_DEFAULT_LANE"
 
-# Variables that hold secrets: never printed, shown as *** where a listing needs them.
-SECRET_NAMES = frozenset({"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+# A variable holds a secret when one of these is a whole `_`-separated word of its name
+# (VLLM_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY; not TOKENIZER or MAX_NUM_BATCHED_TOKENS),
+# unless it ends in _FILE: that names the file holding the secret (VLLM_API_KEY_FILE).
+SECRET_WORDS = frozenset({"KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS"})
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#@\s]+@")
+MASK = "***"
+
+
+def is_secret(name: str) -> bool:
+    words = name.upper().split("_")
+    return words[-1] != "FILE" and not SECRET_WORDS.isdisjoint(words)
+
+
+def masked(name: str, value: str) -> str:
+    """How a variable's value may be shown anywhere (listings, errors, logs): a secret as ***,
+    credentials inside URLs (`http://user:pass@host`) as `http://***@host`."""
+    return MASK if is_secret(name) else mask_url_credentials(value)
+
+
+def mask_url_credentials(text: str) -> str:
+    return _URL_CREDENTIALS.sub(MASK + "@", text)
 
 
 def lane_var(lane: str, key: str) -> str:
