@@ -123,12 +123,18 @@
           type = "app";
           program = "${built.vllm-server}/bin/vllm-server";
         };
-        # Needs neither the wheels nor ROCm: `nix run .#artifacts -- lock DIR`.
+        # Needs neither the wheels nor ROCm: `nix run .#artifacts -- lock DIR`. uv (nixpkgs'
+        # binary, not a Python package) re-locks python-env/uv.lock; nix-store adds the wheels.
         artifacts = {
           type = "app";
           program = toString (
             pkgs.writeShellScript "vllm-artifacts" ''
-              export PATH=${pkgs.lib.makeBinPath [ pkgs.nix ]}:$PATH
+              export PATH=${
+                pkgs.lib.makeBinPath [
+                  pkgs.nix
+                  pkgs.uv
+                ]
+              }:$PATH
               exec ${built.vllm-launcher}/bin/vllm-launcher artifacts "$@"
             ''
           );

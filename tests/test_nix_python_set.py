@@ -84,11 +84,20 @@ def uv_lock() -> dict:
     return tomllib.loads((ROOT / "python-env/uv.lock").read_text())
 
 
-def path_shaped(lock: dict, hashes: dict[str, str] | None = None) -> dict:
-    """uv.lock as `artifacts lock DIR` re-locks it: torch and vllm as path sources."""
+def path_shaped(lock: dict, hashes: dict[str, str] | None = None, triton: bool = False) -> dict:
+    """uv.lock as `artifacts lock DIR` re-locks it: torch and vllm as path sources; with
+    `triton`, pytorch-triton-rocm's wheel in place of PyPI's triton."""
     hashes = hashes or HASHES
     files = {"torch": TORCH_FILE, "vllm": VLLM_FILE}
     lock = json.loads(json.dumps(lock))
+    if triton:
+        files["pytorch-triton-rocm"] = TRITON_FILE
+        for package in lock["package"]:
+            if package["name"] == "triton":
+                package["name"] = "pytorch-triton-rocm"
+            for dep in package.get("dependencies", []):
+                if dep["name"] == "triton":
+                    dep["name"] = "pytorch-triton-rocm"
     for package in lock["package"]:
         if package["name"] in files:
             filename = files[package["name"]]
@@ -202,6 +211,14 @@ def test_triton_artifact_replaces_the_placeholder(sources, tmp_path):
     triton = out["described"]["triton"]
     assert triton["src"] == {"name": TRITON_FILE, "fetcher": "requireFile", "sha256": HASHES["pytorch-triton-rocm"]}
     assert "pytorch-triton-rocm" not in out["packages"]
+
+
+def test_triton_artifact_in_a_path_shaped_lock(sources, tmp_path):
+    out, _ = evaluate(sources, tmp_path, artifacts_lock(triton=True), uvlock=path_shaped(uv_lock(), triton=True))
+    triton = out["described"]["pytorch-triton-rocm"]
+    assert triton["src"] == {"name": TRITON_FILE, "fetcher": "requireFile", "sha256": HASHES["pytorch-triton-rocm"]}
+    assert "triton" not in out["packages"]
+    assert "pytorch-triton-rocm" in out["described"]["torch"]["dependencies"]
 
 
 def test_image_layers_and_tag(sources, tmp_path):
