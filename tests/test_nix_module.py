@@ -170,7 +170,7 @@ def test_package_option():
 # `systemd-analyze security --offline=true` on the unit file rendered from the evaluation.
 # Measured with systemd 252: 2.1 before issue 11, 1.6 after (nixpkgs' ollama module: 1.6).
 EXPOSURE_MAX = 1.6
-# What is left, each needed by vLLM, torch, ROCm or the cluster work (docs/nix.md, section 3).
+# What is left, each needed by vLLM, torch, ROCm or the cluster work (reasons in nix/module.nix).
 EXPOSED = {
     "SystemCallFilter=~@resources",  # setrlimit, sched_setaffinity, mbind/set_mempolicy
     "RootDirectory=/RootImage=",  # the Nix store closure runs from the host's /nix/store
