@@ -25,9 +25,10 @@
 # pkgs/by-name/on/onetbb/package.nix (oneTBB 2022.x, soname libtbb.so.12); libgomp in gcc's `lib`
 # output (`lib.getLib stdenv.cc.cc`, also what pythonManylinuxPackages.manylinux2014 uses for
 # libstdc++: pkgs/development/interpreters/python/manylinux/default.nix); libdrm, numactl,
-# elfutils, zstd top-level. From pyproject.nix: `final.pyprojectWheelHook`, `final.python`
-# (build/packages.nix mkPythonSet); `autoPatchelfHook` top-level. From uv2nix: `passthru.package` (the parsed uv.lock entry:
-# source, wheels) and `passthru.format` (lib/build.nix `remote`).
+# elfutils, zstd, autoPatchelfHook, pythonManylinuxPackages top-level (uv2nix's lib/build.nix
+# uses the last two for every wheel). From pyproject.nix: `final.pyprojectWheelHook`,
+# `final.python` (build/packages.nix mkPythonSet). From uv2nix: `passthru.package`, the parsed
+# uv.lock entry with `source` and `wheels` (lib/build.nix `remote`, lib/lock1.nix parsePackage).
 {
   lib,
   stdenv,
