@@ -13,15 +13,15 @@
   vllmLauncher,
 }:
 let
-  fakeVllm = runCommand "fake-vllm" { } ''
-    mkdir -p $out/${python311.sitePackages}
-    cp -r ${./fake-vllm}/. $out/${python311.sitePackages}/
-  '';
-  enginePython = python311.withPackages (_: [ (python311.pkgs.toPythonModule fakeVllm) ]);
+  # The fake engine needs only the standard library: the bare interpreter with the fake `vllm`
+  # (module and dist-info, which the launcher reads for the version) on PYTHONPATH; no nixpkgs
+  # Python package set, as everywhere in this flake.
   fakeServer = runCommand "vllm-server-fake-engine" { nativeBuildInputs = [ makeWrapper ]; } ''
     mkdir -p $out/bin
+    makeWrapper ${python311.interpreter} $out/bin/engine-python \
+      --prefix PYTHONPATH : ${./fake-vllm}
     makeWrapper ${vllmLauncher}/bin/vllm-launcher $out/bin/vllm-server \
-      --set VLLM_ENGINE_PYTHON ${enginePython}/bin/python
+      --set VLLM_ENGINE_PYTHON $out/bin/engine-python
   '';
 in
 testers.runNixOSTest {
