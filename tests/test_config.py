@@ -131,6 +131,8 @@ BAD_INPUTS = [
     ({"VLLM_LANES": "coder,Coder"}, "VLLM_LANES='coder,Coder': lanes 'coder' and 'Coder' are the same name"),
     ({"VLLM_LANES": "fast-rag"}, "lane name 'fast-rag' must use only letters, digits and '_'"),
     ({"VLLM_LANES": " , "}, "VLLM_LANES=' , ': must name at least one lane"),
+    ({"VLLM_LANES": "a,,b"}, "VLLM_LANES='a,,b': an empty lane name between commas"),
+    ({"VLLM_LANES": "a,b,"}, "VLLM_LANES='a,b,': an empty lane name between commas"),
     ({"VLLM_LANES": "a,b", "VLLM_LANE_CODRE_MODEL": "org/x"}, "VLLM_LANE_CODRE_MODEL='org/x': no lane matches"),
     ({"VLLM_LANES": "a", "VLLM_LANE_A_MODLE": "org/x"}, "VLLM_LANE_A_MODLE='org/x': unknown setting 'MODLE'"),
     ({"VLLM_LANES": "a,b", "VLLM_LANE_A_MAX_MODEL_LEN": "lots"}, "VLLM_LANE_A_MAX_MODEL_LEN='lots'"),

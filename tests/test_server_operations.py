@@ -290,10 +290,17 @@ def test_sd_notify_ready_and_status(tmp_path, fake_python):
         sock.close()
 
 
+AUTH = {"Authorization": "Bearer k"}
+JSON = {**AUTH, "Content-Type": "application/json"}
+DEEP = b"[" * 990 + b"]" * 990
+DEEPER = b"[" * 100_000 + b"]" * 100_000
+AUDIO = "/v1/audio/transcriptions"
 BAD_REQUESTS = [
-    ("POST", CHAT, {"content": b"{not json"}, 400, "invalid_json"),
-    ("POST", CHAT, {"content": b""}, 400, "invalid_json"),
-    ("POST", CHAT, {"content": b"\xff\xfe\x00"}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": b"{not json", "headers": JSON}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": b"", "headers": JSON}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": b"\xff\xfe\x00", "headers": JSON}, 400, "invalid_json"),
+    ("POST", CHAT, {"content": DEEP, "headers": JSON}, 400, None),      # too deep, or not an object
+    ("POST", CHAT, {"content": b'{"model": "a", "x": ' + DEEPER + b"}", "headers": JSON}, 400, "invalid_json"),
     ("POST", CHAT, {"json": []}, 400, "invalid_body"),
     ("POST", CHAT, {"json": "a string"}, 400, "invalid_body"),
     ("POST", CHAT, {"json": 42}, 400, "invalid_body"),
@@ -306,7 +313,24 @@ BAD_REQUESTS = [
     ("POST", CHAT, {"json": {"model": "../../etc/passwd"}}, 404, "model_not_found"),
     ("POST", CHAT, {"json": {"model": "x" * 10000}}, 404, "model_not_found"),
     ("POST", CHAT, {"json": {"model": "--help"}}, 404, "model_not_found"),
-    ("POST", CHAT, {"content": b"{" + b" " * (2 * 1024 * 1024) + b"}"}, 413, "body_too_large"),
+    ("POST", CHAT, {"content": b'{"model": "\\ud800"}', "headers": JSON}, 404, "model_not_found"),
+    ("POST", CHAT, {"content": b'{"model": "a\\udfff\\ud800b"}', "headers": JSON}, 404, "model_not_found"),
+    ("POST", CHAT, {"json": {**chat_body("a", max_tokens=2), "stream": "yes"}}, 400, "invalid_stream"),
+    ("POST", CHAT, {"json": {**chat_body("a", max_tokens=2), "stream": 1}}, 400, "invalid_stream"),
+    ("POST", CHAT, {"json": {**chat_body("a", max_tokens=2), "stream": None}}, 200, None),
+    ("POST", CHAT, {"content": json.dumps(chat_body("a")), "headers": {**AUTH, "Content-Type": "text/plain"}},
+     415, "unsupported_media_type"),
+    ("POST", CHAT, {"data": {"model": "a"}}, 415, "unsupported_media_type"),
+    ("POST", CHAT, {"content": json.dumps(chat_body("a"))}, 415, "unsupported_media_type"),
+    ("POST", CHAT, {"data": {"model": "a"}, "files": {"f": ("x", b"x")}}, 415, "unsupported_media_type"),
+    ("POST", CHAT, {"json": chat_body("a"), "headers": {**JSON, "Content-Type": "application/json; charset=utf-8"}},
+     200, None),
+    ("POST", AUDIO, {"json": {"model": "a"}}, 415, "unsupported_media_type"),
+    ("POST", AUDIO, {"content": b"x", "headers": {**AUTH, "Content-Type": "multipart/form-data"}}, 400, "invalid_form"),
+    ("POST", AUDIO, {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}},
+     400, "invalid_form"),
+    ("POST", "/v1/tokenize", {"json": {"model": "a"}}, 404, "not_found"),
+    ("POST", CHAT, {"content": b"{" + b" " * (2 * 1024 * 1024) + b"}", "headers": JSON}, 413, "body_too_large"),
     ("POST", "/v1/completions", {"json": {"model": "a", "prompt": "x" * (3 * 1024 * 1024)}}, 413, "body_too_large"),
     ("POST", CHAT, {"json": {"model": "a"}, "headers": {"Authorization": "Bearer wrong"}}, 401, "invalid_api_key"),
     ("POST", CHAT, {"json": {"model": "a"}, "headers": {"Authorization": ""}}, 401, "invalid_api_key"),
@@ -314,7 +338,14 @@ BAD_REQUESTS = [
     ("GET", "/v1/models", {"headers": {"Authorization": "Bearer"}}, 401, "invalid_api_key"),
     ("GET", "/v1/models", {"headers": {"Authorization": "bearer k"}}, 200, None),
     ("GET", "/nope", {}, 404, "not_found"),
+    ("GET", "/openapi.json", {}, 404, "not_found"),
+    ("GET", "/docs", {}, 404, "not_found"),
+    ("GET", "/redoc", {}, 404, "not_found"),
     ("GET", CHAT, {}, 405, "method_not_allowed"),
+    ("PUT", CHAT, {}, 405, "method_not_allowed"),
+    ("POST", "/lanes/a/load?wait=x", {"headers": {}}, 401, "invalid_api_key"),     # the key before the query
+    ("POST", "/lanes/a/load?wait=x", {}, 422, "invalid_parameter"),
+    ("POST", "/lanes/a/unload?wait=maybe", {}, 422, "invalid_parameter"),
     ("POST", "/lanes/a/../../load", {}, 404, None),
     ("POST", "/lanes/%00/load", {}, 404, "lane_not_found"),
 ]
@@ -322,9 +353,9 @@ BAD_REQUESTS = [
 
 def test_bad_input_sweep_gets_4xx_openai_errors_and_the_server_keeps_serving(tmp_path, fake_python):
     env = fake_lanes_env(fake_python, {"a": {}}, VLLM_API_KEY="k", VLLM_MAX_BODY_BYTES="1Mi")
-    auth = {"Authorization": "Bearer k"}
+    auth = AUTH
     with serving(tmp_path, env, wait_ready_lane="a", ) as served, served.client() as client:
-        assert len(BAD_REQUESTS) >= 20
+        assert len(BAD_REQUESTS) >= 45
         for method, path, kwargs, status, code in BAD_REQUESTS:
             kwargs = dict(kwargs)
             headers = kwargs.pop("headers", auth)

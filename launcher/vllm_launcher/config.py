@@ -186,6 +186,9 @@ def _lane_names(reader: _Reader) -> list[str]:
     names = values.parse_name_list(raw)
     if not names:
         reader.problems.append(f"{LANES_VAR}={raw!r}: must name at least one lane, comma-separated")
+    elif len(names) != len(raw.split(",")):
+        reader.problems.append(f"{LANES_VAR}={raw!r}: an empty lane name between commas; "
+                               "write the lane names separated by single commas")
     seen: dict[str, str] = {}
     for name in names:
         if not LANE_NAME.fullmatch(name):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 429: "rate_limit_error"}
@@ -28,14 +28,18 @@ class APIError(Exception):
         kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         headers = {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return Response(self._json(), status_code=self.status, headers=headers, media_type="application/json")
 
     def sse_event(self) -> bytes:
         """For a stream already answered with 200: an error event, then the stream ends."""
-        return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
+        return b"data: " + self._json() + b"\n\n"
+
+    def _json(self) -> bytes:
+        """ASCII JSON: a message quoting client input (a lone surrogate too) always renders."""
+        return json.dumps(self.body()).encode()

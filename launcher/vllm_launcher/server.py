@@ -17,6 +17,7 @@ from email.parser import BytesParser
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +31,7 @@ from .openai_routes import FORWARDED, MULTIPART, forwarded_route
 from .proxy import Forwarder
 from .router import Router
 from .scheduler import LaneState
+from .values import parse_bool
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.server")
@@ -53,10 +55,43 @@ def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
     return lane
 
 
+def _check_content_type(request: Request, route: str) -> None:
+    """JSON routes take only JSON (a web page cannot post it cross-site without CORS), audio
+    routes only multipart form data."""
+    given = request.headers.get("content-type", "")
+    if given.partition(";")[0].strip().lower() != FORWARDED[route]:
+        raise APIError(415, f"POST /v1/{route} takes Content-Type: {FORWARDED[route]}, not "
+                            f"{given[:100] or 'a body without a content type'}", "unsupported_media_type")
+
+
+def _json_body(body: bytes):
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
+
+
+def _json_bytes(data) -> bytes:
+    try:
+        return json.dumps(data).encode()
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
+
+
+def _wait_parameter(request: Request) -> bool:
+    raw = request.query_params.get("wait", "true")
+    try:
+        return parse_bool(raw)
+    except ValueError as error:
+        raise APIError(422, f"wait={raw[:50]!r}: {error}", "invalid_parameter", param="wait") from None
+
+
 def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, str, bytes]]:
     """A multipart/form-data body as (name, filename, content type, value) per field."""
-    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise APIError(400, "this route takes multipart/form-data with a boundary", "invalid_form")
+    if "boundary=" not in content_type:
+        raise APIError(400, "multipart/form-data needs a boundary", "invalid_form")
     message = BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     if not message.is_multipart() or message.defects:
@@ -110,7 +145,8 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         yield
         await router.close()
 
-    app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)
     app.state.router = router
 
     def authorize(request: Request) -> None:
@@ -131,6 +167,13 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return await api_error(request, APIError(error.status_code, f"{request.method} {request.url.path}: "
                                                                     f"{error.detail}", code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())) or None
+        return await api_error(request, APIError(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_parameter",
+                                                 param=param))
 
     # ---------------------------------------------------------------- OpenAI API
 
@@ -153,21 +196,23 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         if route is None:
             raise APIError(404, f"POST {_shown_path(request)}: not an OpenAI route this server forwards "
                                 f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
+        _check_content_type(request, route)
         if router.scheduler.shutting_down:
             raise APIError(503, "the server is shutting down", "shutting_down")
         body = await read_body(request, config.server.max_body_bytes)
         if FORWARDED[route] == MULTIPART:
             return await forward_form(request, route, body)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
+        data = _json_body(body)
         lane = _lane_of(config, routes, data)
+        stream = data.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise APIError(400, f"'stream' must be true or false, not {json.dumps(stream)[:50]}", "invalid_stream",
+                           param="stream")
         served = config.lane(lane).served_model_name
         if data["model"] != served:
             data["model"] = served          # the engine knows only its served name
-            body = json.dumps(data).encode()
-        return await forwarder.handle(request, "/v1/" + route, lane, body, data.get("stream") is True)
+            body = _json_bytes(data)
+        return await forwarder.handle(request, "/v1/" + route, lane, body, stream is True)
 
     async def forward_form(request: Request, route: str, body: bytes):
         """An audio request: multipart form data, its `model` one of the fields."""
@@ -279,8 +324,9 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         return lane_view(lane_name(lane))
 
     @app.post("/lanes/{lane}/load")
-    async def load(lane: str, request: Request, wait: bool = True):
+    async def load(lane: str, request: Request):
         authorize(request)
+        wait = _wait_parameter(request)
         name = lane_name(lane)
         if router.scheduler.shutting_down:
             raise APIError(503, "the server is shutting down", "shutting_down")
@@ -294,8 +340,9 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         return {"lane": name, "state": state.value}
 
     @app.post("/lanes/{lane}/unload")
-    async def unload(lane: str, request: Request, wait: bool = True):
+    async def unload(lane: str, request: Request):
         authorize(request)
+        wait = _wait_parameter(request)
         name = lane_name(lane)
         router.unload(name)
         if not wait:
