@@ -88,6 +88,11 @@ class Forwarder:
                 disconnect.cancel()
                 return await self._stream(ticket, outgoing)
             return await self._unary(ticket, outgoing, disconnect)
+        except Exception as error:      # a bug: still an OpenAI error, and the ticket is closed
+            log.exception("lane %s: request failed", lane)
+            self.router.cancel(ticket)
+            self._close(ticket, 500)
+            return APIError(500, f"internal error: {type(error).__name__}", "internal_error").response()
         finally:
             for waiter in waiters[1:]:
                 waiter.cancel()
@@ -114,6 +119,10 @@ class Forwarder:
             return send.result()
         except httpx.HTTPError as error:
             raise await _failure(ticket, error) from error
+        except RuntimeError as error:
+            if not client.is_closed:
+                raise
+            raise await _failure(ticket, error) from error    # closed as its engine exited: the crash
 
     async def _unary(self, ticket: Ticket, outgoing: _Outgoing, disconnect) -> Response:
         try:
