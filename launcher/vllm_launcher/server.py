@@ -17,7 +17,6 @@ from email.parser import BytesParser
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -168,13 +167,6 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         return await api_error(request, APIError(error.status_code, f"{request.method} {request.url.path}: "
                                                                     f"{error.detail}", code))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        param = ".".join(str(part) for part in first.get("loc", ())) or None
-        return await api_error(request, APIError(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_parameter",
-                                                 param=param))
-
     # ---------------------------------------------------------------- OpenAI API
 
     @app.get("/v1/models")
@@ -206,7 +198,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         lane = _lane_of(config, routes, data)
         stream = data.get("stream")
         if stream is not None and not isinstance(stream, bool):
-            raise APIError(400, f"'stream' must be true or false, not {json.dumps(stream)[:50]}", "invalid_stream",
+            raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}", "invalid_stream",
                            param="stream")
         served = config.lane(lane).served_model_name
         if data["model"] != served:
