@@ -13,6 +13,7 @@ FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a c
 FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
 FAKE_CRASH_AFTER=s      exit this long after becoming ready
 FAKE_PATH_LOG=file      append every request's method and raw path (as received) to file
+FAKE_PRINT=text         print this line at start (before any FAKE_*START* failure)
 
 /v1/responses, /v1/rerank and /v1/score answer with a small JSON echo; /v1/audio/transcriptions
 and /v1/audio/translations take multipart form data and answer with the form's model.
@@ -222,6 +223,8 @@ def main(argv) -> None:
     args = parse_args(argv)
     print(f"fake engine pid {os.getpid()} pgid {os.getpgid(0)} for {args.served_model_name} on port {args.port}",
           flush=True)
+    if os.environ.get("FAKE_PRINT"):
+        print(os.environ["FAKE_PRINT"], flush=True)
     time.sleep(env_float("FAKE_START_DELAY"))
     maybe_fail_start()
     if os.environ.get("FAKE_CHILD"):

@@ -404,3 +404,19 @@ def test_engine_traffic_ignores_proxy_settings(tmp_path, fake_python, variables)
         assert proxy.connections == []
     finally:
         proxy.close()
+
+
+def test_engine_output_in_errors_and_logs_has_secrets_masked(tmp_path, fake_python):
+    said = "token hf_leaked_token_value via http://proxyuser:proxypass@proxy.example:3128"
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_HF_TOKEN": "hf_leaked_token_value", "ENV_FAKE_PRINT": said,
+                                                   "ENV_FAKE_EXIT_ON_START": "3"}},
+                         VLLM_ENGINE_MAX_RESTARTS="1", LOG_DIRECTORY=str(tmp_path / "logs"))
+    with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
+        failed = client.post(CHAT, json=chat_body("b"))
+        message = failed.json()["error"]["message"]
+        assert failed.status_code == 503 and "token *** via http://***@proxy.example:3128" in message, message
+        shown = client.get("/lanes").text + message + served.log()
+    shown += "".join(path.read_text() for path in (tmp_path / "logs").iterdir())
+    assert "token *** via http://***@proxy.example:3128" in served.log()
+    for secret in ("hf_leaked_token_value", "proxyuser", "proxypass"):
+        assert secret not in shown

@@ -99,12 +99,13 @@ class LauncherConfig:
     def lane(self, name: str) -> LaneConfig:
         return self.lanes[name]
 
-    def secret_values(self) -> set[str]:
-        """Every secret value the configuration holds, for logs to mask."""
+    def secret_values(self) -> list[str]:
+        """Every secret value the configuration holds, longest first, for free text (logs, an
+        engine's output in an error) to mask. Values shorter than 4 would mask ordinary text."""
         found = {value.strip() for name, value in self.environ.items() if is_secret(name)}
         if self.server.api_key:
             found.add(self.server.api_key)        # also when read from VLLM_API_KEY_FILE
-        return found
+        return sorted((value for value in found if len(value) >= 4), key=len, reverse=True)
 
 
 def shown(name: str, raw: str) -> str:

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .settings import MASK, mask_url_credentials
+from .settings import mask_secrets
 
 ENGINE_LOGGER = "vllm_launcher.engine."
 ROTATE_BYTES = 50 * 1024 * 1024
 ROTATE_KEEP = 5
 _EXTRA_FIELDS = ("lane", "status", "queue_wait", "total", "usage")
-MIN_MASKED_LENGTH = 4        # shorter values would mask ordinary text
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,13 +69,11 @@ class SecretMask(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]):
         super().__init__()
-        self.secrets = sorted({s for s in secrets if len(s) >= MIN_MASKED_LENGTH}, key=len, reverse=True)
+        self.secrets = list(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = mask_url_credentials(message)
-        for secret in self.secrets:
-            masked = masked.replace(secret, MASK)
+        masked = mask_secrets(message, self.secrets)
         if masked != message:
             record.msg, record.args = masked, None
         return True

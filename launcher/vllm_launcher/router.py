@@ -27,6 +27,7 @@ from .scheduler import (
     AbortInflight, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
     SchedulerSettings, StartEngine, StopEngine, SwitchPlanned,
 )
+from .settings import mask_secrets
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.router")
@@ -81,6 +82,7 @@ class Router:
         self.engines: dict[str, EngineProcess] = {}
         self.clients: dict[str, httpx.AsyncClient] = {}
         self.lane_records = {name: LaneRecord() for name in config.lanes}
+        self.secrets = config.secret_values()
         self.state_listeners: list[Callable[[str, str, str], None]] = []
         self._ids = itertools.count(1)
         self._starting: dict[str, asyncio.Task] = {}
@@ -282,6 +284,7 @@ class Router:
             await engine.wait_ready(server.start_timeout)
         except (EngineStartError, OSError) as error:
             cause = error.cause() if isinstance(error, EngineStartError) else f"cannot start the engine: {error}"
+            cause = mask_secrets(cause, self.secrets)      # the engine's output goes into errors
             log.error("lane %s: %s", lane, cause)
             await self._stop_process(lane, engine)
             self._starting.pop(lane, None)
@@ -322,7 +325,7 @@ class Router:
         if lane in self._stopping or self.engines.get(lane) is not engine:
             return
         cause = f"engine for lane {lane!r} exited with status {code}"
-        tail = "\n".join(engine.log_tail()[-8:])
+        tail = mask_secrets("\n".join(engine.log_tail()[-8:]), self.secrets)
         log.error("lane %s: %s; last lines:\n%s", lane, cause, tail)
         self.lane_records[lane].last_error = cause
         await self._stop_process(lane, engine)     # its EngineCore may still be alive

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import values
 
@@ -200,6 +200,15 @@ def masked(name: str, value: str) -> str:
 
 def mask_url_credentials(text: str) -> str:
     return _URL_CREDENTIALS.sub(MASK + "@", text)
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Free text (a log line, an engine's output in an error) with the given secret values and
+    credentials inside URLs masked."""
+    text = mask_url_credentials(text)
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
 
 
 def lane_var(lane: str, key: str) -> str:
