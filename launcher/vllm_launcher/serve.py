@@ -9,24 +9,31 @@ import signal
 import uvicorn
 
 from .config import LauncherConfig
+from .limits import BodyTimeout, Connections, Limits, connection_cap, protocol_class, raise_open_file_limit
 from .logs import setup_logging
 from .metrics import Metrics
 from .notify import sd_notify
-from .reaper import EngineRecords, default_runtime_dir
+from .engines import EngineRecords, default_runtime_dir, sockets_dir
+from .http_app import create_app
 from .router import Router
-from .server import create_app
 from .vllm_info import detect
 
 log = logging.getLogger("vllm_launcher.serve")
+
+# uvicorn cancels what is still running this long after the drain bound (a client that does
+# not read its stream's end): shutdown ends within VLLM_DRAIN_TIMEOUT + this + the engines' stop.
+SHUTDOWN_GRACE = 5.0
 
 
 class _Server(uvicorn.Server):
     """uvicorn, with our shutdown begun at the signal (queued requests answered, lanes drained)
     and a clean exit 0 afterwards instead of re-raising the signal."""
 
-    def __init__(self, config: uvicorn.Config, router: Router, loop: asyncio.AbstractEventLoop):
+    def __init__(self, config: uvicorn.Config, router: Router, connections: Connections,
+                 loop: asyncio.AbstractEventLoop):
         super().__init__(config)
         self.router = router
+        self.connections = connections
         self.loop = loop
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -35,6 +42,7 @@ class _Server(uvicorn.Server):
         self.should_exit = True
         sd_notify("STOPPING=1")
         self.loop.call_soon_threadsafe(self.router.begin_shutdown)
+        self.loop.call_soon_threadsafe(self.connections.begin_shutdown)
 
 
 async def _serve(config: LauncherConfig) -> int:
@@ -46,13 +54,17 @@ async def _serve(config: LauncherConfig) -> int:
     vllm = detect(server_cfg.engine_python)
     log.info("vllm-launcher serving lanes %s (default %s) with %s on %s:%d", ", ".join(config.lanes),
              config.default_lane, vllm.describe(), server_cfg.host, server_cfg.port)
-    router = Router(config, vllm, Metrics(), records)
+    metrics = Metrics()
+    router = Router(config, vllm, metrics, records, sockets=sockets_dir(records.directory))
     router.state_listeners.append(lambda lane, state, reason: sd_notify(f"STATUS=lane {lane}: {state} ({reason})"))
-    app = create_app(config, vllm, router)
+    connections = Connections(_limits(config), metrics.registry)
+    app = BodyTimeout(create_app(config, vllm, router, metrics), connections)
     uv_config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_config=None,
-                               access_log=False, timeout_graceful_shutdown=server_cfg.drain_timeout + 15,
-                               lifespan="on")
-    server = _Server(uv_config, router, asyncio.get_running_loop())
+                               access_log=False, lifespan="on", http=protocol_class(connections),
+                               timeout_keep_alive=server_cfg.keepalive_timeout,
+                               h11_max_incomplete_event_size=connections.limits.max_header_bytes,
+                               timeout_graceful_shutdown=server_cfg.drain_timeout + SHUTDOWN_GRACE)
+    server = _Server(uv_config, router, connections, asyncio.get_running_loop())
 
     async def notify_when_listening() -> None:
         while not server.started and not server.should_exit:
@@ -65,6 +77,17 @@ async def _serve(config: LauncherConfig) -> int:
     await server.serve()
     notifier.cancel()
     return 0 if server.started else 1
+
+
+def _limits(config: LauncherConfig) -> Limits:
+    server_cfg = config.server
+    open_files = raise_open_file_limit()
+    cap = connection_cap(server_cfg.max_connections, open_files)
+    if cap < server_cfg.max_connections:
+        log.warning("VLLM_MAX_CONNECTIONS=%d lowered to %d: the open-file limit is %d (raise LimitNOFILE / ulimit -n)",
+                    server_cfg.max_connections, cap, open_files)
+    return Limits(max_connections=cap, keepalive_timeout=server_cfg.keepalive_timeout,
+                  header_timeout=server_cfg.header_timeout, body_timeout=server_cfg.body_timeout)
 
 
 def run_server(config: LauncherConfig) -> int:
