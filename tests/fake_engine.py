@@ -141,11 +141,15 @@ def build_app(served: str, model: str) -> Starlette:
         kind = "chat.completion" if chat else "text_completion"
         state["running"] += 1
         if not body.get("stream"):
-            try:
+            async def generate_all():
                 for count, _ in enumerate(tokens, 1):
                     await asyncio.sleep(token_delay)
                     if die_after and count >= die_after:
                         os._exit(9)
+
+            try:                            # like vLLM, a client that leaves aborts its generation
+                if not await until_disconnect(request, generate_all()):
+                    return PlainTextResponse("", status_code=499)
             finally:
                 state["running"] -= 1
             return JSONResponse({"id": ident, "object": kind, "created": created, "model": served,
@@ -207,6 +211,25 @@ def build_app(served: str, model: str) -> Starlette:
     ])
     path_log = os.environ.get("FAKE_PATH_LOG")
     return record_paths(app, path_log) if path_log else app
+
+
+async def until_disconnect(request: Request, work) -> bool:
+    """Runs `work`; False (and `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.done() and not task.cancelled()
 
 
 def record_paths(app, path_log: str):
