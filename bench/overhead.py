@@ -1,24 +1,24 @@
-"""Part 1: proxy overhead, the same engine reached directly and through `vllm-launcher serve`.
+"""Part 1: proxy overhead, one engine reached directly, through `vllm-launcher serve`, and
+through LiteLLM's proxy (a peer, in a venv of its own: bench/litellm_peer.py).
 
-One engine process serves both paths: the server starts it (its lane's engine), and the
-benchmark reaches it directly on its port.  For that the engine interpreter is a small
-wrapper (VLLM_ENGINE_PYTHON) that drops the per-start API key from the engine's environment
-(so the direct path needs no key; the server's Authorization header is then ignored) and
-pins the engine's CPUs with taskset.  The server runs under another wrapper that pins it;
-the client (this process) pins itself.
+One engine process serves every path.  Fake engine: the server starts it as its lane's engine
+(VLLM_ENGINE_PYTHON runs bench/shared_fake_engine.py), and it listens both where the server tells it
+and on a loopback port of the benchmark's choosing, which the direct path and LiteLLM use.
+Real engine (bench/real.py): the server's lane engine, reached directly at its address.  The
+servers run pinned (taskset) to one CPU, the client (this process) and the engine to another.
 
-Per repeat and per scenario the two paths run back to back, the order alternating between
-repeats: non-streaming latency at concurrency 1 and 32 (and requests/s at 32), streaming
-time to first data event (TTFB) and data events (chunks) per second.  Ratios through/direct
-are taken per repeat; the JSON has every repeat, the summary their median and range.  The
-front server's CPU time (utime + stime of its process, /proc/<pid>/stat) over each
-through-scenario gives CPU seconds per request.
+Per repeat and per scenario the paths run back to back, their order rotating between repeats:
+non-streaming latency at concurrency 1 and 32 (and requests/s at 32), streaming time to first
+data event and data events (chunks) per second.  Ratios path/direct are taken per repeat; the
+JSON has every repeat, the summary their median, range and quartiles.  Each proxy's CPU time
+(utime + stime of its process tree, psutil) over its scenario gives CPU seconds per request:
+the figure the machine's other load disturbs least.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import httpx
 
-from .common import (QUICK, TESTS, WORK, log, percentile, pin_self, proc_cpu_seconds, spread,
-                     taskset_prefix, write_wrapper)
+from . import litellm_peer
+from .common import QUICK, WORK, log, percentile, pin_self, spread, taskset_prefix, write_wrapper
+from .processes import free_port, lanes_env, serving, tree_cpu_seconds
 
-ENGINE_PORT_RE = r"lane {lane}: starting engine \(attempt \d+\) on 127\.0\.0\.1:(\d+)"
 SCENARIOS = ("c1", "c32", "stream")
+PROXIES = ("ours", "litellm")
 
 
 @dataclass
@@ -40,37 +41,48 @@ class Sizes:
     c32: int
     stream: int
     max_tokens: int = 16
-    stream_tokens: int = 64
-    warmup: int = 5
+    stream_tokens: int = 128
+    warmup: int = 20
 
 
-FAKE_SIZES = Sizes(repeats=3, c1=60, c32=320, stream=20) if QUICK else Sizes(repeats=7, c1=150, c32=960, stream=40)
-REAL_SIZES = (Sizes(repeats=2, c1=6, c32=32, stream=3, warmup=2) if QUICK
-              else Sizes(repeats=5, c1=20, c32=128, stream=8, warmup=3))
+FAKE_SIZES = Sizes(repeats=3, c1=100, c32=640, stream=20) if QUICK else Sizes(repeats=7, c1=300, c32=1920, stream=60)
+REAL_SIZES = (Sizes(repeats=2, c1=6, c32=32, stream=3, stream_tokens=64, warmup=2) if QUICK
+              else Sizes(repeats=5, c1=20, c32=128, stream=8, stream_tokens=64, warmup=3))
 PINS_FAKE = {"client": "0", "engine": "0", "server": "1"}
 PINS_REAL = {"client": "0", "engine": "0,1", "server": "1"}
+# What issue 12 asks of our proxy against the fake engine (figures of the summary).
+GOALS = {"added_c1_p50": ("at most", 0.0005), "c32_rps_ratio": ("at least", 0.7),
+         "stream_chunks_ratio": ("at least", 0.9), "cpu_per_request": ("at most", 0.0004)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way to the engine: a base URL, optionally over a Unix socket, and the pid whose
+    process tree is the proxy (None: direct)."""
+    name: str
+    base: str
+    pid: int | None = None
+    uds: str | None = None
 
 
 # ------------------------------------------------------------------ wrappers
 
 
 def server_python(directory: Path, cpus: str | None) -> Path:
-    """An interpreter for `start_server(python=...)`: this Python pinned to CPUS."""
+    """An interpreter for the server: this Python pinned to CPUS."""
     return write_wrapper(directory / "server-python", [f"exec {taskset_prefix(cpus)}{sys.executable} \"$@\""])
 
 
-def engine_python(directory: Path, cpus: str | None, fake: bool) -> Path:
-    """VLLM_ENGINE_PYTHON: the engine without its API key (reachable directly), pinned."""
-    target = f"{sys.executable} {TESTS / 'fake_engine.py'}" if fake else sys.executable
-    return write_wrapper(directory / ("fake-engine-python" if fake else "engine-python"),
+def engine_python(directory: Path, cpus: str | None, direct_port: int | None = None) -> Path:
+    """VLLM_ENGINE_PYTHON, pinned: the real engine without its API key (reachable directly), or
+    with DIRECT_PORT the benchmark's fake engine (bench/shared_fake_engine.py) that also listens there."""
+    if direct_port:
+        script = Path(__file__).resolve().parent / "shared_fake_engine.py"
+        target = f"{sys.executable} {script} --direct-port {direct_port}"
+    else:
+        target = sys.executable
+    return write_wrapper(directory / ("fake-engine-python" if direct_port else "engine-python"),
                          ["unset VLLM_API_KEY", f"exec {taskset_prefix(cpus)}{target} \"$@\""])
-
-
-def engine_port(log_text: str, lane: str) -> int:
-    ports = re.findall(ENGINE_PORT_RE.format(lane=re.escape(lane)), log_text)
-    if not ports:
-        raise RuntimeError(f"no engine port for lane {lane} in the server log")
-    return int(ports[-1])
 
 
 # ------------------------------------------------------------------ client
@@ -136,77 +148,108 @@ async def scenario(client: httpx.AsyncClient, url: str, model: str, name: str, s
     runs = [await streamed(client, url, body(model, sizes.stream_tokens, True)) for _ in range(sizes.stream)]
     return {"ttfb": percentile([r["ttfb"] for r in runs], 50),
             "chunks_per_second": percentile([r["chunks_per_second"] for r in runs if r["chunks_per_second"]], 50),
-            "requests": len(runs)}
+            "chunks": percentile([r["chunks"] for r in runs], 50), "requests": len(runs)}
 
 
 METRICS = {"c1": ("p50", "p99"), "c32": ("p50", "p99", "rps"), "stream": ("ttfb", "chunks_per_second")}
 
 
-async def compare(direct_base: str, through_base: str, model: str, server_pid: int, sizes: Sizes,
-                  label: str) -> dict:
-    """Alternate the two paths; returns every repeat plus ratio summaries."""
+def _client(path: Target) -> httpx.AsyncClient:
     # Idle connections are dropped after 2 s, before the servers' 5 s keep-alive closes them
     # (reusing a connection the server is closing gives ReadError on a POST).
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
-    timeout = httpx.Timeout(300.0)
-    path = "/v1/chat/completions"
+    transport = httpx.AsyncHTTPTransport(uds=path.uds, limits=limits) if path.uds else None
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0), transport=transport, trust_env=False)
+
+
+async def _measure(client: httpx.AsyncClient, path: Target, model: str, name: str, sizes: Sizes) -> dict:
+    cpu0 = tree_cpu_seconds(path.pid) if path.pid else None
+    result = await scenario(client, path.base + "/v1/chat/completions", model, name, sizes)
+    cpu1 = tree_cpu_seconds(path.pid) if path.pid else None
+    if cpu0 is not None and cpu1 is not None:
+        result["cpu_seconds"] = cpu1 - cpu0
+        result["cpu_per_request"] = (cpu1 - cpu0) / result["requests"]
+    return result
+
+
+async def compare(paths: list[Target], model: str, sizes: Sizes, label: str) -> dict:
+    """Every path per scenario, the order rotating between repeats; returns every repeat and
+    the summaries (ratios against paths[0], the direct path)."""
+    direct = paths[0].name
+    clients = {path.name: _client(path) for path in paths}
     repeats = []
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        for base in (direct_base, through_base):  # warm-up, connections and caches
-            await nonstream(client, base + path, body(model, sizes.max_tokens, False), sizes.warmup, 1)
-            await streamed(client, base + path, body(model, sizes.stream_tokens, True))
+    try:
+        for path in paths:  # warm-up: connections, caches
+            client = clients[path.name]
+            await nonstream(client, path.base + "/v1/chat/completions", body(model, sizes.max_tokens, False),
+                            sizes.warmup, 4)
+            await streamed(client, path.base + "/v1/chat/completions", body(model, sizes.stream_tokens, True))
         for rep in range(sizes.repeats):
-            order = ("direct", "through") if rep % 2 == 0 else ("through", "direct")
-            row: dict = {"order": order}
+            order = paths[rep % len(paths):] + paths[:rep % len(paths)]
+            if rep // len(paths) % 2:
+                order.reverse()
+            row: dict = {"order": [p.name for p in order]}
             for name in SCENARIOS:
-                for which in order:
-                    base = direct_base if which == "direct" else through_base
-                    cpu0 = proc_cpu_seconds(server_pid)
-                    result = await scenario(client, base + path, model, name, sizes)
-                    cpu1 = proc_cpu_seconds(server_pid)
-                    result["server_cpu_seconds"] = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
-                    result["server_cpu_per_request"] = (result["server_cpu_seconds"] / result["requests"]
-                                                        if result["server_cpu_seconds"] is not None else None)
-                    row.setdefault(which, {})[name] = result
-            row["ratio"] = {name: {m: row["through"][name][m] / row["direct"][name][m]
-                                   for m in METRICS[name]
-                                   if row["through"][name].get(m) and row["direct"][name].get(m)}
-                            for name in SCENARIOS}
+                for path in order:
+                    row.setdefault(path.name, {})[name] = await _measure(clients[path.name], path, model, name, sizes)
+            row["ratio"] = {p.name: {name: {m: row[p.name][name][m] / row[direct][name][m] for m in METRICS[name]
+                                            if row[p.name][name].get(m) and row[direct][name].get(m)}
+                                     for name in SCENARIOS} for p in paths[1:]}
+            row["added"] = {p.name: {"c1_p50": row[p.name]["c1"]["p50"] - row[direct]["c1"]["p50"]}
+                            for p in paths[1:]}
             repeats.append(row)
-            r = row["ratio"]
-            log(f"{label} repeat {rep + 1}/{sizes.repeats}: c1 p50 x{r['c1'].get('p50', 0):.2f} "
-                f"c32 rps x{r['c32'].get('rps', 0):.2f} stream ttfb x{r['stream'].get('ttfb', 0):.2f} "
-                f"(c1 p50 direct {1000 * row['direct']['c1']['p50']:.1f} ms, "
-                f"through {1000 * row['through']['c1']['p50']:.1f} ms)")
-    return {"repeats": repeats, "summary": summarize(repeats), "sizes": sizes.__dict__}
+            log(f"{label} repeat {rep + 1}/{sizes.repeats}: " + "; ".join(
+                f"{p.name}: c1 p50 +{1000 * row['added'][p.name]['c1_p50']:.2f} ms, "
+                f"c32 rps x{row['ratio'][p.name]['c32'].get('rps', 0):.2f}, "
+                f"chunks/s x{row['ratio'][p.name]['stream'].get('chunks_per_second', 0):.2f}, cpu/req "
+                f"{1000 * (row[p.name]['c32'].get('cpu_per_request') or 0):.2f} ms" for p in paths[1:]))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return {"repeats": repeats, "paths": [p.name for p in paths], "summary": summarize(repeats, paths),
+            "sizes": sizes.__dict__}
 
 
-def summarize(repeats: list[dict]) -> dict:
-    out = {}
+def summarize(repeats: list[dict], paths: list[Target]) -> dict:
+    """Per metric: each path's spread over repeats, and each proxy's ratio to direct
+    ("ratio" is ours, "ratio_<proxy>" the others); per proxy and scenario CPU per request."""
+    proxies = [p.name for p in paths[1:]]
+    out: dict = {}
     for name in SCENARIOS:
         for m in METRICS[name]:
-            key = f"{name}_{m}"
-            out[key] = {
-                "direct": spread([r["direct"][name].get(m) for r in repeats]),
-                "through": spread([r["through"][name].get(m) for r in repeats]),
-                "ratio": spread([r["ratio"][name].get(m) for r in repeats]),
-            }
-        out[f"{name}_server_cpu_per_request"] = spread(
-            [r["through"][name]["server_cpu_per_request"] for r in repeats])
-        out[f"{name}_server_cpu_per_request_direct_path"] = spread(
-            [r["direct"][name]["server_cpu_per_request"] for r in repeats])
+            entry = {p.name: spread([r[p.name][name].get(m) for r in repeats]) for p in paths}
+            for proxy in proxies:
+                key = "ratio" if proxy == "ours" else f"ratio_{proxy}"
+                entry[key] = spread([r["ratio"][proxy][name].get(m) for r in repeats])
+            out[f"{name}_{m}"] = entry
+        for proxy in proxies:
+            out[f"{name}_cpu_per_request_{proxy}"] = spread([r[proxy][name].get("cpu_per_request") for r in repeats])
+    for proxy in proxies:
+        out[f"added_c1_p50_{proxy}"] = spread([r["added"][proxy]["c1_p50"] for r in repeats])
+    if "ours" in proxies:
+        out["goals"] = goals(out)
     return out
 
 
-def measure_through_server(served, lane: str, sizes: Sizes, pins: dict, label: str) -> dict:
-    """Run compare() against a started server (tests/serving.py) and its lane's engine."""
-    port = engine_port(served.log(), lane)
+def goals(summary: dict) -> dict:
+    """Issue 12's goals for our proxy, each with the median figure and whether it is met."""
+    figures = {"added_c1_p50": summary["added_c1_p50_ours"]["median"],
+               "c32_rps_ratio": summary["c32_rps"]["ratio"]["median"],
+               "stream_chunks_ratio": summary["stream_chunks_per_second"]["ratio"]["median"],
+               "cpu_per_request": summary["c32_cpu_per_request_ours"]["median"]}
+    out = {}
+    for key, (how, limit) in GOALS.items():
+        value = figures[key]
+        met = None if value is None else (value <= limit if how == "at most" else value >= limit)
+        out[key] = {"value": value, "goal": f"{how} {limit}", "limit": limit, "met": met}
+    return out
+
+
+def measure(paths: list[Target], model: str, sizes: Sizes, pins: dict, label: str) -> dict:
     previous = pin_self(pins.get("client"))
     try:
-        result = asyncio.run(compare(f"http://127.0.0.1:{port}", served.url, lane, served.process.pid, sizes, label))
+        result = asyncio.run(compare(paths, model, sizes, label))
     finally:
-        import os
-
         os.sched_setaffinity(0, previous)
     result["pins"] = pins
     return result
@@ -216,15 +259,23 @@ def measure_through_server(served, lane: str, sizes: Sizes, pins: dict, label: s
 
 
 def run_fake() -> dict:
-    from serving import fake_lanes_env, serving
-
+    """The fake engine reached directly, through our server and through LiteLLM."""
     directory = WORK / "overhead-fake"
     directory.mkdir(parents=True, exist_ok=True)
     pins = PINS_FAKE
-    env = fake_lanes_env(engine_python(directory, pins["engine"], fake=True), {"fake": {}},
-                         VLLM_LOG_LEVEL="INFO")
-    env["VLLM_LANE_FAKE_ENV_FAKE_TOKEN_DELAY"] = "0"
-    log("overhead: fake engine, direct vs through the server")
-    with serving(directory, env, wait_ready_lane="fake", python=str(server_python(directory, pins["server"]))) as served:
-        result = measure_through_server(served, "fake", FAKE_SIZES, pins, "fake")
+    litellm_peer.ensure_installed()
+    direct_port = free_port()
+    env = lanes_env(engine_python(directory, pins["engine"], direct_port), {"fake": {"ENV_FAKE_TOKEN_DELAY": "0"}},
+                    VLLM_LOG_LEVEL="WARNING")
+    direct = f"http://127.0.0.1:{direct_port}"
+    log("overhead: fake engine, direct vs ours vs LiteLLM")
+    with serving(directory, env, ready_lane="fake", python=str(server_python(directory, pins["server"]))) as served:
+        litellm, litellm_url = litellm_peer.start(directory / "litellm", direct + "/v1", "fake", pins["server"])
+        try:
+            paths = [Target("direct", direct), Target("ours", served.url, served.started.pid),
+                     Target("litellm", litellm_url, litellm.pid)]
+            result = measure(paths, "fake", FAKE_SIZES, pins, "fake")
+        finally:
+            litellm.stop(grace=10.0)
+    result["litellm_version"] = litellm_peer.version()
     return result

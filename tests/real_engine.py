@@ -14,6 +14,9 @@
 - find_leftover_vllm_processes() and the fixture no_leftover_vllm_processes.
 
 The machine has two cores: run at most one engine at a time.
+
+For tests only: bench/ starts, waits for and stops its processes with its own helpers
+(bench/processes.py) and imports nothing from here.
 """
 
 from __future__ import annotations
