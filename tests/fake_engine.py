@@ -1,7 +1,8 @@
 """A small stand-in for a vLLM OpenAI server, for fast deterministic tests of the front server.
 
 Started exactly like vLLM (`<python> -m vllm.entrypoints.openai.api_server --model M
---served-model-name N --host H --port P ...`, through tests/fake_python), it speaks /health,
+--served-model-name N --uds PATH ...`, or `--host H --port P`, through tests/fake_python), it
+listens on the Unix socket (uvicorn's `uds`, like vLLM's `--uds`) or TCP, and speaks /health,
 /v1/models, /v1/chat/completions, /v1/completions (streaming too), /v1/embeddings, /version
 and /metrics, honours VLLM_API_KEY, and misbehaves on request through its environment
 (set per lane with VLLM_LANE_<LANE>_ENV_FAKE_*):
@@ -44,7 +45,8 @@ def parse_args(argv):
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--uds")
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -244,8 +246,8 @@ def record_paths(app, path_log: str):
 
 def main(argv) -> None:
     args = parse_args(argv)
-    print(f"fake engine pid {os.getpid()} pgid {os.getpgid(0)} for {args.served_model_name} on port {args.port}",
-          flush=True)
+    where = f"socket {args.uds}" if args.uds else f"port {args.port}"
+    print(f"fake engine pid {os.getpid()} pgid {os.getpgid(0)} for {args.served_model_name} on {where}", flush=True)
     if os.environ.get("FAKE_PRINT"):
         print(os.environ["FAKE_PRINT"], flush=True)
     time.sleep(env_float("FAKE_START_DELAY"))
@@ -265,7 +267,8 @@ def main(argv) -> None:
         import threading
 
         threading.Timer(crash_after, crash).start()
-    config = uvicorn.Config(build_app(args.served_model_name, args.model), host=args.host, port=args.port,
+    address = {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    config = uvicorn.Config(build_app(args.served_model_name, args.model), **address,
                             log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     if os.environ.get("FAKE_HANG_ON_TERM"):

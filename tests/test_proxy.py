@@ -1,5 +1,5 @@
 """The forwarder in-process, against a router stand-in: the crash window where a dispatched
-request picks up the upstream client of an engine that has just exited."""
+request holds the Engine it was dispatched to, whose pool closed as the engine exited."""
 
 from __future__ import annotations
 
@@ -10,27 +10,29 @@ import httpx
 import pytest
 from starlette.requests import Request
 
+from vllm_launcher.engines import Engine
 from vllm_launcher.errors import APIError
 from vllm_launcher.proxy import Forwarder
 from vllm_launcher.router import Ticket
 
 
 class CrashedLaneRouter:
-    """One lane whose engine exited after dispatching the request: its client is closed and
+    """One lane whose engine exited after dispatching the request: its pool is closed and
     the request's ticket carries the crash, as the router leaves them."""
 
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
         self.finished: list[int] = []
 
+    def engine(self, lane: str) -> Engine:
+        return Engine(lane, None, self.client)
+
     def admit(self, lane: str) -> Ticket:
-        ticket = Ticket(1, lane, 0.0, dispatched_at=0.0)
-        ticket.decided.set_result(lane)
+        engine = self.engine(lane)
+        ticket = Ticket(1, lane, 0.0, dispatched_at=0.0, engine=engine)
+        ticket.decided.set_result(engine)
         ticket.aborted.set_result(APIError(502, "engine for lane 'a' exited with status 9", "engine_crashed"))
         return ticket
-
-    def client_for(self, lane: str) -> httpx.AsyncClient:
-        return self.client
 
     def finish(self, ticket: Ticket, status: int) -> None:
         ticket.finished = True
@@ -62,9 +64,19 @@ def test_a_request_that_picks_up_a_closed_client_ends_in_the_crash_error(stream)
     assert finished == [502]                           # the ticket is closed: inflight goes back down
 
 
-class BrokenRouter(CrashedLaneRouter):
-    def client_for(self, lane: str) -> httpx.AsyncClient:
+class BrokenEngine(Engine):
+    @property
+    def client(self):
         raise RuntimeError("a bug")
+
+    @client.setter
+    def client(self, value):
+        pass
+
+
+class BrokenRouter(CrashedLaneRouter):
+    def engine(self, lane: str) -> Engine:
+        return BrokenEngine(lane, None, self.client)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -330,14 +330,77 @@ def test_load_resets_failed_lane():
     assert dispatched(s.submit("a2", "a", 4.0)) == ["a2"]
 
 
-def test_ready_resets_failure_count():
-    s = make(max_restarts=2)
+def test_serving_a_few_requests_resets_the_failure_count():
+    s = make(max_restarts=3, healthy_after_requests=3)
     s.submit("a1", "a", 0.0)
     s.engine_start_failed("a", 1.0, "boom")
     assert of(s.tick(2.0), StartEngine) == [StartEngine("a", 2)]
     s.engine_ready("a", 3.0)
-    assert s.snapshot()["lanes"]["a"]["failures"] == 0
+    assert s.snapshot()["lanes"]["a"]["failures"] == 1       # ready is not enough: it has to serve
     assert s.snapshot()["lanes"]["a"]["restarts"] == 1
+    for n, t in ((1, 4.0), (2, 5.0)):
+        s.finish("a1" if n == 1 else f"a{n}", t)
+        s.submit(f"a{n + 1}", "a", t)
+        assert s.snapshot()["lanes"]["a"]["failures"] == 1, n
+    s.finish("a3", 6.0)
+    assert s.snapshot()["lanes"]["a"]["failures"] == 0
+
+
+def crash_after(s, lane: str, requests: int, t: float) -> float:
+    """The lane's engine becomes ready, serves `requests` requests and crashes; returns the time."""
+    assert of(s.tick(s.next_deadline() or t), StartEngine), s.snapshot()["lanes"][lane]
+    t = max(t, s.next_deadline() or t) + 1.0
+    s.engine_ready(lane, t)
+    for i in range(requests):
+        t += 0.1
+        dispatched(s.submit(f"{lane}-{t:.1f}-{i}", lane, t))
+        s.finish(f"{lane}-{t:.1f}-{i}", t + 0.05)
+    t += 1.0
+    s.engine_exited(lane, t, "crash")
+    return t
+
+
+def test_an_engine_that_crashes_after_serving_is_restarted_for_ever():
+    s = make(max_restarts=2, backoff_initial=1.0)
+    bring_up(s, "a", 0.0)
+    t = 1.0
+    s.engine_exited("a", t, "crash")
+    for _ in range(10):
+        assert s.state("a") is LaneState.STOPPED
+        assert s.next_deadline() == pytest.approx(t + 1.0)      # the back-off stays at its start
+        t = crash_after(s, "a", 20, t)
+    assert s.state("a") is LaneState.STOPPED and s.snapshot()["lanes"]["a"]["restarts"] == 10
+
+
+def test_crash_loops_fail_the_lane():
+    s = make(max_restarts=3, backoff_initial=1.0, healthy_after_requests=3)
+    bring_up(s, "a", 0.0)
+    t = 1.0
+    s.engine_exited("a", t, "crash")                  # 1: crashed idle, before serving a few requests
+    t = crash_after(s, "a", 2, t)                     # 2: two requests, then a crash
+    assert s.state("a") is LaneState.STOPPED
+    assert s.next_deadline() == pytest.approx(t + 2.0)   # back-off doubles
+    s.submit("late", "a", t + 0.5)
+    t = crash_after(s, "a", 0, t)                     # 3
+    assert s.state("a") is LaneState.FAILED
+
+
+def test_failures_of_the_servers_own_resources_never_fail_the_lane():
+    s = make(max_restarts=2, backoff_initial=1.0, backoff_max=8.0)
+    s.submit("a1", "a", 0.0)
+    t, delays = 0.0, []
+    for attempt in range(1, 7):
+        t += 1.0
+        s.engine_start_failed("a", t, "cannot start the engine: [Errno 24] Too many open files", counts=False)
+        assert s.state("a") is LaneState.STOPPED, attempt
+        retry_at = s.snapshot()["lanes"]["a"]["retry_at"]
+        delays.append(retry_at - t)
+        assert of(s.tick(retry_at - 0.01), StartEngine) == []
+        t = retry_at
+        assert of(s.tick(t), StartEngine) == [StartEngine("a", attempt + 1)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]     # backs off like any failure, up to backoff_max
+    assert s.snapshot()["lanes"]["a"]["failures"] == 0
+    assert dispatched(s.engine_ready("a", t + 1.0)) == ["a1"]
 
 
 def test_engine_exit_forgets_inflight_and_restarts_with_back_off():

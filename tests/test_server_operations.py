@@ -33,9 +33,11 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def engine_port(pgid: int) -> int:
+def engine_socket(pgid: int) -> str:
+    """The Unix socket an engine listens on (its --uds); engines have no --host or --port."""
     argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
-    return int(argv[argv.index(b"--port") + 1])
+    assert b"--port" not in argv and b"--host" not in argv, argv
+    return argv[argv.index(b"--uds") + 1].decode()
 
 
 def test_metrics_after_a_scripted_sequence(tmp_path, fake_python):
@@ -81,10 +83,10 @@ def test_api_key_on_the_door_and_engines_unreachable_without_the_internal_key(tm
         for path in ("/livez", "/health", "/healthz", "/version", "/metrics", "/readyz"):
             assert client.get(path).status_code == 200, path
         (pgid,) = served.record_engine_groups()
-        port = engine_port(pgid)
-        for headers in (None, good):
-            direct = httpx.post(f"http://127.0.0.1:{port}{CHAT}", json=chat_body("a"), headers=headers)
-            assert direct.status_code == 401       # neither no key nor the client's key opens the engine
+        with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(pgid))) as direct:
+            for headers in (None, good):
+                answer = direct.post(f"http://engine{CHAT}", json=chat_body("a"), headers=headers)
+                assert answer.status_code == 401       # neither no key nor the client's key opens the engine
         cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
         assert b"door-key" not in cmdline and b"--api-key" not in cmdline
 

@@ -27,7 +27,7 @@ VLLM_DEFAULT_SHARE = 0.9          # vLLM's --gpu-memory-utilization default (0.1
 
 # Flags the launcher owns: an engine's address and key are chosen per start, its model and
 # names come from the lane settings. EXTRA_ARGS may not set them.
-OWNED_FLAGS = ("--host", "--port", "--api-key", "--model", "--served-model-name")
+OWNED_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--served-model-name")
 # Engine environment names a lane's ENV_ may not set, for the same reason.
 OWNED_ENGINE_ENV = frozenset({"VLLM_API_KEY", "VLLM_PORT", "VLLM_HOST_IP", "VLLM_LOGGING_LEVEL"})
 
@@ -60,10 +60,6 @@ class ServerConfig:
     queue_max: int = 1024
     queue_timeout: float = 600.0
     max_body_bytes: int = 32 * 1024 * 1024
-    max_connections: int = 2048
-    keepalive_timeout: float = 15.0
-    header_timeout: float = 15.0
-    body_timeout: float = 60.0
     engine_max_restarts: int = 5
     gpu_memory_budget: float | None = None
     gpu_memory_gb: float | None = None

@@ -1,7 +1,7 @@
 """One lane's engine: the exact argv and environment that start it.
 
-`vllm-launcher config` prints these, `vllm-launcher engine` execs them and the server starts them
-with its own loopback host, a fresh port and an internal key. The environment is built from an
+`vllm-launcher config` prints these, `vllm-launcher engine` execs them (on VLLM_HOST:VLLM_PORT) and
+the server starts them on a Unix socket of their own (`--uds`, never TCP) with an internal key. The environment is built from an
 allow-list, never from a copy of os.environ: the launcher's own variables (VLLM_PORT collides
 with vLLM's internal port base, VLLM_API_KEY would lock the proxy out ...) never reach vLLM.
 """
@@ -88,10 +88,10 @@ def _flag_value(value) -> str:
 
 def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
                       host: str | None = None, port: int | None = None,
-                      api_key: str | None = None) -> EngineSpec:
-    """argv and env for one lane. Without host/port/api_key: the user's VLLM_HOST, VLLM_PORT and
-    key, as `vllm-launcher engine` runs it; the server passes loopback, a fresh port and its
-    internal key."""
+                      api_key: str | None = None, uds: str | None = None) -> EngineSpec:
+    """argv and env for one lane. Without uds/host/port/api_key: the user's VLLM_HOST, VLLM_PORT
+    and key, as `vllm-launcher engine` runs it; the server passes a Unix socket path (`--uds`,
+    then no --host/--port at all) and its internal key."""
     lane = config.lane(lane_name)
     server = config.server
     host = server.host if host is None else host
@@ -101,7 +101,7 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     flags, flag_env, warnings = engine_flags(lane, vllm)
     argv = [server.engine_python, "-m", ENGINE_MODULE,
             "--model", lane.model, "--served-model-name", lane.served_model_name,
-            "--host", host, "--port", str(port),
+            *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
             *flags, *lane.settings.get("EXTRA_ARGS", [])]
 
     env = passed_environment(config.environ)

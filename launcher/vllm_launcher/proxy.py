@@ -1,7 +1,8 @@
 """Forwarding one admitted request to its lane's engine, and the answer back to the client.
 
-Non-streaming answers pass through with the engine's status and body; streams pass through
-byte for byte. Every admitted request ends in the engine's answer or an explicit error: a
+A request is sent through the pool of the Engine it was dispatched to (the router hands it
+over with the ticket); nothing here looks an engine up. Non-streaming answers pass through
+with the engine's status and body; streams pass through byte for byte. Every admitted request ends in the engine's answer or an explicit error: a
 stream that has already started ends with an SSE error event.
 """
 
@@ -27,8 +28,8 @@ request_log = logging.getLogger("vllm_launcher.requests")
 # with SSE comments (OpenAI clients ignore them; proxies see traffic and do not time out).
 PROGRESS_AFTER = 2.0
 PROGRESS_EVERY = 5.0
-CLIENT_CLOSED = 499
-CRASH_REPORT_WAIT = 1.0                 # a broken connection may be an engine crash being noticed                     # nginx's code for "client closed request", for metrics
+CLIENT_CLOSED = 499                     # nginx's code for "client closed request", for metrics
+CRASH_REPORT_WAIT = 1.0                 # a broken connection may be an engine crash being noticed
 PASSED_HEADERS = ("content-type",)
 
 
@@ -98,14 +99,13 @@ class Forwarder:
                 waiter.cancel()
 
     def _request(self, ticket: Ticket, outgoing: _Outgoing) -> httpx.Request:
-        client = self.router.client_for(ticket.lane)
-        return client.build_request("POST", outgoing.path, content=outgoing.body,
+        return ticket.engine.client.build_request("POST", outgoing.path, content=outgoing.body,
                                     headers={"content-type": outgoing.content_type})
 
     async def _send(self, ticket: Ticket, request: httpx.Request, stream: bool, disconnect=None) -> httpx.Response:
         """The engine's response headers (and body unless streaming). Raises APIError on an abort,
         a crash or an unreachable engine, _ClientGone when the client disconnects first."""
-        client = self.router.client_for(ticket.lane)
+        client = ticket.engine.client
         send = asyncio.ensure_future(client.send(request, stream=stream))
         waiters = [send, ticket.aborted] + ([disconnect] if disconnect is not None else [])
         done = await _first(*waiters)
@@ -174,7 +174,7 @@ class Forwarder:
         status = 200
         try:
             while not ticket.decided.done():
-                state = self.router.scheduler.state(ticket.lane).value
+                state = self.router.lane_state(ticket.lane).value
                 waited = time.monotonic() - ticket.arrived
                 yield f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()
                 await asyncio.wait([ticket.decided], timeout=PROGRESS_EVERY)

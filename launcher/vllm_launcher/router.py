@@ -1,75 +1,69 @@
 """The router: the one place that turns events into the scheduler's decisions and carries the
-decisions out (start and stop engines, wake waiting requests, abort what a drain timeout ends).
+decisions out: tickets, dispatch, lane control, the timer. Engines are the supervisors'
+(engines/supervisor.py): the router asks them to start and stop, and they report back.
 
 Everything runs on the event loop's thread and no scheduler call awaits, so each event and
 the actions it yields are applied atomically; the policy itself is the pure Scheduler.
+The HTTP app reads state only through the read API at the end of this class.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import secrets
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-import httpx
-
 from .config import VLLM_DEFAULT_SHARE, LauncherConfig
-from .engine_command import build_engine_spec
-from .engine_process import EngineProcess, EngineStartError, engine_client, free_port
+from .engines import Engine, EngineRecords, Supervisor
 from .errors import APIError
 from .metrics import Metrics
-from .reaper import EngineRecords
 from .scheduler import (
     AbortInflight, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
     SchedulerSettings, StartEngine, StopEngine, SwitchPlanned,
 )
-from .settings import mask_secrets
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.router")
 
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
-UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+IDLE_POLL = 0.5
 
 
 @dataclass
 class Ticket:
-    """One admitted request, from arrival to its answer."""
+    """One admitted request, from arrival to its answer. `decided` resolves to the Engine the
+    request was dispatched to, or to the APIError that refuses it."""
     id: int
     lane: str
     arrived: float
     decided: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     aborted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     dispatched_at: float | None = None
+    engine: Engine | None = None
     finished: bool = False
     on_abort: Callable[[], None] | None = None     # closes the upstream response of a stream
 
 
 @dataclass
-class LaneRecord:
-    """What /lanes reports beyond the scheduler's own state."""
-    last_start_seconds: float | None = None
-    last_start_phases: dict | None = None
+class SwitchRecord:
+    """A lane's switch timing (drain of others + stop + start), for /lanes and Retry-After."""
     last_switch_at: float | None = None          # wall clock
     last_switch_seconds: float | None = None
-    last_error: str | None = None
-    engine_version: str | None = None
-    stop_began: float | None = None
     drain_began: float | None = None
     switch_began: float | None = None
 
 
 class Router:
     def __init__(self, config: LauncherConfig, vllm: VllmInfo, metrics: Metrics | None = None,
-                 records: EngineRecords | None = None, clock: Callable[[], float] = time.monotonic):
+                 records: EngineRecords | None = None, clock: Callable[[], float] = time.monotonic,
+                 sockets: Path | None = None):
         self.config = config
-        self.vllm = vllm
         self.metrics = metrics or Metrics()
-        self.records = records
         self.clock = clock
         server = config.server
         policies = [LanePolicy(lane.name, lane.gpu_memory_utilization or VLLM_DEFAULT_SHARE, lane.idle_timeout)
@@ -78,21 +72,19 @@ class Router:
             switch_max_wait=server.switch_max_wait, drain_timeout=server.drain_timeout,
             queue_max=server.queue_max, queue_timeout=server.queue_timeout,
             memory_budget=server.gpu_memory_budget, max_restarts=server.engine_max_restarts))
+        sockets = sockets or Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
+        self.supervisors = {name: Supervisor(name, config, vllm, self.metrics, self, sockets, records)
+                            for name in config.lanes}
         self.tickets: dict[int, Ticket] = {}
-        self.engines: dict[str, EngineProcess] = {}
-        self.clients: dict[str, httpx.AsyncClient] = {}
-        self.lane_records = {name: LaneRecord() for name in config.lanes}
-        self.secrets = config.secret_values()
+        self.switch_records = {name: SwitchRecord() for name in config.lanes}
         self.state_listeners: list[Callable[[str, str, str], None]] = []
+        self.started_wall = time.time()
         self._ids = itertools.count(1)
-        self._starting: dict[str, asyncio.Task] = {}
-        self._stopping: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._timer: asyncio.Task | None = None
         self._idle = asyncio.Event()
         self._changed = asyncio.Event()
-        self.started_wall = time.time()
         for lane in config.lanes:
             self.metrics.set_state(lane, LaneState.STOPPED.value)
 
@@ -118,19 +110,17 @@ class Router:
             await asyncio.wait_for(self._wait_idle(), bound)
         except asyncio.TimeoutError:
             log.error("engines still running %.0f s after shutdown began; killing them", bound)
-        for task in list(self._starting.values()):
-            task.cancel()
-        for lane, engine in list(self.engines.items()):
-            await self._stop_process(lane, engine)
+        for supervisor in self.supervisors.values():
+            if supervisor.busy():
+                await supervisor.stop("shutdown")
         if self._timer:
             self._timer.cancel()
-        for client in self.clients.values():
-            await client.aclose()
 
     async def _wait_idle(self) -> None:
-        while not (self.scheduler.is_idle() and not self.engines and not self._starting):
+        while not (self.scheduler.is_idle() and not any(s.busy() for s in self.supervisors.values())):
             self._idle.clear()
-            await self._idle.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), IDLE_POLL)
 
     # ------------------------------------------------------------------ requests
 
@@ -158,14 +148,6 @@ class Router:
         if ticket.dispatched_at is not None:
             self.metrics.inflight.labels(ticket.lane).dec()
             self._apply(self.scheduler.finish(ticket.id, self.clock()))
-
-    def client_for(self, lane: str) -> httpx.AsyncClient:
-        """The upstream client of a dispatched request's engine (it may have died just now)."""
-        try:
-            return self.clients[lane]
-        except KeyError:
-            raise APIError(502, f"the engine of lane {lane!r} stopped before the request reached it",
-                           "engine_unavailable") from None
 
     # ------------------------------------------------------------------ lane control
 
@@ -195,10 +177,11 @@ class Router:
             self._apply(self.scheduler.finish(action.request_id, self.clock()))
             return
         ticket.dispatched_at = self.clock()
+        ticket.engine = self.supervisors[action.lane].engine
         self.metrics.queue_wait.labels(ticket.lane).observe(ticket.dispatched_at - ticket.arrived)
         self.metrics.inflight.labels(ticket.lane).inc()
         self.metrics.queue_depth.labels(ticket.lane).set(self.scheduler.queue_depth(ticket.lane))
-        ticket.decided.set_result(action.lane)
+        ticket.decided.set_result(ticket.engine)
 
     def _on_Reject(self, action: Reject) -> None:
         self.metrics.rejected.labels(action.lane, action.code).inc()
@@ -211,9 +194,9 @@ class Router:
                                                retry_after=action.retry_after))
 
     def _on_StartEngine(self, action: StartEngine) -> None:
-        record = self.lane_records[action.lane]
+        record = self.switch_records[action.lane]
         record.switch_began = record.switch_began or self.clock()
-        self._starting[action.lane] = self._spawn(self._start_engine(action.lane, action.attempt))
+        self.supervisors[action.lane].start(action.attempt)
 
     def _on_StopEngine(self, action: StopEngine) -> None:
         self._spawn(self._stop_engine(action.lane, action.reason))
@@ -236,7 +219,7 @@ class Router:
     def _on_LaneStateChanged(self, action: LaneStateChanged) -> None:
         log.info("lane %s: %s -> %s (%s)", action.lane, action.old, action.new, action.reason)
         self.metrics.set_state(action.lane, action.new.value)
-        record = self.lane_records[action.lane]
+        record = self.switch_records[action.lane]
         now = self.clock()
         if action.new == LaneState.DRAINING:
             record.drain_began = now
@@ -252,7 +235,7 @@ class Router:
         log.info("switch planned: %s -> %s (%s)", ",".join(action.from_lanes) or "-", action.to_lane, action.reason)
         for source in action.from_lanes or ("",):
             self.metrics.switches.labels(source, action.to_lane, action.reason).inc()
-        self.lane_records[action.to_lane].switch_began = self.clock()
+        self.switch_records[action.to_lane].switch_began = self.clock()
 
     # ------------------------------------------------------------------ engines
 
@@ -262,107 +245,37 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _engine_log(self, lane: str, line: str) -> None:
-        logging.getLogger(f"vllm_launcher.engine.{lane}").info("%s", line)
-
-    async def _start_engine(self, lane: str, attempt: int) -> None:
-        server = self.config.server
-        key = secrets.token_urlsafe(32)       # per start: no other local user can reach the engine
-        port = free_port()
-        spec = build_engine_spec(self.config, lane, self.vllm, host="127.0.0.1", port=port, api_key=key)
-        engine = EngineProcess(spec, self.config.lane(lane).served_model_name, port, key,
-                               log_line=self._engine_log)
-        self.metrics.engine_starts.labels(lane).inc()
-        if attempt > 1:
-            self.metrics.engine_restarts.labels(lane).inc()
-        log.info("lane %s: starting engine (attempt %d) on 127.0.0.1:%d", lane, attempt, port)
+    async def _stop_engine(self, lane: str, reason: str) -> None:
         try:
-            await engine.start()
-            self.engines[lane] = engine
-            if self.records:
-                self.records.record(lane, engine.pgid)
-            await engine.wait_ready(server.start_timeout)
-        except (EngineStartError, OSError) as error:
-            cause = error.cause() if isinstance(error, EngineStartError) else f"cannot start the engine: {error}"
-            cause = mask_secrets(cause, self.secrets)      # the engine's output goes into errors
-            log.error("lane %s: %s", lane, cause)
-            await self._stop_process(lane, engine)
-            self._starting.pop(lane, None)
-            self.metrics.engine_failures.labels(lane).inc()
-            self.lane_records[lane].last_error = cause
-            if lane not in self._stopping:
-                self._apply(self.scheduler.engine_start_failed(lane, self.clock(), cause))
-            return
-        except asyncio.CancelledError:
-            await self._stop_process(lane, engine)
-            self._starting.pop(lane, None)
-            raise
-        self._starting.pop(lane, None)
-        self._record_start(lane, engine)
-        self.clients[lane] = engine_client(base_url=engine.base_url, timeout=UPSTREAM_TIMEOUT,
-                                           limits=UPSTREAM_LIMITS, headers={"Authorization": f"Bearer {key}"})
-        self._spawn(self._watch_engine(lane, engine))
-        self._apply(self.scheduler.engine_ready(lane, self.clock()))
+            await self.supervisors[lane].stop(reason)
+        finally:
+            self._apply(self.scheduler.engine_stopped(lane, self.clock()))
 
-    def _record_start(self, lane: str, engine: EngineProcess) -> None:
-        record = self.lane_records[lane]
-        spawn_to_listen = (engine.listening_at or engine.ready_at) - engine.started_at
-        total = engine.ready_at - engine.started_at
-        record.last_start_seconds = total
-        record.last_start_phases = {"spawn_to_listening": round(spawn_to_listen, 3),
-                                    "listening_to_ready": round(total - spawn_to_listen, 3)}
-        self.metrics.switch_phase.labels(lane, "start").observe(total)
-        switch_total = self.clock() - (record.switch_began or engine.started_at)
+    # The supervisors' reports (engines.Reports).
+
+    def engine_ready(self, engine: Engine) -> None:
+        lane = engine.lane
+        record = self.switch_records[lane]
+        started_at = self.supervisors[lane].timings.started_at
+        switch_total = self.clock() - (record.switch_began or started_at or self.clock())
         record.last_switch_seconds = switch_total
         record.last_switch_at = time.time()
         record.switch_began = None
         self.scheduler.observe_switch_seconds(switch_total)
-        log.info("lane %s: engine ready in %.1f s (spawn to listening %.1f s, to ready %.1f s); switch total %.1f s",
-                 lane, total, spawn_to_listen, total - spawn_to_listen, switch_total)
+        log.info("lane %s: switch total %.1f s", lane, switch_total)
+        self._apply(self.scheduler.engine_ready(lane, self.clock()))
 
-    async def _watch_engine(self, lane: str, engine: EngineProcess) -> None:
-        code = await engine.wait_exit()
-        if lane in self._stopping or self.engines.get(lane) is not engine:
-            return
-        cause = f"engine for lane {lane!r} exited with status {code}"
-        tail = mask_secrets("\n".join(engine.log_tail()[-8:]), self.secrets)
-        log.error("lane %s: %s; last lines:\n%s", lane, cause, tail)
-        self.lane_records[lane].last_error = cause
-        await self._stop_process(lane, engine)     # its EngineCore may still be alive
+    def engine_start_failed(self, lane: str, cause: str, counts: bool) -> None:
+        self._apply(self.scheduler.engine_start_failed(lane, self.clock(), cause, counts=counts))
+
+    def engine_exited(self, engine: Engine, cause: str) -> None:
+        """The scheduler first (the lane is no longer ready), then every request in flight on
+        this engine ends in the crash's error; the supervisor closes the pool afterwards."""
+        self._apply(self.scheduler.engine_exited(engine.lane, self.clock(),
+                                                 self.supervisors[engine.lane].last_error or cause))
         crashed = APIError(502, f"{cause} while serving this request", "engine_crashed")
-        for ticket in [t for t in self.tickets.values() if t.lane == lane and t.dispatched_at is not None]:
+        for ticket in [t for t in self.tickets.values() if t.engine is engine]:
             self._abort(ticket, crashed)
-        self._apply(self.scheduler.engine_exited(lane, self.clock(), f"{cause}; last engine log lines:\n{tail}"))
-
-    async def _stop_engine(self, lane: str, reason: str) -> None:
-        self._stopping.add(lane)
-        began = self.clock()
-        try:
-            starting = self._starting.pop(lane, None)
-            if starting is not None:
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-            engine = self.engines.get(lane)
-            if engine is not None:
-                await self._stop_process(lane, engine)
-            seconds = self.clock() - began
-            self.metrics.switch_phase.labels(lane, "stop").observe(seconds)
-            log.info("lane %s: engine stopped in %.1f s (%s)", lane, seconds, reason)
-        finally:
-            self._stopping.discard(lane)
-            self._apply(self.scheduler.engine_stopped(lane, self.clock()))
-
-    async def _stop_process(self, lane: str, engine: EngineProcess) -> None:
-        client = self.clients.pop(lane, None)
-        if client is not None:
-            await client.aclose()           # vLLM waits for open client connections on SIGTERM
-        if engine.process is not None:
-            await engine.stop(self.config.server.stop_timeout)
-            if self.records:
-                self.records.forget(engine.pgid)
-        if self.engines.get(lane) is engine:
-            del self.engines[lane]
-        self._idle.set()
 
     # ------------------------------------------------------------------ timer
 
@@ -378,7 +291,44 @@ class Router:
             if deadline is not None and self.clock() >= deadline:
                 self._apply(self.scheduler.tick(self.clock()))
 
-    # ------------------------------------------------------------------ views
+    # ------------------------------------------------------------------ read API (the HTTP app's)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.scheduler.shutting_down
+
+    def lane_state(self, lane: str) -> LaneState:
+        return self.scheduler.state(lane)
 
     def lane_states(self) -> dict[str, str]:
         return {lane: self.scheduler.state(lane).value for lane in self.config.lanes}
+
+    def ever_started(self) -> bool:
+        """Some engine became ready once: a lane not ready now is switching, not starting."""
+        return any(s.timings.start_seconds is not None for s in self.supervisors.values())
+
+    def last_error(self, lane: str) -> str | None:
+        return self.supervisors[lane].last_error
+
+    def serving_engines(self) -> list[tuple[Engine, LaneState]]:
+        """Engines that answer requests now (their lane ready or draining), with the lane state."""
+        found = []
+        for lane, supervisor in self.supervisors.items():
+            state = self.scheduler.state(lane)
+            if supervisor.engine is not None and state in (LaneState.READY, LaneState.DRAINING):
+                found.append((supervisor.engine, state))
+        return found
+
+    def lane_status(self, lane: str) -> dict:
+        """What /lanes reports of a lane's scheduling and engine."""
+        snapshot = self.scheduler.snapshot()["lanes"].get(lane, {})
+        timings = self.supervisors[lane].timings
+        record = self.switch_records[lane]
+        return {
+            "state": self.scheduler.state(lane).value, "queue_depth": self.scheduler.queue_depth(lane),
+            "inflight": self.scheduler.inflight(lane), "restarts": snapshot.get("restarts", 0),
+            "failures": snapshot.get("failures", 0), "last_error": self.supervisors[lane].last_error,
+            "last_start_seconds": timings.start_seconds, "last_start_phases": timings.start_phases,
+            "last_stop_seconds": timings.stop_seconds, "last_switch_at": record.last_switch_at,
+            "last_switch_seconds": record.last_switch_seconds,
+        }

@@ -51,8 +51,16 @@ Choices the issues left open
   keep their place: they load the lane again when it is their turn.
 * ``load(lane)`` on a draining or stopping lane makes it the first candidate once
   it has stopped (it is started again; nothing is cancelled).
-* A ready engine that dies counts as one failure: the lane restarts after the
+* Restarts: a failed start, or an engine that exits before it has finished
+  ``healthy_after_requests`` (3, "a few") requests since it became ready, is a
+  crash loop and counts as one failure; ``max_restarts`` consecutive ones make the
+  lane FAILED.  An engine that finished that many requests (or was stopped
+  cleanly) resets the count, so one that crashes every 20 requests is restarted
+  for ever, each time after the back-off (``backoff_initial`` doubling per
+  consecutive failure up to ``backoff_max``).  A crashed lane restarts after the
   back-off if requests wait for it, or if it fits without evicting anything.
+  ``engine_start_failed(..., counts=False)`` (the server's own resources, e.g.
+  EMFILE, not the engine's fault) backs off the same way but never fails the lane.
 * After ``shutdown`` nothing is started again and every submit is rejected.
 """
 
@@ -106,6 +114,7 @@ class SchedulerSettings:
     max_restarts: int = 5
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    healthy_after_requests: int = 3  # requests an engine finishes before its crash is no crash loop
     switch_seconds_estimate: float = 60.0  # initial estimate for Retry-After
     request_seconds_estimate: float = 1.0  # initial per-queued-request cost
 
@@ -117,6 +126,8 @@ class SchedulerSettings:
             raise ValueError("queue_max must be >= 0")
         if self.max_restarts < 1:
             raise ValueError("max_restarts must be >= 1")
+        if self.healthy_after_requests < 1:
+            raise ValueError("healthy_after_requests must be >= 1")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise ValueError("memory_budget must be > 0")
 
@@ -199,7 +210,9 @@ class _Lane:
     ready_since: float | None = None
     drain_started: float | None = None
     drain_reason: str = ""
-    failures: int = 0  # consecutive failed starts (a crash of a ready engine counts)
+    failures: int = 0  # consecutive crash loops: failed starts, crashes before serving a few requests
+    setbacks: int = 0  # failed starts that do not count (the server's own resources), for the back-off
+    served: int = 0  # requests finished by the current engine since it became ready
     restarts: int = 0  # starts that were retries, for /lanes and metrics
     retry_at: float | None = None  # back-off: no start before this time
     restart_pending: bool = False  # crashed while ready: restart even without waiters
@@ -287,6 +300,9 @@ class Scheduler:
             concurrency = len(ln.inflight)
             del ln.inflight[request_id]
             ln.last_used = now
+            ln.served += 1
+            if ln.served >= self.settings.healthy_after_requests:
+                ln.failures = 0  # it served: a later crash starts a new count
             cost = (now - req.dispatched) / max(1, concurrency)
             self._request_estimate = 0.8 * self._request_estimate + 0.2 * cost
         self._schedule(now, out)
@@ -305,7 +321,8 @@ class Scheduler:
         now, out = self._begin(now)
         if ln.state is LaneState.STARTING:
             self._transition(ln, LaneState.READY, "engine ready", out)
-            ln.failures = 0
+            ln.setbacks = 0
+            ln.served = 0
             ln.ready_since = now
             ln.last_used = now
             ln.load_requested = None
@@ -316,11 +333,13 @@ class Scheduler:
         self._schedule(now, out)
         return out
 
-    def engine_start_failed(self, lane: str, now: float, cause: str) -> list[Action]:
+    def engine_start_failed(self, lane: str, now: float, cause: str, counts: bool = True) -> list[Action]:
+        """``counts=False``: the start failed for the server's own resources (EMFILE), not the
+        engine's; back off, but never fail the lane for it."""
         ln = self._lane(lane)
         now, out = self._begin(now)
         if ln.state is LaneState.STARTING:
-            self._failure(ln, now, cause, restart=False, out=out)
+            self._failure(ln, now, cause, restart=False, out=out, counts=counts)
         self._schedule(now, out)
         return out
 
@@ -560,9 +579,13 @@ class Scheduler:
         estimate = switches * self._switch_estimate + queue_ahead * self._request_estimate
         return float(max(1, math.ceil(estimate)))
 
-    def _failure(self, ln: _Lane, now: float, cause: str, restart: bool, out: list[Action]) -> None:
+    def _failure(self, ln: _Lane, now: float, cause: str, restart: bool, out: list[Action],
+                 counts: bool = True) -> None:
         s = self.settings
-        ln.failures += 1
+        if counts:
+            ln.failures += 1
+        else:
+            ln.setbacks += 1
         ln.last_cause = cause
         if ln.failures >= s.max_restarts:
             self._transition(ln, LaneState.FAILED, f"{ln.failures} consecutive failures", out)
@@ -574,11 +597,13 @@ class Scheduler:
                 out.append(self._failed_reject(req.request_id, ln))
             return
         self._transition(ln, LaneState.STOPPED, "start failed" if not restart else "engine exited", out)
-        backoff = min(s.backoff_max, s.backoff_initial * 2 ** (ln.failures - 1))
+        backoff = min(s.backoff_max, s.backoff_initial * 2 ** (ln.failures + ln.setbacks - 1))
         ln.retry_at = now + backoff
         ln.restart_pending = restart
 
     def _stop(self, ln: _Lane, reason: str, out: list[Action]) -> None:
+        if ln.state is LaneState.READY:
+            ln.failures = 0  # taken down cleanly while ready: no crash loop
         self._transition(ln, LaneState.STOPPING, reason, out)
         ln.drain_started = None
         out.append(StopEngine(ln.name, reason))
@@ -593,6 +618,7 @@ class Scheduler:
             self._stop(ln, reason, out)
 
     def _drain(self, ln: _Lane, now: float, reason: str, out: list[Action]) -> None:
+        ln.failures = 0  # taken down cleanly while ready: no crash loop
         if not ln.inflight:
             self._stop(ln, reason, out)
             return
@@ -722,7 +748,7 @@ class Scheduler:
         return chosen if self._fits(cand, projected) else None
 
     def _start(self, ln: _Lane, out: list[Action]) -> None:
-        attempt = ln.failures + 1
+        attempt = ln.failures + ln.setbacks + 1
         if ln.name in self._planned:
             self._planned.discard(ln.name)
         elif attempt == 1:

@@ -1,5 +1,9 @@
-"""One engine process: started in its own process group on loopback and a fresh port, watched
-until ready, stopped as a whole group, never left behind.
+"""One engine process: started in its own process group, listening on a Unix socket of its own
+with a fresh key, watched until ready, stopped as a whole group, never left behind.
+
+The socket lives in a 0700 directory of the runtime directory (see sockets_dir), so no other
+local user can reach the engine's endpoints, the unauthenticated ones (/health, /pause,
+/collective_rpc ...) included; engines never listen on TCP.
 
 vLLM's API server forks `VLLM::EngineCore` (and on CPU `VLLM::Worker`); SIGKILL of the API
 server alone leaves those alive holding memory, so every signal goes to the group, and a
@@ -10,18 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
-import socket
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import httpx
 
-from .engine_command import EngineSpec
+from ..engine_command import EngineSpec
 
 log = logging.getLogger("vllm_launcher.engine")
 
@@ -31,19 +39,49 @@ PR_SET_PDEATHSIG = 1
 _libc = None
 
 
-def engine_client(**options) -> httpx.AsyncClient:
-    """An HTTP client for talking to engines. It never reads the environment's proxy settings
-    (HTTP_PROXY, ALL_PROXY, .netrc ...): engine traffic carries the engine's key and stays on
-    loopback, whatever proxy the operator set for downloads."""
-    return httpx.AsyncClient(trust_env=False, **options)
+ENGINE_URL = "http://engine"             # the host part is not used: every request goes to the socket
+# Errors of the server's own resources, not the engine's: they never count toward a lane's failure.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+SOCKET_PATH_MAX = 107                     # sun_path is 108 bytes with its NUL
+SOCKET_NAME_LENGTH = len("/0123456789ab.sock")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now on loopback. Fresh per start: vLLM 0.12 binds with SO_REUSEPORT, so
-    a reused port could split traffic between an old engine and a new one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def engine_client(socket_path: str, **options) -> httpx.AsyncClient:
+    """An HTTP client for talking to one engine over its Unix socket. It never reads the
+    environment's proxy settings (HTTP_PROXY, ALL_PROXY, .netrc ...): engine traffic carries the
+    engine's key and stays on this machine, whatever proxy the operator set for downloads."""
+    limits = options.pop("limits", httpx.Limits())
+    transport = httpx.AsyncHTTPTransport(uds=socket_path, limits=limits)
+    return httpx.AsyncClient(base_url=ENGINE_URL, transport=transport, trust_env=False, **options)
+
+
+def sockets_dir(runtime_dir: Path) -> Path:
+    """The directory of the engines' sockets: created 0700, and refused when another user owns
+    it or it is open to others (a socket's own mode is not a guarantee: vLLM creates it with
+    the umask's)."""
+    directory = runtime_dir / "sockets"
+    if len(str(directory)) + SOCKET_NAME_LENGTH > SOCKET_PATH_MAX:     # too long for sun_path
+        fallback = Path(tempfile.mkdtemp(prefix="vllm-launcher-"))      # 0700, ours
+        log.warning("%s is too long for Unix socket paths; engine sockets go to %s", directory, fallback)
+        return fallback
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{directory} is not a directory of this user")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+    return directory
+
+
+def resource_error(error: BaseException | None) -> bool:
+    """EMFILE/ENFILE anywhere in an exception's chain: the server ran out of descriptors."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _die_with_parent() -> None:
@@ -91,9 +129,12 @@ def kill_group(pgid: int, sig: int) -> None:
 
 
 class EngineStartError(Exception):
-    def __init__(self, message: str, log_tail: list[str]):
+    """A start that failed; `resource` when the server's own resources (EMFILE) were the cause."""
+
+    def __init__(self, message: str, log_tail: list[str], resource: bool = False):
         super().__init__(message)
         self.log_tail = log_tail
+        self.resource = resource
 
     def cause(self) -> str:
         tail = "\n".join(self.log_tail[-8:])
@@ -104,7 +145,7 @@ class EngineStartError(Exception):
 class EngineProcess:
     spec: EngineSpec
     served_name: str
-    port: int
+    socket_path: str
     api_key: str
     log_line: Callable[[str, str], None] = lambda lane, line: log.info("[%s] %s", lane, line)
     process: asyncio.subprocess.Process | None = None
@@ -117,10 +158,6 @@ class EngineProcess:
     @property
     def lane(self) -> str:
         return self.spec.lane
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def pgid(self) -> int:
@@ -154,34 +191,39 @@ class EngineProcess:
         return list(self.tail)
 
     async def wait_ready(self, timeout: float, poll: float = 0.5) -> None:
-        """Ready = /health 200 and our served name in /v1/models. Fails at once if the process exits."""
+        """Ready = /health 200 and our served name in /v1/models. Fails at once if the process
+        exits; a timeout while the last polls failed for lack of descriptors (EMFILE) is the
+        server's resource failure, not the engine's."""
         deadline = self.started_at + timeout
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        async with engine_client(timeout=httpx.Timeout(5.0)) as client:
+        short_of_descriptors = False
+        async with engine_client(self.socket_path, timeout=httpx.Timeout(5.0)) as client:
             while True:
                 if self.exited():
-                    await self._drain_output()
+                    await self.drain_output()
                     raise EngineStartError(
                         f"engine for lane {self.lane!r} exited with status {self.process.returncode} while starting",
                         self.log_tail())
                 if time.monotonic() > deadline:
                     raise EngineStartError(
-                        f"engine for lane {self.lane!r} not ready after {timeout:.0f} s (VLLM_START_TIMEOUT)",
-                        self.log_tail())
+                        f"engine for lane {self.lane!r} not ready after {timeout:.0f} s (VLLM_START_TIMEOUT)"
+                        + ("; the server was out of file descriptors (EMFILE)" if short_of_descriptors else ""),
+                        self.log_tail(), resource=short_of_descriptors)
                 try:
-                    health = await client.get(self.base_url + "/health")
+                    health = await client.get("/health")
+                    short_of_descriptors = False
                     self.listening_at = self.listening_at or time.monotonic()
                     if health.status_code == 200:
-                        models = await client.get(self.base_url + "/v1/models", headers=headers)
+                        models = await client.get("/v1/models", headers=headers)
                         if models.status_code == 200 and any(
                                 m.get("id") == self.served_name for m in models.json().get("data", [])):
                             self.ready_at = time.monotonic()
                             return
-                except (httpx.HTTPError, ValueError):
-                    pass
+                except (httpx.HTTPError, ValueError) as error:
+                    short_of_descriptors = resource_error(error)
                 await asyncio.sleep(poll)
 
-    async def _drain_output(self) -> None:
+    async def drain_output(self) -> None:
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
@@ -216,5 +258,7 @@ class EngineProcess:
             log.error("engine group %d of lane %s still has processes %s after SIGKILL", pgid, self.lane, left)
         elif self.process.returncode is None:
             await self.process.wait()
-        await self._drain_output()
+        await self.drain_output()
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
         return time.monotonic() - began

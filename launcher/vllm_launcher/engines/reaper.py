@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-from .engine_process import KILL_CONFIRM_SECONDS, group_members, kill_group, process_start_time
+from .process import KILL_CONFIRM_SECONDS, group_members, kill_group, process_start_time
 
 log = logging.getLogger("vllm_launcher.reaper")
 

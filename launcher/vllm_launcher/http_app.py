@@ -1,9 +1,11 @@
-"""The front server: one OpenAI-compatible endpoint for every lane (FastAPI on uvicorn).
+"""The ASGI app of the front server: one OpenAI-compatible endpoint for every lane (FastAPI,
+served by uvicorn in serve.py).
 
 Routes: POST to the OpenAI routes of openai_routes.FORWARDED (routed by the body's `model`; no
 other path reaches an engine), GET /v1/models, /livez, /health, /healthz,
 /readyz, /version, /metrics, /lanes and lane control. The router owns the decisions; this
-module turns HTTP into router calls and errors into OpenAI-style bodies.
+module turns HTTP into router calls and errors into OpenAI-style bodies, and reads state only
+through the router's read API (lane_state(s), lane_status, serving_engines, ...).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import email.policy
 import hmac
 import json
 import logging
+import time
 from email.parser import BytesParser
 
 import httpx
@@ -22,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import LauncherConfig, route_table
-from .engine_process import engine_client
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
@@ -33,7 +35,7 @@ from .scheduler import LaneState
 from .values import parse_bool
 from .vllm_info import VllmInfo
 
-log = logging.getLogger("vllm_launcher.server")
+log = logging.getLogger("vllm_launcher.http_app")
 
 
 def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
@@ -128,25 +130,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = None,
-               on_listening=None) -> FastAPI:
-    metrics = router.metrics if router else Metrics()
-    router = router or Router(config, vllm, metrics)
+def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics) -> FastAPI:
     routes = route_table(config)
+    started = int(time.time())
     forwarder = Forwarder(router, config.server.log_requests)
     api_key = config.server.api_key
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await router.start(preload=config.default_lane)
-        if on_listening:
-            on_listening(router)
         yield
         await router.close()
 
     app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None)
-    app.state.router = router
 
     def authorize(request: Request) -> None:
         if not api_key:
@@ -176,7 +173,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         data = []
         for lane in config.lanes.values():
             for name in lane.names:
-                data.append({"id": name, "object": "model", "created": int(router.started_wall),
+                data.append({"id": name, "object": "model", "created": started,
                              "owned_by": "vllm-launcher", "root": lane.model, "lane": lane.name,
                              "state": states[lane.name]})
         return {"object": "list", "data": data}
@@ -189,7 +186,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
             raise APIError(404, f"POST {_shown_path(request)}: not an OpenAI route this server forwards "
                                 f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
         _check_content_type(request, route)
-        if router.scheduler.shutting_down:
+        if router.shutting_down:
             raise APIError(503, "the server is shutting down", "shutting_down")
         body = await read_body(request, config.server.max_body_bytes)
         if FORWARDED[route] == MULTIPART:
@@ -227,12 +224,12 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
 
     def health_body() -> tuple[int, dict]:
         states = router.lane_states()
-        if router.scheduler.shutting_down:
+        if router.shutting_down:
             status = "shutting_down"
         elif LaneState.READY.value in states.values():
             return 200, {"status": "ok", "lanes": states}
         elif any(s in (LaneState.STARTING, LaneState.DRAINING, LaneState.STOPPING) for s in states.values()):
-            status = "switching" if any(r.last_start_seconds for r in router.lane_records.values()) else "starting"
+            status = "switching" if router.ever_started() else "starting"
         elif LaneState.FAILED.value in states.values():
             status = "failed"
         else:
@@ -247,7 +244,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
 
     @app.get("/readyz")
     async def readyz():
-        if router.scheduler.shutting_down:
+        if router.shutting_down:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "accepting", "lanes": router.lane_states()}
 
@@ -258,13 +255,12 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
                 "vllm_distribution": vllm.distribution}
 
     async def engine_version() -> str | None:
-        for lane, engine in list(router.engines.items()):
-            if router.scheduler.state(lane) == LaneState.READY:
+        for engine, state in router.serving_engines():
+            if state == LaneState.READY:
                 try:
-                    async with engine_client(timeout=5.0) as client:
-                        return (await client.get(engine.base_url + "/version")).json().get("version")
-                except (httpx.HTTPError, ValueError):
-                    pass
+                    return (await engine.get("/version")).json().get("version")
+                except (httpx.HTTPError, RuntimeError, ValueError, AttributeError):
+                    pass            # RuntimeError: its pool closed as it exited
         return vllm.version
 
     @app.get("/metrics")
@@ -272,29 +268,20 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         if config.server.metrics_require_key:
             authorize(request)
         engine_metrics = {}
-        async with engine_client(timeout=5.0) as client:
-            for lane, engine in list(router.engines.items()):
-                if router.scheduler.state(lane) in (LaneState.READY, LaneState.DRAINING):
-                    with contextlib.suppress(httpx.HTTPError):
-                        response = await client.get(engine.base_url + "/metrics",
-                                                    headers={"Authorization": f"Bearer {engine.api_key}"})
-                        if response.status_code == 200:
-                            engine_metrics[lane] = response.text
+        for engine, _ in router.serving_engines():
+            with contextlib.suppress(httpx.HTTPError, RuntimeError):      # RuntimeError: its pool closed
+                response = await engine.get("/metrics")
+                if response.status_code == 200:
+                    engine_metrics[engine.lane] = response.text
         return Response(metrics.render(engine_metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---------------------------------------------------------------- lanes
 
     def lane_view(name: str) -> dict:
         lane = config.lane(name)
-        record = router.lane_records[name]
-        snapshot = router.scheduler.snapshot()["lanes"].get(name, {})
         return {
-            "state": router.scheduler.state(name).value, "names": list(lane.names), "model": lane.model,
-            "served_model_name": lane.served_model_name, "queue_depth": router.scheduler.queue_depth(name),
-            "inflight": router.scheduler.inflight(name), "restarts": snapshot.get("restarts", 0),
-            "failures": snapshot.get("failures", 0), "last_error": record.last_error,
-            "last_start_seconds": record.last_start_seconds, "last_start_phases": record.last_start_phases,
-            "last_switch_at": record.last_switch_at, "last_switch_seconds": record.last_switch_seconds,
+            **router.lane_status(name), "names": list(lane.names), "model": lane.model,
+            "served_model_name": lane.served_model_name,
             "gpu_memory_utilization": lane.gpu_memory_utilization, "idle_timeout": lane.idle_timeout,
             "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
         }
@@ -320,14 +307,14 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         authorize(request)
         wait = _wait_parameter(request)
         name = lane_name(lane)
-        if router.scheduler.shutting_down:
+        if router.shutting_down:
             raise APIError(503, "the server is shutting down", "shutting_down")
         router.load(name)
         if not wait:
-            return JSONResponse({"lane": name, "state": router.scheduler.state(name).value}, status_code=202)
+            return JSONResponse({"lane": name, "state": router.lane_state(name).value}, status_code=202)
         state = await router.wait_lane(name, {LaneState.READY, LaneState.FAILED})
         if state == LaneState.FAILED:
-            raise APIError(503, f"lane {name!r} failed to start: {router.lane_records[name].last_error}",
+            raise APIError(503, f"lane {name!r} failed to start: {router.last_error(name)}",
                            "lane_failed")
         return {"lane": name, "state": state.value}
 
@@ -338,7 +325,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router | None = N
         name = lane_name(lane)
         router.unload(name)
         if not wait:
-            return JSONResponse({"lane": name, "state": router.scheduler.state(name).value}, status_code=202)
+            return JSONResponse({"lane": name, "state": router.lane_state(name).value}, status_code=202)
         state = await router.wait_lane(name, {LaneState.STOPPED, LaneState.FAILED})
         return {"lane": name, "state": state.value}
 

@@ -1,0 +1,234 @@
+"""Each lane's engine under a supervisor of its own: start, watch, stop, restarts' causes,
+timings and the upstream connection pool.
+
+The router decides, through the scheduler, when a lane's engine starts and stops; the
+supervisor carries it out and reports back, once per start, exactly one of: ready (with the
+Engine handle requests are sent through), start failed (and whether that counts toward the
+lane's failure: not when the server itself ran out of file descriptors), or, later, exited.
+Like llama-swap's Process (one upstream with its state and lifecycle), one supervisor owns one
+engine at a time; unlike it, the policy (when to restart, when to give up) is not here but in
+the pure scheduler.
+
+An exit is reported before the engine's pool is closed, so the scheduler no longer counts the
+lane ready and the router has ended every request in flight on that engine when the pool goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from ..config import LauncherConfig
+from ..engine_command import build_engine_spec
+from ..metrics import Metrics
+from ..settings import mask_secrets
+from ..vllm_info import VllmInfo
+from .process import EngineProcess, EngineStartError, engine_client, resource_error
+from .reaper import EngineRecords
+
+log = logging.getLogger("vllm_launcher.supervisor")
+
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+TAIL_IN_ERRORS = 8
+
+
+class Engine:
+    """A ready engine as requests see it: the pool they are sent through. A request keeps the
+    Engine it was dispatched to, so it never looks its lane up again; `ended` says why the
+    engine is gone once it is."""
+
+    def __init__(self, lane: str, process: EngineProcess, client: httpx.AsyncClient):
+        self.lane = lane
+        self.process = process
+        self.client = client
+        self.ended: str | None = None
+
+    async def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
+        """A GET to the engine through its pool, with its key (for /metrics and /version).
+        Raises httpx.HTTPError, or RuntimeError when the pool closed meanwhile."""
+        return await self.client.get(path, timeout=timeout)
+
+
+class Reports(Protocol):
+    """What a supervisor tells its owner (the router), synchronously, on the event loop."""
+
+    def engine_ready(self, engine: Engine) -> None: ...
+
+    def engine_start_failed(self, lane: str, cause: str, counts: bool) -> None: ...
+
+    def engine_exited(self, engine: Engine, cause: str) -> None: ...
+
+
+@dataclass
+class Timings:
+    """The last start and stop of a lane's engine: /lanes, metrics, the Retry-After estimate."""
+    start_seconds: float | None = None
+    start_phases: dict | None = None
+    stop_seconds: float | None = None
+    started_at: float | None = None      # monotonic: when the last start began
+
+
+class Supervisor:
+    """One lane's engine: at most one process at a time, started, watched and stopped here."""
+
+    def __init__(self, lane: str, config: LauncherConfig, vllm: VllmInfo, metrics: Metrics, reports: Reports,
+                 sockets: Path, records: EngineRecords | None = None):
+        self.lane = lane
+        self.config = config
+        self.vllm = vllm
+        self.metrics = metrics
+        self.reports = reports
+        self.sockets = sockets
+        self.records = records
+        self.secrets = config.secret_values()
+        self.timings = Timings()
+        self.last_error: str | None = None
+        self.engine: Engine | None = None             # the ready engine
+        self._process: EngineProcess | None = None    # the process, from spawn to its stop
+        self._starting: asyncio.Task | None = None
+        self._cleanup: asyncio.Task | None = None     # stopping the group of an engine that exited
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- commands
+
+    def start(self, attempt: int) -> None:
+        self._starting = self._spawn(self._start(attempt))
+
+    async def stop(self, reason: str) -> float:
+        """Stop whatever runs (a start in progress included); the seconds it took."""
+        self._stopping = True
+        began = time.monotonic()
+        try:
+            starting, self._starting = self._starting, None
+            if starting is not None:
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+            engine, self.engine = self.engine, None
+            if engine is not None:
+                engine.ended = engine.ended or f"the engine of lane {self.lane!r} was stopped ({reason})"
+                await engine.client.aclose()    # vLLM waits for open client connections on SIGTERM
+            await self._stop_process()
+            if self._cleanup is not None:
+                await asyncio.gather(self._cleanup, return_exceptions=True)
+        finally:
+            self._stopping = False
+        seconds = time.monotonic() - began
+        self.timings.stop_seconds = seconds
+        self.metrics.switch_phase.labels(self.lane, "stop").observe(seconds)
+        log.info("lane %s: engine stopped in %.1f s (%s)", self.lane, seconds, reason)
+        return seconds
+
+    def busy(self) -> bool:
+        """A process of this lane may still be running (starting, ready or being stopped)."""
+        return (self._process is not None or self.engine is not None
+                or any(not task.done() for task in self._tasks))
+
+    # ---------------------------------------------------------------- internals
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _engine_log(self, lane: str, line: str) -> None:
+        logging.getLogger(f"vllm_launcher.engine.{lane}").info("%s", line)
+
+    async def _start(self, attempt: int) -> None:
+        if self._cleanup is not None:                  # the previous engine's group is still going
+            await asyncio.gather(self._cleanup, return_exceptions=True)
+        key = secrets.token_urlsafe(32)     # per start, in the engine's environment only
+        socket_path = str(self.sockets / f"{secrets.token_hex(6)}.sock")
+        spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key)
+        process = EngineProcess(spec, self.config.lane(self.lane).served_model_name, socket_path, key,
+                                log_line=self._engine_log)
+        self._process = process
+        self.timings.started_at = time.monotonic()
+        self.metrics.engine_starts.labels(self.lane).inc()
+        if attempt > 1:
+            self.metrics.engine_restarts.labels(self.lane).inc()
+        log.info("lane %s: starting engine (attempt %d) on %s", self.lane, attempt, socket_path)
+        try:
+            await process.start()
+            if self.records:
+                self.records.record(self.lane, process.pgid)
+            await process.wait_ready(self.config.server.start_timeout)
+        except (EngineStartError, OSError) as error:
+            if isinstance(error, EngineStartError):
+                cause, resource = error.cause(), error.resource
+            else:
+                cause, resource = f"cannot start the engine: {error}", resource_error(error)
+            cause = mask_secrets(cause, self.secrets)      # the engine's output goes into errors
+            log.error("lane %s: %s%s", self.lane, cause,
+                      " (the server's own limit: not counted as the lane's failure)" if resource else "")
+            await self._stop_process()
+            self.last_error = cause
+            if not resource:
+                self.metrics.engine_failures.labels(self.lane).inc()
+            if not self._stopping:
+                self._starting = None
+                self.reports.engine_start_failed(self.lane, cause, counts=not resource)
+            return
+        except asyncio.CancelledError:
+            await self._stop_process()
+            raise
+        self._starting = None
+        self._record_start(process)
+        client = engine_client(socket_path, timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS,
+                               headers={"Authorization": f"Bearer {key}"})
+        engine = Engine(self.lane, process, client)
+        self.engine = engine
+        self._spawn(self._watch(engine))
+        self.reports.engine_ready(engine)
+
+    def _record_start(self, process: EngineProcess) -> None:
+        spawn_to_listen = (process.listening_at or process.ready_at) - process.started_at
+        total = process.ready_at - process.started_at
+        self.timings.start_seconds = total
+        self.timings.start_phases = {"spawn_to_listening": round(spawn_to_listen, 3),
+                                     "listening_to_ready": round(total - spawn_to_listen, 3)}
+        self.metrics.switch_phase.labels(self.lane, "start").observe(total)
+        log.info("lane %s: engine ready in %.1f s (spawn to listening %.1f s, to ready %.1f s)",
+                 self.lane, total, spawn_to_listen, total - spawn_to_listen)
+
+    async def _watch(self, engine: Engine) -> None:
+        code = await engine.process.wait_exit()
+        if self._stopping or self.engine is not engine:
+            return
+        await engine.process.drain_output()
+        cause = f"engine for lane {self.lane!r} exited with status {code}"
+        tail = mask_secrets("\n".join(engine.process.log_tail()[-TAIL_IN_ERRORS:]), self.secrets)
+        log.error("lane %s: %s; last lines:\n%s", self.lane, cause, tail)
+        engine.ended = cause
+        self.engine = None
+        self.last_error = f"{cause}; last engine log lines:\n{tail}" if tail else cause
+        # First the scheduler and the requests on this engine, then the pool and the group.
+        self.reports.engine_exited(engine, cause)
+        self._cleanup = self._spawn(self._after_exit(engine))
+
+    async def _after_exit(self, engine: Engine) -> None:
+        await engine.client.aclose()
+        if self._process is engine.process:
+            await self._stop_process()      # its EngineCore may still be alive
+
+    async def _stop_process(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        try:
+            if process.process is not None:
+                await process.stop(self.config.server.stop_timeout)
+                if self.records:
+                    self.records.forget(process.pgid)
+        finally:
+            if self._process is process:
+                self._process = None
