@@ -60,6 +60,10 @@ class ServerConfig:
     queue_max: int = 1024
     queue_timeout: float = 600.0
     max_body_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 2048
+    keepalive_timeout: float = 15.0
+    header_timeout: float = 15.0
+    body_timeout: float = 60.0
     engine_max_restarts: int = 5
     gpu_memory_budget: float | None = None
     gpu_memory_gb: float | None = None
