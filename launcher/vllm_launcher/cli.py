@@ -15,6 +15,7 @@ from .artifacts import artifacts
 from .demo_models import DEFAULT_LANES, demo_models_command, write_demo_models
 from .config import ConfigError, LauncherConfig, load_config
 from .engine_command import build_engine_spec
+from .engines import default_runtime_dir
 from .memory_plan import memory_plan
 from .settings import DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var
 from .vllm_info import detect
@@ -92,11 +93,14 @@ def settings() -> None:
 def lane_config_json(config: LauncherConfig, lane_name: str, vllm) -> dict:
     lane = config.lane(lane_name)
     spec = build_engine_spec(config, lane_name, vllm)
+    socket = default_runtime_dir(config.server.runtime_dir) / "sockets" / "<start>.sock"
     return {
         "model": lane.model,
         "served_model_name": lane.served_model_name,
         "names": list(lane.names),
         "argv": spec.argv,
+        # what `serve` starts: a Unix socket per start (a fresh name each time), never TCP
+        "serve_argv": build_engine_spec(config, lane_name, vllm, uds=str(socket)).argv,
         "env": spec.shown_env(),
         "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
         "idle_timeout": lane.idle_timeout,
@@ -113,7 +117,8 @@ def config(lane: str | None, fmt: str) -> None:
     """Print the resolved configuration: what each lane's engine would run, with which environment.
 
     With LANE, that lane only. Secrets show as ***. `argv` and `env` are exactly what
-    `vllm-launcher engine LANE` runs.
+    `vllm-launcher engine LANE` runs (on VLLM_HOST:VLLM_PORT); the json's `serve_argv` is what
+    `serve` starts instead: the engine on a Unix socket of the runtime directory (`--uds`).
     """
     cfg = load_or_exit()
     lanes = [_pick_lane(cfg, lane)] if lane else list(cfg.lanes)
