@@ -3,7 +3,7 @@
 Parts (select with BENCH_PARTS, comma-separated; default all):
 
 * ``scheduling``: the real Scheduler against the fcfs and llama_swap baselines of
-  vllm_launcher.simulator, in simulated time (no engines; deterministic, seeds fixed).
+  bench/baselines.py, played by vllm_launcher.simulator in simulated time (no engines; deterministic, seeds fixed).
 * ``overhead``: the same fake engine (tests/fake_engine.py's app: isolates the proxies) reached
   directly, through `vllm-launcher serve` and through LiteLLM's proxy (installed by the
   benchmark into bench/.work/litellm, never a dependency); issue 12's goals checked.

@@ -263,7 +263,7 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
         acc = sched.get("acceptance", {})
         parts.append(
             "**Scheduling under agent traffic**, simulated with the real scheduler "
-            "(`launcher/vllm_launcher/simulator.py`) and two baselines on identical inputs: fcfs (switch "
+            "(`launcher/vllm_launcher/simulator.py`) and two baselines (`bench/baselines.py`) on identical inputs: fcfs (switch "
             "whenever the head of the global queue is another lane) and the llama-swap policy (serve the "
             "loaded lane while it has requests, else the oldest waiter; no bound). Switch cost "
             f"{st['switch_seconds']:.0f} s (stop {st['stop_seconds']:.0f} + start {st['start_seconds']:.0f}), "

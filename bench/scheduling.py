@@ -1,6 +1,6 @@
 """Part 3: scheduling under agent traffic, in simulated time (vllm_launcher.simulator).
 
-The real Scheduler (``scheduler``) and the simulator's two baselines (``fcfs``: a global FIFO
+The real Scheduler (``scheduler``) and two baselines of bench/baselines.py (``fcfs``: a global FIFO
 that switches whenever the head of the queue is another lane; ``llama_swap``: serve the
 loaded lane while it has requests, else load the oldest waiter's lane, no wait bound) get
 the same arrivals, the same switch cost (stop 5 s + start 40 s = 45 s) and the same service
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
 from vllm_launcher.simulator import SimResult, simulate
 
+from .baselines import BASELINES
 from .common import QUICK, log, percentile, spread
 
 LANES = ("orchestrator", "coder", "fast_rag")
@@ -97,7 +98,8 @@ def closed_loop(chains: list[Chain], policy: str,
         last_id[c.name] = rid
     while True:
         result = simulate([LanePolicy(n) for n in LANES], arrivals, settings=SETTINGS,
-                          start_seconds=START_SECONDS, stop_seconds=STOP_SECONDS, policy=policy)
+                          start_seconds=START_SECONDS, stop_seconds=STOP_SECONDS,
+                          policy=BASELINES.get(policy, policy))
         pending = []  # (next arrival, end of previous, chain)
         for c in chains:
             nxt = position[c.name] + 1
@@ -174,7 +176,7 @@ def run_workload(workload: str, seed: int, policy: str) -> SimResult:
         return closed_loop(agent_chains(seed, agents=3), policy, hammer_arrivals(seed, ("coder",)))
     arrivals = hammer_arrivals(seed) if workload == "hammer" else bursty_arrivals(seed)
     return simulate([LanePolicy(n) for n in LANES], arrivals, settings=SETTINGS,
-                    start_seconds=START_SECONDS, stop_seconds=STOP_SECONDS, policy=policy)
+                    start_seconds=START_SECONDS, stop_seconds=STOP_SECONDS, policy=BASELINES.get(policy, policy))
 
 
 # ------------------------------------------------------------------ measures

@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
+from bench.baselines import BASELINES
 from vllm_launcher.simulator import simulate, steady_stream
 
 FINAL = {"finished", "rejected", "aborted", "lost", "cancelled"}
@@ -159,7 +160,7 @@ def test_wait_bound_one_lane_at_a_time(sc):
 @settings(max_examples=40, deadline=None)
 @given(scenarios(), st.sampled_from(["fcfs", "llama_swap"]))
 def test_baselines_lose_nothing(sc, policy):
-    result = simulate(**sc, policy=policy)
+    result = simulate(**sc, policy=BASELINES[policy])
     for rec in result.requests.values():
         assert rec.outcome in ("finished", "aborted", "cancelled"), rec
 
@@ -176,7 +177,8 @@ def starvation_case(policy: str):
     cfg = SchedulerSettings(switch_max_wait=30.0, drain_timeout=120.0)
     arrivals = steady_stream("a", 0.0, STREAM_END, gap=0.5, service=1.0)
     arrivals.append((20.0, "victim", "b", 1.0))
-    result = simulate(lanes, arrivals, settings=cfg, start_seconds=5.0, stop_seconds=2.0, policy=policy)
+    result = simulate(lanes, arrivals, settings=cfg, start_seconds=5.0, stop_seconds=2.0,
+                      policy=BASELINES.get(policy, policy))
     return result, cfg
 
 
@@ -203,7 +205,7 @@ def test_fcfs_thrashes_on_alternating_lanes():
     lanes = [LanePolicy("a"), LanePolicy("b")]
     arrivals = [(i * 1.0, f"r{i}", "ab"[i % 2], 0.5) for i in range(20)]
     sched = simulate(lanes, arrivals, start_seconds=10.0, stop_seconds=1.0)
-    fcfs = simulate(lanes, arrivals, start_seconds=10.0, stop_seconds=1.0, policy="fcfs")
+    fcfs = simulate(lanes, arrivals, start_seconds=10.0, stop_seconds=1.0, policy=BASELINES["fcfs"])
     assert sched.switch_count < fcfs.switch_count
     assert fcfs.switch_count >= 15
     assert sched.switching_seconds < fcfs.switching_seconds
