@@ -117,8 +117,9 @@ class Served:
             time.sleep(0.1)
         raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes()}\n{self.log()[-3000:]}")
 
-    def wait_queue(self, lane: str, depth: int, timeout: float = 30) -> None:
-        """Until `depth` requests wait for `lane` (requests sent from threads need a moment)."""
+    def wait_queue(self, lane: str, depth: int, timeout: float = 120) -> None:
+        """Until `depth` requests wait for `lane` (requests sent from threads need a moment; on a
+        loaded 2-core machine beside a starting engine, tens of seconds)."""
         deadline = time.monotonic() + timeout
         while self.lanes()[lane]["queue_depth"] != depth:
             if time.monotonic() > deadline:
