@@ -97,6 +97,19 @@ class Connections:
     def open_count(self) -> int:
         return len(self._open)
 
+    def enter(self, connection) -> int:
+        """A connection opened: how many are open now."""
+        self._open.add(connection)
+        return len(self._open)
+
+    def leave(self, connection) -> None:
+        self._open.discard(connection)
+
+    def longest_idle(self, besides):
+        """The open connection idle longest that may be closed (none with a request under way)."""
+        return min((c for c in self._open if c is not besides and c.evictable()), key=lambda c: c.idle_since,
+                   default=None)
+
 
 def _refusal(status: int, message: str, code: str) -> bytes:
     data = json.dumps(APIError(status, message, code).body()).encode()
@@ -122,8 +135,7 @@ class _Limited:
         self._head_bytes = 0
         self._timer = None
         shared = self.shared
-        shared._open.add(self)
-        if len(shared._open) > shared.limits.max_connections and not self._make_room():
+        if shared.enter(self) > shared.limits.max_connections and not self._make_room():
             shared.count("over_limit")
             self._refuse(503, f"the server has {shared.limits.max_connections} connections open, all busy "
                               "(VLLM_MAX_CONNECTIONS); retry shortly", "too_many_connections")
@@ -132,17 +144,26 @@ class _Limited:
 
     def _make_room(self) -> bool:
         """Close the longest-idle other connection (none with a request under way)."""
-        victim = min((c for c in self.shared._open if c is not self and c._phase != BUSY
-                      and not c.transport.is_closing()), key=lambda c: c._since, default=None)
+        victim = self.shared.longest_idle(besides=self)
         if victim is None:
             return False
         self.shared.count("evicted")
-        victim._close()
+        victim.evict()
         return True
+
+    def evictable(self) -> bool:
+        return self._phase != BUSY and not self.transport.is_closing()
+
+    @property
+    def idle_since(self) -> float:
+        return self._since
+
+    def evict(self) -> None:
+        self._close()
 
     def connection_lost(self, exc) -> None:
         self._disarm()
-        self.shared._open.discard(self)
+        self.shared.leave(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
