@@ -7,9 +7,10 @@ Scheduler's event methods so that vllm_launcher.simulator plays them on identica
 * ``llama_swap``: llama-swap's rule: the loaded lane is served whenever it has requests (fast
   path); when it is idle, the lane of the oldest waiter is loaded.  No bound on waiting: a
   steady stream for the loaded lane starves the others.
-* ``hold``: today's rule, the launcher's Scheduler as it is (another lane's request waits at
-  most VLLM_SWITCH_MAX_WAIT before the loaded lane is drained for it).  It is the Scheduler
-  itself: a change of the scheduler's rule first freezes a copy of today's here.
+* ``hold``: the rule before issue 13 ("ours before this change": another lane's request waits
+  at most VLLM_SWITCH_MAX_WAIT before the loaded lane is drained for it, and a lane that loads
+  takes only the requests queued for it then): the launcher's Scheduler frozen at commit
+  a7b979b in bench/hold_scheduler.py, whatever the launcher's scheduler becomes.
 
 fcfs and llama_swap keep one lane loaded at a time.
 """
@@ -19,9 +20,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import fields
 
 from vllm_launcher.scheduler import (AbortInflight, Action, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject,
-                                     Scheduler, SchedulerSettings, StartEngine, StopEngine, SwitchPlanned)
+                                     SchedulerSettings, StartEngine, StopEngine, SwitchPlanned)
+
+from . import hold_scheduler
 
 
 class _ExclusiveBaseline(ABC):
@@ -193,6 +197,11 @@ class LlamaSwapPolicy(_ExclusiveBaseline):
             self._switch_to(oldest_lane, now, out, "idle")
 
 
-HoldPolicy = Scheduler
+def HoldPolicy(lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None) -> hold_scheduler.Scheduler:  # noqa: N802
+    """The frozen pre-issue-13 Scheduler, with the settings it knows taken from ``settings``."""
+    known = {f.name for f in fields(hold_scheduler.SchedulerSettings)}
+    given = {name: getattr(settings, name) for name in known if settings is not None and hasattr(settings, name)}
+    return hold_scheduler.Scheduler(lanes, hold_scheduler.SchedulerSettings(**given))
+
 
 BASELINES: dict[str, Callable] = {"fcfs": FcfsPolicy, "llama_swap": LlamaSwapPolicy, "hold": HoldPolicy}

@@ -10,13 +10,28 @@ happened to every request and lane.
 Besides the real scheduler (``policy="scheduler"``) any object with the same
 event methods can be simulated (``policy=<factory>``): the benchmark's baselines
 (fcfs, llama-swap's rule, today's hold rule) live in bench/baselines.py.
+
+Engines: with ``batch_size`` an engine serves at most that many requests at once;
+dispatched requests beyond it wait in the engine's own FIFO (as vLLM's scheduler
+queues beyond ``max_num_seqs``), so a request's service starts at ``start`` >=
+``dispatch``.  Without it (the default) every dispatched request is served at once.
+Switch costs are per lane (``start_seconds`` / ``stop_seconds`` take a mapping or a
+function); a policy that puts an engine to sleep instead of stopping it (actions of
+class ``SleepEngine`` / ``WakeEngine``, if the policy emits them) is answered after
+``sleep_seconds`` / ``wake_seconds`` (see :func:`simulate`).
+
+Clients: besides open-loop ``arrivals`` (fixed times), closed-loop ``clients``
+(:class:`Client`) send their next request only after the previous one ended plus a
+think time, as an agent loop or a client with fixed concurrency does.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import random
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .scheduler import (
@@ -52,11 +67,30 @@ class RequestRecord:
     retry_after: float | None = None
     outcome: str = "pending"  # finished, rejected, aborted, lost, cancelled, pending
     previous_lane: str | None = None  # lane of the request dispatched just before
+    start: float | None = None  # service began (== dispatch unless the engine's batch was full)
+    client: str | None = None  # closed-loop client that sent it
+    task: Hashable = None  # the client's task (e.g. one agent loop iteration) it belongs to
 
     @property
     def wait(self) -> float | None:
         """Queue wait: arrival to dispatch (None if never dispatched)."""
         return None if self.dispatch is None else self.dispatch - self.arrival
+
+    @property
+    def service_wait(self) -> float | None:
+        """What the user feels: arrival to the start of service (the engine's batch queue included)."""
+        return None if self.start is None else self.start - self.arrival
+
+
+@dataclass
+class Client:
+    """A closed-loop client: its first request arrives at ``start``; each later one ``think``
+    seconds after the previous one ended (finished, rejected, aborted or lost).  ``steps``
+    yields (lane, service_seconds, think_seconds) or (lane, service, think, task); it may be
+    an endless generator when ``simulate(clients_until=...)`` ends the run."""
+    name: str
+    start: float
+    steps: Iterable[tuple]
 
 
 @dataclass
@@ -101,7 +135,13 @@ class SimResult:
 
     def readies_between(self, start: float, end: float) -> int:
         """Engine-ready events in the interval (start, end]."""
-        return sum(1 for t, _ in self.ready if start < t <= end)
+        times = self._ready_times()
+        return bisect.bisect_right(times, end) - bisect.bisect_right(times, start)
+
+    def _ready_times(self) -> list[float]:
+        if len(getattr(self, "_times", ())) != len(self.ready):
+            self._times = [t for t, _ in self.ready]  # ready events come in time order
+        return self._times
 
 
 # ----------------------------------------------------------------- policies
@@ -129,6 +169,18 @@ def _seconds(value: Seconds, lane: str) -> float:
     return float(value)
 
 
+# event kind -> (the policy's method, the injected failure it reports, if it is one)
+_REPORTS = {
+    "ready": ("engine_ready", None),
+    "start_failed": ("engine_start_failed", "start failure"),
+    "stopped": ("engine_stopped", None),
+    "slept": ("engine_slept", None),
+    "sleep_failed": ("sleep_failed", "sleep failure"),
+    "woke": ("engine_woke", None),
+    "wake_failed": ("wake_failed", "wake failure"),
+}
+
+
 @dataclass(order=True)
 class _Event:
     time: float
@@ -151,6 +203,13 @@ def simulate(
     policy: str | Callable = "scheduler",
     max_time: float = 1e9,
     check: bool = False,
+    batch_size: int | Mapping[str, int] | None = None,
+    clients: Iterable[Client] = (),
+    clients_until: float = float("inf"),
+    sleep_seconds: Seconds = 1.0,
+    wake_seconds: Seconds = 2.0,
+    sleep_failures: Callable[[str, int], bool] | None = None,
+    wake_failures: Callable[[str, int], bool] | None = None,
 ) -> SimResult:
     """Run the simulation; see the module docstring.
 
@@ -161,6 +220,16 @@ def simulate(
     draining engine dies.  ``cancels``: (time, request_id) at which a client
     leaves (only effective while the request is queued).  With ``check`` the
     scheduler's internal invariants are checked after every event.
+
+    ``batch_size``: requests an engine serves at once (per lane with a mapping; None:
+    unlimited); the rest wait in the engine's FIFO.  ``clients``: closed-loop clients
+    (:class:`Client`); none sends a request at or after ``clients_until``.  A
+    ``SleepEngine`` action is reported to ``policy.engine_slept(lane, now)`` after
+    ``sleep_seconds`` (or, when ``sleep_failures(lane, n-th sleep)`` is true, to
+    ``policy.sleep_failed(lane, now, cause)`` after ``start_fail_seconds``); a
+    ``WakeEngine`` action to ``policy.engine_woke`` after ``wake_seconds`` (a ready event,
+    counted in ``SimResult.ready``), or when ``wake_failures(lane, n-th wake)`` is true to
+    ``policy.wake_failed(lane, now, cause)`` after ``start_fail_seconds``.
     """
     pol = make_policy(policy, lanes, settings)
     records: dict[Hashable, RequestRecord] = {}
@@ -185,11 +254,69 @@ def simulate(
         push(time, "crash", lane)
     for time, request_id in cancels:
         push(time, "cancel", request_id)
+    client_steps: dict[str, Iterator] = {}
+    client_count: dict[str, int] = {}
+
+    def client_next(name: str, when: float) -> None:
+        """Queue the client's next request at ``when`` (if it has one before clients_until)."""
+        if when >= clients_until:
+            return
+        step = next(client_steps[name], None)
+        if step is None:
+            return
+        lane, service, think = step[0], step[1], step[2]
+        when += think if client_count[name] else 0.0
+        if when >= clients_until:
+            return
+        request_id = f"{name}-{client_count[name]}"
+        client_count[name] += 1
+        if request_id in records:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        records[request_id] = RequestRecord(request_id, lane, when, service, client=name,
+                                            task=step[3] if len(step) > 3 else None)
+        push(when, "arrival", request_id)
+
+    for client in clients:
+        if client.name in client_steps:
+            raise ValueError(f"duplicate client {client.name!r}")
+        client_steps[client.name] = iter(client.steps)
+        client_count[client.name] = 0
+        client_next(client.name, client.start)
+
+    def ended(rec: RequestRecord) -> None:
+        if rec.client is not None:
+            client_next(rec.client, now)
 
     generation = {p.name: 0 for p in lanes}  # bumped on every start and stop
     engine_up = {p.name: False for p in lanes}  # a ready engine is running
     start_count = {p.name: 0 for p in lanes}
     running: dict[str, set[Hashable]] = {p.name: set() for p in lanes}  # dispatched, not ended
+    serving: dict[str, set[Hashable]] = {p.name: set() for p in lanes}  # in the engine's batch
+    engine_queue: dict[str, deque] = {p.name: deque() for p in lanes}  # dispatched, batch full
+    wake_count = {p.name: 0 for p in lanes}
+    sleep_count = {p.name: 0 for p in lanes}
+
+    def capacity(lane: str) -> float:
+        if batch_size is None:
+            return float("inf")
+        return float(batch_size[lane] if isinstance(batch_size, Mapping) else batch_size)
+
+    def serve(lane: str, request_id: Hashable) -> None:
+        rec = records[request_id]
+        rec.start = now
+        serving[lane].add(request_id)
+        push(now + rec.service, "finish", request_id, lane)
+
+    def fill(lane: str) -> None:
+        queue = engine_queue[lane]
+        while queue and len(serving[lane]) < capacity(lane):
+            request_id = queue.popleft()
+            if request_id in running[lane]:
+                serve(lane, request_id)
+
+    def drop(lane: str, request_id: Hashable) -> None:
+        running[lane].discard(request_id)
+        serving[lane].discard(request_id)
     last_dispatched_lane: str | None = None
     scheduled_ticks: set[float] = set()
     now = 0.0
@@ -217,13 +344,17 @@ def simulate(
                 rec.previous_lane = last_dispatched_lane
                 last_dispatched_lane = action.lane
                 running[action.lane].add(action.request_id)
-                push(now + rec.service, "finish", action.request_id, action.lane)
+                if len(serving[action.lane]) < capacity(action.lane):
+                    serve(action.lane, action.request_id)
+                else:
+                    engine_queue[action.lane].append(action.request_id)
             elif isinstance(action, Reject):
                 rec = records[action.request_id]
                 rec.reject = now
                 rec.reject_code = action.code
                 rec.retry_after = action.retry_after
                 rec.outcome = "rejected"
+                ended(rec)
             elif isinstance(action, StartEngine):
                 lane = action.lane
                 generation[lane] += 1
@@ -242,13 +373,32 @@ def simulate(
                 for request_id in action.request_ids:
                     if request_id not in running[action.lane]:
                         raise AssertionError(f"abort of {request_id!r}, not in flight on {action.lane}")
-                    running[action.lane].discard(request_id)
+                    drop(action.lane, request_id)
                     records[request_id].outcome = "aborted"
                     records[request_id].finish = now
+                    ended(records[request_id])
+                fill(action.lane)
             elif isinstance(action, LaneStateChanged):
                 timeline.append((now, action.lane, str(action.old), str(action.new), action.reason))
             elif isinstance(action, SwitchPlanned):
                 switches.append((now, action.from_lanes, action.to_lane, action.reason))
+            elif type(action).__name__ == "SleepEngine":
+                lane = action.lane
+                generation[lane] += 1
+                sleep_count[lane] += 1
+                engine_up[lane] = False
+                if sleep_failures is not None and sleep_failures(lane, sleep_count[lane]):
+                    push(now + start_fail_seconds, "sleep_failed", lane, generation[lane])
+                else:
+                    push(now + _seconds(sleep_seconds, lane), "slept", lane, generation[lane])
+            elif type(action).__name__ == "WakeEngine":
+                lane = action.lane
+                generation[lane] += 1
+                wake_count[lane] += 1
+                if wake_failures is not None and wake_failures(lane, wake_count[lane]):
+                    push(now + start_fail_seconds, "wake_failed", lane, generation[lane])
+                else:
+                    push(now + _seconds(wake_seconds, lane), "woke", lane, generation[lane])
 
     while heap:
         event = heapq.heappop(heap)
@@ -262,30 +412,28 @@ def simulate(
         elif kind == "finish":
             request_id, lane = data
             if request_id in running[lane]:
-                running[lane].discard(request_id)
+                drop(lane, request_id)
                 records[request_id].finish = now
                 records[request_id].outcome = "finished"
+                fill(lane)
+                ended(records[request_id])
                 play(pol.finish(request_id, now))
         elif kind == "cancel":
             (request_id,) = data
             rec = records.get(request_id)
             if rec is not None and rec.outcome == "pending" and rec.arrival <= now:
                 rec.outcome = "cancelled"
+                ended(rec)
                 play(pol.cancel(request_id, now))
-        elif kind == "ready":
+        elif kind in _REPORTS:  # an engine's report, void if the engine was stopped or restarted since
             lane, gen = data
             if gen == generation[lane]:
-                engine_up[lane] = True
-                ready.append((now, lane))
-                play(pol.engine_ready(lane, now))
-        elif kind == "start_failed":
-            lane, gen = data
-            if gen == generation[lane]:
-                play(pol.engine_start_failed(lane, now, f"{lane}: injected start failure"))
-        elif kind == "stopped":
-            lane, gen = data
-            if gen == generation[lane]:
-                play(pol.engine_stopped(lane, now))
+                if kind in ("ready", "woke"):
+                    engine_up[lane] = True
+                    ready.append((now, lane))
+                method, failure = _REPORTS[kind]
+                args = (lane, now, f"{lane}: injected {failure}") if failure else (lane, now)
+                play(getattr(pol, method)(*args))
         elif kind == "crash":
             (lane,) = data
             if engine_up[lane]:
@@ -294,7 +442,10 @@ def simulate(
                 for request_id in running[lane]:
                     records[request_id].outcome = "lost"
                     records[request_id].finish = now
+                    ended(records[request_id])
                 running[lane].clear()
+                serving[lane].clear()
+                engine_queue[lane].clear()
                 play(pol.engine_exited(lane, now, f"{lane}: injected crash"))
         elif kind == "tick":
             scheduled_ticks.discard(now)
@@ -341,6 +492,7 @@ def steady_stream(
 
 
 __all__ = [
+    "Client",
     "RequestRecord",
     "SimResult",
     "make_policy",
