@@ -15,9 +15,11 @@ from vllm_launcher.scheduler import (
     Reject,
     Scheduler,
     SchedulerSettings,
+    SleepEngine,
     StartEngine,
     StopEngine,
     SwitchPlanned,
+    WakeEngine,
 )
 
 
@@ -581,3 +583,259 @@ def test_snapshot_is_plain_data():
     assert snap["lanes"]["a"]["state"] == "ready" and snap["lanes"]["a"]["inflight"] == 1
     assert snap["lanes"]["b"]["queue_depth"] == 1 and snap["queued"] == 1
     assert snap["memory_budget"] == pytest.approx(0.9)
+
+
+# ------------------------------------------------------------ sleeping lanes
+
+
+def sleepy(names=("a", "b"), share=0.8, keep=0.1, level=1, budget=1.0, **settings) -> Scheduler:
+    """Lanes that sleep, a budget that holds one awake lane and the others asleep."""
+    lanes = [LanePolicy(n, share, sleep_level=level, sleep_share=keep) for n in names]
+    return Scheduler(lanes, SchedulerSettings(memory_budget=budget, **settings))
+
+
+def put_to_sleep(s: Scheduler, now: float = 10.0) -> None:
+    """a READY and idle, b requested: a goes to sleep, b starts."""
+    s.load("a", 0.0)
+    s.engine_ready("a", 1.0)
+    acts = s.submit("b1", "b", now)
+    assert of(acts, SleepEngine) == [SleepEngine("a", 1, "idle")]
+    assert of(acts, StopEngine) == []
+    assert s.state("a") is LaneState.STOPPING
+    acts = s.engine_slept("a", now + 2.0)
+    assert LaneStateChanged("a", LaneState.STOPPING, LaneState.SLEEPING, "engine asleep") in acts
+    assert of(acts, StartEngine) == [StartEngine("b", 1, True)]
+
+
+def waking_a(requests=("a1",)) -> Scheduler:
+    """a asleep, b served then idle, requests for a: b goes to sleep and a is waking."""
+    s = sleepy()
+    put_to_sleep(s)
+    s.engine_ready("b", 20.0)
+    s.finish("b1", 21.0)
+    for i, request_id in enumerate(requests):
+        s.submit(request_id, "a", 30.0 + i / 2)
+    assert of(s.engine_slept("b", 31.0), WakeEngine) == [WakeEngine("a")]
+    return s
+
+
+def test_sleep_lane_policy_is_checked():
+    with pytest.raises(ValueError):
+        LanePolicy("a", 0.5, sleep_level=3)
+    with pytest.raises(ValueError):
+        LanePolicy("a", 0.5, sleep_level=1, sleep_share=0.6)
+    with pytest.raises(ValueError):
+        LanePolicy("a", 0.5, sleep_level=1, sleep_share=-0.1)
+    assert LanePolicy("a").sleep_level == 0  # off by default: stop/start
+
+
+def test_a_lane_without_sleep_level_is_started_and_stopped_as_before():
+    s = make()
+    assert of(s.submit("a1", "a", 0.0), StartEngine) == [StartEngine("a", 1, False)]
+    s.engine_ready("a", 1.0)
+    s.finish("a1", 2.0)
+    acts = s.submit("b1", "b", 3.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "idle")] and of(acts, SleepEngine) == []
+
+
+def test_switching_away_puts_a_sleep_lane_to_sleep_and_back_wakes_it():
+    s = sleepy()
+    put_to_sleep(s)
+    assert s.state("a") is LaneState.SLEEPING
+    assert s.occupancy() == pytest.approx(0.1 + 0.8)  # the sleeper counts its sleep_share
+    s.engine_ready("b", 20.0)
+    s.finish("b1", 21.0)
+    acts = s.submit("a1", "a", 30.0)
+    # b is idle: it sleeps; a wakes once b is asleep (0.1 + 0.8 + 0.7 > 1.0 before that)
+    assert of(acts, SleepEngine) == [SleepEngine("b", 1, "idle")] and of(acts, WakeEngine) == []
+    acts = s.engine_slept("b", 31.0)
+    assert of(acts, WakeEngine) == [WakeEngine("a")] and of(acts, StartEngine) == []
+    assert LaneStateChanged("a", LaneState.SLEEPING, LaneState.STARTING, "wake") in acts
+    assert s.snapshot()["lanes"]["a"]["waking"] is True
+    acts = s.engine_woke("a", 31.5)
+    assert dispatched(acts) == ["a1"] and s.state("a") is LaneState.READY
+    assert s.costs("a")["wake"] == pytest.approx(0.5)  # measured: WakeEngine at 31, woke at 31.5
+    assert s.costs("a")["sleep"] == pytest.approx(2.0)
+    assert s.costs("b")["start"] == pytest.approx(8.0)  # started at 12, ready at 20
+    s.check_invariants()
+
+
+def test_a_busy_sleep_lane_drains_then_sleeps():
+    s = sleepy(switch_max_wait=30.0)
+    s.submit("a1", "a", 0.0)
+    s.engine_ready("a", 1.0)
+    s.submit("b1", "b", 2.0)
+    acts = s.tick(32.0)
+    assert s.state("a") is LaneState.DRAINING and of(acts, SleepEngine) == []
+    acts = s.finish("a1", 33.0)
+    assert of(acts, SleepEngine) == [SleepEngine("a", 1, "max_wait")]
+    s.check_invariants()
+
+
+def test_sleep_failure_stops_the_engine_and_falls_back_for_good():
+    s = sleepy()
+    s.load("a", 0.0)
+    s.engine_ready("a", 1.0)
+    s.submit("b1", "b", 10.0)
+    acts = s.sleep_failed("a", 11.0, "sleep mode is not supported")
+    assert of(acts, StopEngine) == [StopEngine("a", "sleep_failed")]
+    changes = of(acts, LaneStateChanged)
+    assert len(changes) == 1 and "sleep mode off for this lane" in changes[0].reason
+    assert s.sleep_off("a") == "sleep failed: sleep mode is not supported"
+    assert s.snapshot()["lanes"]["a"]["sleep_off"] == s.sleep_off("a")
+    acts = s.engine_stopped("a", 12.0)
+    assert of(acts, StartEngine) == [StartEngine("b", 1, True)]
+    s.engine_ready("b", 20.0)
+    s.finish("b1", 21.0)
+    acts = s.submit("a1", "a", 22.0)  # b still sleeps fine; a cold-starts without sleep mode
+    assert of(acts, SleepEngine) == [SleepEngine("b", 1, "idle")]
+    acts = s.engine_slept("b", 23.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 1, False)]
+    s.engine_ready("a", 30.0)
+    s.finish("a1", 31.0)
+    acts = s.submit("b2", "b", 32.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "idle")] and of(acts, SleepEngine) == []  # for good
+    assert all("sleep mode off" not in c.reason for c in of(acts, LaneStateChanged))  # logged once
+    s.check_invariants()
+
+
+def test_failed_wake_cold_starts_and_serves_the_queued_requests():
+    s = waking_a(("a1", "a2"))
+    acts = s.wake_failed("a", 32.0, "wake_up returned 500")
+    assert of(acts, StopEngine) == [StopEngine("a", "wake_failed")]
+    assert of(acts, LaneStateChanged)[0].new is LaneState.STOPPING
+    assert "sleep mode off" in of(acts, LaneStateChanged)[0].reason
+    assert s.queue_depth("a") == 2  # nothing lost: the requests keep their place
+    acts = s.engine_stopped("a", 33.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 1, False)]
+    assert dispatched(s.engine_ready("a", 40.0)) == ["a1", "a2"]
+    assert s.snapshot()["lanes"]["a"]["failures"] == 0  # a failed wake is no crash loop
+    s.check_invariants()
+
+
+def test_engine_start_failed_or_exit_while_waking_is_a_failed_wake():
+    s = waking_a()
+    acts = s.engine_start_failed("a", 32.0, "wake timed out")
+    assert of(acts, StopEngine) == [StopEngine("a", "wake_failed")]
+    s2 = waking_a()
+    acts = s2.engine_exited("a", 32.0, "exit 1")
+    assert s2.sleep_off("a") is not None and of(acts, StopEngine) == []
+    assert of(acts, StartEngine) == [StartEngine("a", 1, False)]  # the process is gone: cold start
+    s2.check_invariants()
+
+
+def test_sleep_refused_at_start_is_reported_any_time_and_logged_once():
+    s = sleepy()
+    s.submit("a1", "a", 0.0)
+    acts = s.sleep_failed("a", 1.0, "--enable-sleep-mode is not supported on this platform")
+    assert of(acts, LaneStateChanged) == [LaneStateChanged(
+        "a", LaneState.STARTING, LaneState.STARTING,
+        "sleep failed: --enable-sleep-mode is not supported on this platform; "
+        "sleep mode off for this lane, stop/start from now on")]
+    assert s.sleep_failed("a", 1.5, "again") == []  # once
+    acts = s.engine_start_failed("a", 2.0, "engine exited", counts=False)
+    acts = s.tick(5.0)
+    assert of(acts, StartEngine) == [StartEngine("a", 2, False)]
+
+
+def test_sleepers_are_stopped_least_recently_used_first_when_a_start_does_not_fit():
+    s = sleepy(("a", "b", "c", "d"))
+    put_to_sleep(s)  # a asleep at 12
+    s.engine_ready("b", 20.0)
+    s.finish("b1", 21.0)
+    s.submit("c1", "c", 22.0)
+    s.engine_slept("b", 23.0)  # b asleep, c starting
+    s.engine_ready("c", 30.0)
+    s.finish("c1", 31.0)
+    assert s.occupancy() == pytest.approx(0.1 + 0.1 + 0.8)
+    acts = s.submit("d1", "d", 40.0)
+    # c (idle) sleeps: 0.3 + 0.8 > 1.0, so the least recently used sleeper (a) is stopped too
+    assert of(acts, SleepEngine) == [SleepEngine("c", 1, "idle")]
+    assert of(acts, StopEngine) == [StopEngine("a", "idle")]
+    assert SwitchPlanned(("c", "a"), "d", "idle") in acts
+    s.engine_slept("c", 41.0)
+    acts = s.engine_stopped("a", 42.0)
+    assert of(acts, StartEngine) == [StartEngine("d", 1, True)]
+    assert s.state("b") is LaneState.SLEEPING and s.state("c") is LaneState.SLEEPING
+    s.check_invariants()
+
+
+def test_a_sleeper_that_does_not_fit_at_all_is_stopped_instead():
+    # budget 1.0, shares 0.9 and sleep share 0.2: no lane can sleep beside an awake one
+    s = sleepy(share=0.9, keep=0.2)
+    s.load("a", 0.0)
+    s.engine_ready("a", 1.0)
+    acts = s.submit("b1", "b", 2.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "idle")] and of(acts, SleepEngine) == []
+    s.check_invariants()
+
+
+def test_unload_and_shutdown_stop_sleepers():
+    s = sleepy()
+    put_to_sleep(s)
+    acts = s.unload("a", 13.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "unload")]
+    s.engine_stopped("a", 14.0)
+    assert s.state("a") is LaneState.STOPPED
+    s.engine_ready("b", 20.0)
+    s.finish("b1", 21.0)
+    s.submit("a1", "a", 22.0)  # b sleeps, a starts cold
+    s.engine_slept("b", 23.0)
+    acts = s.shutdown(24.0)
+    assert StopEngine("b", "shutdown") in acts and StopEngine("a", "shutdown") in acts
+    s.engine_stopped("a", 25.0)
+    s.engine_stopped("b", 25.0)
+    assert s.is_idle()
+
+
+def test_unload_while_going_to_sleep_stops_once_asleep():
+    s = sleepy()
+    s.load("a", 0.0)
+    s.engine_ready("a", 1.0)
+    s.submit("b1", "b", 10.0)  # a goes to sleep
+    assert s.unload("a", 10.5) == []
+    acts = s.engine_slept("a", 11.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "unload")]
+
+
+def test_a_sleeping_engine_that_exits_is_stopped_and_woken_cold_later():
+    s = sleepy()
+    put_to_sleep(s)
+    acts = s.engine_exited("a", 13.0, "killed")
+    assert s.state("a") is LaneState.STOPPED and of(acts, StartEngine) == []
+    assert s.sleep_off("a") is None  # sleep mode itself did not fail
+    s.check_invariants()
+
+
+def test_load_wakes_a_sleeper():
+    s = sleepy()
+    put_to_sleep(s)
+    s.engine_ready("b", 20.0)
+    s.load("a", 21.0)  # evicts b (busy: it drains) without the hold
+    assert s.state("b") is LaneState.DRAINING
+    assert of(s.finish("b1", 21.5), SleepEngine) == [SleepEngine("b", 1, "load")]
+    assert of(s.engine_slept("b", 22.0), WakeEngine) == [WakeEngine("a")]
+
+
+def test_service_times_and_costs_are_learnt_per_lane():
+    s = make(service_seconds_estimate=7.0, start_seconds_estimate=50.0, service_window=2)
+    assert s.service_seconds("a") == 7.0 and s.costs("a")["start"] == 50.0
+    s.submit("a1", "a", 0.0)
+    s.submit("a2", "a", 0.0)
+    s.submit("a3", "a", 0.0)
+    s.engine_ready("a", 20.0)
+    assert s.costs("a")["start"] == pytest.approx(20.0)  # the first measurement replaces the default
+    s.finish("a1", 22.0)
+    s.finish("a2", 26.0)
+    assert s.service_seconds("a") == pytest.approx(4.0)
+    s.finish("a3", 30.0, service_seconds=1.0)
+    assert s.service_seconds("a") == pytest.approx(3.5)  # window 2: 6 and 1
+    s.submit("a4", "a", 31.0)
+    s.finish("a4", 99.0, sample=False)
+    assert s.service_seconds("a") == pytest.approx(3.5)
+    s.observe_engine_seconds("a", "start", 30.0)
+    assert s.costs("a")["start"] == pytest.approx(0.7 * 20.0 + 0.3 * 30.0)
+    with pytest.raises(ValueError):
+        s.observe_engine_seconds("a", "boot", 1.0)
+    assert s.service_seconds("b") == 7.0
+    json.dumps(s.snapshot())

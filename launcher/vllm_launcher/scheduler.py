@@ -23,7 +23,60 @@ Contract with the I/O layer
 * ``engine_exited``: report it (after making sure the process group is gone)
   when a ready or draining engine dies.  The scheduler forgets that lane's
   in-flight requests: the I/O layer answers them 502.
-* ``LaneStateChanged`` / ``SwitchPlanned``: for logs, metrics and sd_notify.
+* ``LaneStateChanged`` / ``SwitchPlanned``: for logs, metrics and sd_notify.  ``old`` and
+  ``new`` are equal only for the one record that says a lane's sleep mode fell back.
+
+Sleeping lanes (vLLM sleep mode; ``LanePolicy.sleep_level`` 1 or 2, 0 = off)
+-----------------------------------------------------------------------------
+A lane with ``sleep_level > 0`` is started with ``StartEngine(lane, attempt, sleep_mode=True)``
+(``--enable-sleep-mode``, ``VLLM_SERVER_DEV_MODE=1``).  While asleep the lane is
+``LaneState.SLEEPING`` and holds ``LanePolicy.sleep_share`` of the memory budget (level 1: its
+weights' share; level 2: its process overhead; the I/O layer computes both from the memory
+plan).  Actions and the reports each one asks for:
+
+* ``SleepEngine(lane, level, reason)``: instead of ``StopEngine`` when a drained lane is
+  switched out (reasons idle, max_wait, cost, load; never for unload, idle_timeout,
+  shutdown, which stop).  The lane is STOPPING (full share) until the I/O layer reports
+  exactly one of :meth:`~Scheduler.engine_slept` (-> SLEEPING) or
+  :meth:`~Scheduler.sleep_failed` (the scheduler then emits ``StopEngine(lane,
+  "sleep_failed")``; report ``engine_stopped`` as usual).
+* ``WakeEngine(lane)``: the lane's sleeping engine is wanted (it is the next lane to serve).
+  The lane is STARTING (full share) until exactly one of :meth:`~Scheduler.engine_woke`
+  (-> READY, its queue is dispatched; ``engine_ready`` is accepted too) or
+  :meth:`~Scheduler.wake_failed` (-> STOPPING with ``StopEngine(lane, "wake_failed")``;
+  after ``engine_stopped`` the lane is cold-started by ``StartEngine`` and its queued
+  requests, which kept their place, are served: a failed wake loses nothing).
+  ``engine_start_failed`` on a waking lane counts as ``wake_failed``; ``engine_exited`` on a
+  waking lane as a failed wake whose process is gone (-> STOPPED, no StopEngine).
+* ``StopEngine`` on a SLEEPING lane: a sleeper is evicted for memory (least recently used
+  first), unloaded or shut down.  Report ``engine_stopped``.
+* ``engine_exited`` on a SLEEPING lane: it is STOPPED; nothing was in flight.
+* ``sleep_failed(lane, now, cause)`` may also be reported at any other time, e.g. when an
+  engine refuses ``--enable-sleep-mode`` (report it before ``engine_start_failed``, whose
+  retry is then a ``StartEngine`` with ``sleep_mode=False``).
+
+Fallback: after a failed sleep or wake the lane uses stop/start for good (until the
+scheduler is built again, i.e. a reload), logged once by a ``LaneStateChanged`` whose reason
+says so, and shown by :meth:`Scheduler.sleep_off` and ``snapshot()["lanes"][lane]["sleep_off"]``.
+
+Memory: occupancy counts the full share of STARTING, READY, DRAINING and STOPPING lanes and
+the ``sleep_share`` of SLEEPING ones.  When the next lane to start (or wake, which needs
+``share - sleep_share`` more) does not fit, the scheduler frees room in this order: idle
+READY lanes (least recently used first) are put to sleep or stopped; then sleepers are
+stopped, least recently used first; then (when the policy closes them) busy READY lanes are
+drained and put to sleep; if still short, the lanes it meant to put to sleep are stopped.
+
+Measurements (what the policy learns)
+-------------------------------------
+* Service times: :meth:`~Scheduler.finish` takes the request's duration (default: dispatch
+  to ``now``; ``service_seconds=`` for an exact figure, ``sample=False`` for a request that
+  says nothing about the lane, e.g. a client that left).  :meth:`~Scheduler.service_seconds`
+  is the mean over the last ``service_window`` finishes.
+* Per-lane costs: the scheduler times each start (StartEngine -> engine_ready), stop
+  (StopEngine -> engine_stopped), sleep (SleepEngine -> engine_slept) and wake (WakeEngine
+  -> engine_woke) with the ``now`` it is given; the I/O layer may feed its own figures with
+  :meth:`~Scheduler.observe_engine_seconds` (lane, phase, seconds).  Before the first
+  measurement the ``*_seconds_estimate`` settings stand in.  :meth:`~Scheduler.costs`.
 
 Policy
 ------
@@ -67,7 +120,7 @@ Choices the issues left open
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -81,6 +134,7 @@ class LaneState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # the engine process lives, asleep (vLLM sleep mode); holds sleep_share
     FAILED = "failed"
 
 
@@ -94,6 +148,8 @@ class LanePolicy:
     name: str
     share: float = 0.9  # GPU memory fraction (vLLM's gpu_memory_utilization)
     idle_timeout: float | None = None  # stop the lane after this long unused
+    sleep_level: int = 0  # vLLM sleep mode: 0 off (stop/start), 1 or 2 (sleep/wake)
+    sleep_share: float = 0.0  # memory a sleeping engine holds (level 1: its weights; level 2: overhead)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -102,6 +158,10 @@ class LanePolicy:
             raise ValueError(f"lane {self.name}: share must be > 0")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
             raise ValueError(f"lane {self.name}: idle_timeout must be > 0")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"lane {self.name}: sleep_level must be 0, 1 or 2")
+        if not 0 <= self.sleep_share <= self.share:
+            raise ValueError(f"lane {self.name}: sleep_share must be in [0, share]")
 
 
 @dataclass(frozen=True)
@@ -117,15 +177,26 @@ class SchedulerSettings:
     healthy_after_requests: int = 3  # requests an engine finishes before its crash is no crash loop
     switch_seconds_estimate: float = 60.0  # initial estimate for Retry-After
     request_seconds_estimate: float = 1.0  # initial per-queued-request cost
+    # Per-lane cost estimates before the first measurement (then measured: see observe_engine_seconds).
+    start_seconds_estimate: float = 60.0
+    stop_seconds_estimate: float = 5.0
+    wake_seconds_estimate: float = 5.0
+    sleep_seconds_estimate: float = 5.0
+    service_seconds_estimate: float = 10.0  # a lane's mean service time before its first finish
+    service_window: int = 32  # recent service times kept per lane
 
     def __post_init__(self) -> None:
-        for name in ("switch_max_wait", "drain_timeout", "queue_timeout", "backoff_initial", "backoff_max"):
+        for name in ("switch_max_wait", "drain_timeout", "queue_timeout", "backoff_initial", "backoff_max",
+                     "start_seconds_estimate", "stop_seconds_estimate", "wake_seconds_estimate",
+                     "sleep_seconds_estimate", "service_seconds_estimate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.queue_max < 0:
             raise ValueError("queue_max must be >= 0")
         if self.max_restarts < 1:
             raise ValueError("max_restarts must be >= 1")
+        if self.service_window < 1:
+            raise ValueError("service_window must be >= 1")
         if self.healthy_after_requests < 1:
             raise ValueError("healthy_after_requests must be >= 1")
         if self.memory_budget is not None and not self.memory_budget > 0:
@@ -155,12 +226,29 @@ class Reject:
 class StartEngine:
     lane: str
     attempt: int  # 1 for a fresh start, n for the n-th attempt after failures
+    sleep_mode: bool = False  # start with --enable-sleep-mode (the lane may be put to sleep later)
 
 
 @dataclass(frozen=True)
 class StopEngine:
     lane: str
-    reason: str  # idle, max_wait, load, unload, idle_timeout, shutdown
+    reason: str  # idle, max_wait, cost, load, unload, idle_timeout, shutdown, sleep_failed, wake_failed
+
+
+@dataclass(frozen=True)
+class SleepEngine:
+    """Put the lane's (drained, idle) engine to sleep at ``level``; report engine_slept or sleep_failed."""
+
+    lane: str
+    level: int  # 1 or 2 (vLLM's POST /sleep?level=)
+    reason: str  # idle, max_wait, cost, load (why the lane was switched out)
+
+
+@dataclass(frozen=True)
+class WakeEngine:
+    """Wake the lane's sleeping engine (vLLM's POST /wake_up); report engine_woke or wake_failed."""
+
+    lane: str
 
 
 @dataclass(frozen=True)
@@ -185,7 +273,8 @@ class SwitchPlanned:
     reason: str  # idle, max_wait, load, co_resident
 
 
-Action = Dispatch | Reject | StartEngine | StopEngine | AbortInflight | LaneStateChanged | SwitchPlanned
+Action = (Dispatch | Reject | StartEngine | StopEngine | SleepEngine | WakeEngine | AbortInflight | LaneStateChanged
+          | SwitchPlanned)
 
 
 # ----------------------------------------------------------------- internals
@@ -218,6 +307,16 @@ class _Lane:
     restart_pending: bool = False  # crashed while ready: restart even without waiters
     load_requested: float | None = None  # operator load() time, first candidate
     last_cause: str | None = None
+    # sleep mode
+    sleep_off: str | None = None  # why sleep mode fell back to stop/start for good (None: not fallen back)
+    then_sleep: bool = False  # DRAINING: sleep (not stop) when drained
+    going_to_sleep: bool = False  # STOPPING after SleepEngine: engine_slept or sleep_failed is due
+    stop_when_asleep: bool = False  # unload/shutdown while going to sleep: stop once asleep
+    waking: bool = False  # STARTING after WakeEngine: engine_woke or wake_failed is due
+    # measurements
+    op_since: float | None = None  # when the pending start/stop/sleep/wake was asked for
+    costs: dict[str, float] = field(default_factory=dict)  # measured seconds: start, stop, sleep, wake
+    services: deque[float] = field(default_factory=deque)  # recent service times (dispatch to finish)
 
     @property
     def name(self) -> str:
@@ -226,6 +325,15 @@ class _Lane:
     @property
     def share(self) -> float:
         return self.policy.share
+
+    @property
+    def keep(self) -> float:
+        """Memory the lane holds while asleep."""
+        return self.policy.sleep_share
+
+    @property
+    def can_sleep(self) -> bool:
+        return self.policy.sleep_level > 0 and self.sleep_off is None
 
     def oldest(self) -> float | None:
         for req in self.queue.values():
@@ -291,7 +399,11 @@ class Scheduler:
         self._schedule(now, out)
         return out
 
-    def finish(self, request_id: Hashable, now: float) -> list[Action]:
+    def finish(self, request_id: Hashable, now: float, service_seconds: float | None = None,
+               *, sample: bool = True) -> list[Action]:
+        """A dispatched request ended (any outcome).  Its service time (``service_seconds``, by
+        default dispatch to ``now``) is learnt for its lane unless ``sample`` is False (a client
+        that left early, an error: durations that say nothing about the lane's service)."""
         now, out = self._begin(now)
         req = self._requests.get(request_id)
         if req is not None and req.dispatched is not None:
@@ -303,8 +415,13 @@ class Scheduler:
             ln.served += 1
             if ln.served >= self.settings.healthy_after_requests:
                 ln.failures = 0  # it served: a later crash starts a new count
-            cost = (now - req.dispatched) / max(1, concurrency)
+            duration = now - req.dispatched if service_seconds is None else service_seconds
+            cost = duration / max(1, concurrency)
             self._request_estimate = 0.8 * self._request_estimate + 0.2 * cost
+            if sample and duration >= 0 and math.isfinite(duration):
+                ln.services.append(duration)
+                while len(ln.services) > self.settings.service_window:
+                    ln.services.popleft()
         self._schedule(now, out)
         return out
 
@@ -320,7 +437,9 @@ class Scheduler:
         ln = self._lane(lane)
         now, out = self._begin(now)
         if ln.state is LaneState.STARTING:
-            self._transition(ln, LaneState.READY, "engine ready", out)
+            self._measure(ln, "wake" if ln.waking else "start", now)
+            self._transition(ln, LaneState.READY, "engine woke" if ln.waking else "engine ready", out)
+            ln.waking = False
             ln.setbacks = 0
             ln.served = 0
             ln.ready_since = now
@@ -333,12 +452,19 @@ class Scheduler:
         self._schedule(now, out)
         return out
 
+    def engine_woke(self, lane: str, now: float) -> list[Action]:
+        """The engine woke up after :class:`WakeEngine`: the lane is ready (as engine_ready)."""
+        return self.engine_ready(lane, now)
+
     def engine_start_failed(self, lane: str, now: float, cause: str, counts: bool = True) -> list[Action]:
         """``counts=False``: the start failed for the server's own resources (EMFILE), not the
         engine's; back off, but never fail the lane for it."""
         ln = self._lane(lane)
+        if ln.state is LaneState.STARTING and ln.waking:
+            return self.wake_failed(lane, now, cause)
         now, out = self._begin(now)
         if ln.state is LaneState.STARTING:
+            ln.op_since = None
             self._failure(ln, now, cause, restart=False, out=out, counts=counts)
         self._schedule(now, out)
         return out
@@ -346,11 +472,20 @@ class Scheduler:
     def engine_exited(self, lane: str, now: float, cause: str) -> list[Action]:
         ln = self._lane(lane)
         now, out = self._begin(now)
-        if ln.state in (LaneState.READY, LaneState.DRAINING, LaneState.STARTING):
+        if ln.state is LaneState.SLEEPING:
+            # A sleeping engine died: nothing was in flight and nothing is lost; it is simply gone.
+            self._transition(ln, LaneState.STOPPED, f"engine exited while asleep: {cause}", out)
+        elif ln.state is LaneState.STARTING and ln.waking:
+            # Died while waking: a failed wake whose process is already gone (no StopEngine).
+            self._sleep_fallback(ln, f"wake failed: {cause}", LaneState.STOPPED, out)
+            ln.waking = False
+            ln.op_since = None
+        elif ln.state in (LaneState.READY, LaneState.DRAINING, LaneState.STARTING):
             was_ready = ln.state is LaneState.READY
             for request_id in ln.inflight:
                 del self._requests[request_id]
             ln.inflight.clear()
+            ln.op_since = None
             self._failure(ln, now, cause, restart=was_ready, out=out)
         self._schedule(now, out)
         return out
@@ -359,9 +494,72 @@ class Scheduler:
         ln = self._lane(lane)
         now, out = self._begin(now)
         if ln.state is LaneState.STOPPING:
+            if not ln.going_to_sleep:
+                self._measure(ln, "stop", now)
+            ln.going_to_sleep = ln.stop_when_asleep = False
+            ln.op_since = None
             self._transition(ln, LaneState.STOPPED, "engine stopped", out)
         self._schedule(now, out)
         return out
+
+    def engine_slept(self, lane: str, now: float) -> list[Action]:
+        """The engine is asleep after :class:`SleepEngine`: the lane is SLEEPING (holds sleep_share)."""
+        ln = self._lane(lane)
+        now, out = self._begin(now)
+        if ln.state is LaneState.STOPPING and ln.going_to_sleep:
+            self._measure(ln, "sleep", now)
+            ln.going_to_sleep = False
+            self._transition(ln, LaneState.SLEEPING, "engine asleep", out)
+            if ln.stop_when_asleep or self._shutting_down:
+                ln.stop_when_asleep = False
+                self._stop(ln, "shutdown" if self._shutting_down else "unload", now, out)
+        self._schedule(now, out)
+        return out
+
+    def sleep_failed(self, lane: str, now: float, cause: str) -> list[Action]:
+        """Sleep mode does not work for this lane: after :class:`SleepEngine` (the engine is then
+        stopped: StopEngine, engine_stopped), or at any time (e.g. an engine that refuses
+        ``--enable-sleep-mode``: report this, then engine_start_failed).  Either way the lane
+        falls back to stop/start for good (this scheduler's lifetime), logged once."""
+        ln = self._lane(lane)
+        now, out = self._begin(now)
+        if ln.state is LaneState.STOPPING and ln.going_to_sleep:
+            ln.going_to_sleep = ln.stop_when_asleep = False
+            self._sleep_fallback(ln, f"sleep failed: {cause}", LaneState.STOPPING, out)
+            ln.op_since = now
+            out.append(StopEngine(ln.name, "sleep_failed"))
+        elif ln.state is LaneState.SLEEPING:
+            self._sleep_fallback(ln, f"sleep failed: {cause}", LaneState.SLEEPING, out)
+            self._stop(ln, "sleep_failed", now, out)
+        else:
+            self._sleep_fallback(ln, f"sleep failed: {cause}", ln.state, out)
+        self._schedule(now, out)
+        return out
+
+    def wake_failed(self, lane: str, now: float, cause: str) -> list[Action]:
+        """The engine did not wake after :class:`WakeEngine`: it is stopped (StopEngine, then
+        engine_stopped) and the lane falls back to stop/start for good; its queued requests keep
+        their place and are served by a cold start."""
+        ln = self._lane(lane)
+        now, out = self._begin(now)
+        if ln.state is LaneState.STARTING and ln.waking:
+            ln.waking = False
+            self._sleep_fallback(ln, f"wake failed: {cause}", LaneState.STOPPING, out)
+            ln.op_since = now
+            out.append(StopEngine(ln.name, "wake_failed"))
+        self._schedule(now, out)
+        return out
+
+    def observe_engine_seconds(self, lane: str, phase: str, seconds: float) -> None:
+        """Feed a measured duration of ``phase`` (start, stop, sleep, wake) for ``lane``.  The
+        scheduler measures these itself (from the action to its report, with the ``now`` it is
+        given); the I/O layer may feed its own, more exact, figures too."""
+        ln = self._lane(lane)
+        if phase not in ("start", "stop", "sleep", "wake"):
+            raise ValueError(f"unknown phase {phase!r}")
+        if seconds >= 0 and math.isfinite(seconds):
+            old = ln.costs.get(phase)
+            ln.costs[phase] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
     def load(self, lane: str, now: float) -> list[Action]:
         """Operator: load the lane now, evicting what conflicts (no hold)."""
@@ -371,7 +569,7 @@ class Scheduler:
             if ln.state is LaneState.FAILED:
                 self._transition(ln, LaneState.STOPPED, "load", out)
                 ln.failures = 0
-            if ln.state in (LaneState.STOPPED, LaneState.DRAINING, LaneState.STOPPING):
+            if ln.state in (LaneState.STOPPED, LaneState.SLEEPING, LaneState.DRAINING, LaneState.STOPPING):
                 ln.retry_at = None
                 if ln.load_requested is None:
                     ln.load_requested = now
@@ -422,7 +620,7 @@ class Scheduler:
             oldest = ln.oldest()
             if oldest is not None:
                 deadlines.append(oldest + s.queue_timeout)
-                if ln.state is LaneState.STOPPED and not self._shutting_down:
+                if ln.state in (LaneState.STOPPED, LaneState.SLEEPING) and not self._shutting_down:
                     deadlines.append(oldest + s.switch_max_wait)
             if ln.state is LaneState.DRAINING and ln.drain_started is not None:
                 deadlines.append(ln.drain_started + s.drain_timeout)
@@ -439,6 +637,25 @@ class Scheduler:
 
     def state(self, lane: str) -> LaneState:
         return self._lane(lane).state
+
+    def costs(self, lane: str) -> dict[str, float]:
+        """Seconds a start, stop, sleep and wake of the lane take: measured, else the defaults."""
+        ln = self._lane(lane)
+        s = self.settings
+        defaults = {"start": s.start_seconds_estimate, "stop": s.stop_seconds_estimate,
+                    "sleep": s.sleep_seconds_estimate, "wake": s.wake_seconds_estimate}
+        return {phase: ln.costs.get(phase, default) for phase, default in defaults.items()}
+
+    def service_seconds(self, lane: str) -> float:
+        """The lane's mean service time over its recent finishes (the default before any)."""
+        ln = self._lane(lane)
+        if not ln.services:
+            return self.settings.service_seconds_estimate
+        return sum(ln.services) / len(ln.services)
+
+    def sleep_off(self, lane: str) -> str | None:
+        """Why sleep mode fell back to stop/start for this lane (None: it has not)."""
+        return self._lane(lane).sleep_off
 
     def queue_depth(self, lane: str) -> int:
         return len(self._lane(lane).queue)
@@ -465,7 +682,10 @@ class Scheduler:
         return self._shutting_down
 
     def occupancy(self) -> float:
-        return sum(ln.share for ln in self._lanes.values() if ln.state in RESIDENT_STATES)
+        return sum(
+            ln.share if ln.state in RESIDENT_STATES else ln.keep if ln.state is LaneState.SLEEPING else 0.0
+            for ln in self._lanes.values()
+        )
 
     def is_idle(self) -> bool:
         """Everything stopped or failed, nothing queued and nothing in flight."""
@@ -492,6 +712,13 @@ class Scheduler:
                 "last_cause": ln.last_cause,
                 "idle_timeout": ln.policy.idle_timeout,
                 "load_requested": ln.load_requested is not None,
+                "sleep_level": ln.policy.sleep_level,
+                "sleep_share": ln.keep,
+                "sleep_off": ln.sleep_off,
+                "waking": ln.waking,
+                "going_to_sleep": ln.going_to_sleep,
+                "costs": self.costs(ln.name),
+                "service_seconds": self.service_seconds(ln.name),
             }
         return {
             "memory_budget": self.budget,
@@ -517,6 +744,10 @@ class Scheduler:
                 assert not ln.inflight, f"{ln.state} lane {ln.name} has requests in flight"
             if ln.state is LaneState.FAILED:
                 assert not ln.queue
+            assert not ln.waking or ln.state is LaneState.STARTING
+            assert not ln.going_to_sleep or ln.state is LaneState.STOPPING
+            assert not ln.then_sleep or ln.state is LaneState.DRAINING
+            assert ln.state is not LaneState.SLEEPING or ln.can_sleep or ln.sleep_off is not None
             queued += len(ln.queue)
             inflight += len(ln.inflight)
         assert queued == self._queued
@@ -601,26 +832,65 @@ class Scheduler:
         ln.retry_at = now + backoff
         ln.restart_pending = restart
 
-    def _stop(self, ln: _Lane, reason: str, out: list[Action]) -> None:
+    def _stop(self, ln: _Lane, reason: str, now: float, out: list[Action]) -> None:
         if ln.state is LaneState.READY:
             ln.failures = 0  # taken down cleanly while ready: no crash loop
         self._transition(ln, LaneState.STOPPING, reason, out)
         ln.drain_started = None
+        ln.then_sleep = ln.waking = False
+        ln.op_since = now
         out.append(StopEngine(ln.name, reason))
 
+    def _close(self, ln: _Lane, reason: str, now: float, out: list[Action]) -> None:
+        """A drained lane leaves: to sleep if it was to sleep (and still can), else stopped."""
+        if ln.then_sleep and ln.can_sleep and not self._shutting_down:
+            if ln.state is LaneState.READY:
+                ln.failures = 0
+            self._transition(ln, LaneState.STOPPING, reason, out)
+            ln.drain_started = None
+            ln.then_sleep = False
+            ln.going_to_sleep = True
+            ln.op_since = now
+            out.append(SleepEngine(ln.name, ln.policy.sleep_level, reason))
+        else:
+            self._stop(ln, reason, now, out)
+
+    def _sleep_fallback(self, ln: _Lane, cause: str, new: LaneState, out: list[Action]) -> None:
+        """Sleep mode off for this lane for good; logged once as a LaneStateChanged reason (old and
+        new states may be equal)."""
+        first = ln.sleep_off is None and ln.policy.sleep_level > 0
+        if first:
+            ln.sleep_off = cause
+        ln.last_cause = cause
+        reason = f"{cause}; sleep mode off for this lane, stop/start from now on" if first else cause
+        old = ln.state
+        ln.state = new
+        if first or old is not new:
+            out.append(LaneStateChanged(ln.name, old, new, reason))
+
+    def _measure(self, ln: _Lane, phase: str, now: float) -> None:
+        if ln.op_since is not None:
+            self.observe_engine_seconds(ln.name, phase, now - ln.op_since)
+        ln.op_since = None
+
     def _take_down(self, ln: _Lane, now: float, reason: str, out: list[Action]) -> None:
-        """Unload or shutdown: drain a ready lane, stop a starting one, cancel restarts."""
+        """Unload or shutdown: drain a ready lane, stop a starting or sleeping one, cancel restarts."""
         ln.load_requested = None
         ln.restart_pending = False
         if ln.state is LaneState.READY:
             self._drain(ln, now, reason, out)
-        elif ln.state is LaneState.STARTING:
-            self._stop(ln, reason, out)
+        elif ln.state is LaneState.DRAINING:
+            ln.then_sleep = False
+        elif ln.state in (LaneState.STARTING, LaneState.SLEEPING):
+            self._stop(ln, reason, now, out)
+        elif ln.state is LaneState.STOPPING and ln.going_to_sleep:
+            ln.stop_when_asleep = True
 
-    def _drain(self, ln: _Lane, now: float, reason: str, out: list[Action]) -> None:
+    def _drain(self, ln: _Lane, now: float, reason: str, out: list[Action], sleep: bool = False) -> None:
         ln.failures = 0  # taken down cleanly while ready: no crash loop
+        ln.then_sleep = sleep and ln.can_sleep
         if not ln.inflight:
-            self._stop(ln, reason, out)
+            self._close(ln, reason, now, out)
             return
         self._transition(ln, LaneState.DRAINING, reason, out)
         ln.drain_started = now
@@ -645,21 +915,21 @@ class Scheduler:
                 )
             if ln.state is LaneState.DRAINING:
                 if not ln.inflight:
-                    self._stop(ln, ln.drain_reason, out)
+                    self._close(ln, ln.drain_reason, now, out)
                 elif ln.drain_started is not None and now >= ln.drain_started + s.drain_timeout:
                     ids = tuple(ln.inflight)
                     for request_id in ids:
                         del self._requests[request_id]
                     ln.inflight.clear()
                     out.append(AbortInflight(ln.name, ids, "drain_timeout"))
-                    self._stop(ln, ln.drain_reason, out)
+                    self._close(ln, ln.drain_reason, now, out)
             elif (
                 ln.state is LaneState.READY
                 and ln.policy.idle_timeout is not None
                 and not ln.inflight
                 and now >= ln.last_used + ln.policy.idle_timeout
             ):
-                self._stop(ln, "idle_timeout", out)
+                self._stop(ln, "idle_timeout", now, out)
         if not self._shutting_down:
             self._plan(now, out)
 
@@ -667,7 +937,7 @@ class Scheduler:
         best: _Lane | None = None
         best_key: tuple = ()
         for ln in self._lanes.values():
-            if ln.state is not LaneState.STOPPED:
+            if ln.state not in (LaneState.STOPPED, LaneState.SLEEPING):
                 continue
             if ln.retry_at is not None and ln.retry_at > now:
                 continue
@@ -681,14 +951,32 @@ class Scheduler:
                 best, best_key = ln, key
         return best
 
+    def _need(self, ln: _Lane) -> float:
+        """Memory that starting (or waking) ``ln`` adds."""
+        return ln.share - (ln.keep if ln.state is LaneState.SLEEPING else 0.0)
+
     def _fits(self, ln: _Lane, used: float) -> bool:
-        return used + ln.share <= self.budget + EPS
+        return used + self._need(ln) <= self.budget + EPS
+
+    def _projected(self) -> float:
+        """Occupancy once every pending drain, stop and sleep has completed."""
+        total = 0.0
+        for ln in self._lanes.values():
+            if ln.state in (LaneState.STARTING, LaneState.READY):
+                total += ln.share
+            elif ln.state is LaneState.DRAINING:
+                total += ln.keep if ln.then_sleep and ln.can_sleep else 0.0
+            elif ln.state is LaneState.STOPPING:
+                total += ln.keep if ln.going_to_sleep and not ln.stop_when_asleep else 0.0
+            elif ln.state is LaneState.SLEEPING:
+                total += ln.keep
+        return total
 
     def _plan(self, now: float, out: list[Action]) -> None:
         # Forget announced switches whose target no longer waits (its requests left).
         self._planned = {
             name for name in self._planned
-            if self._lanes[name].state is LaneState.STOPPED
+            if self._lanes[name].state in (LaneState.STOPPED, LaneState.SLEEPING)
             and (self._lanes[name].queue or self._lanes[name].load_requested is not None)
         }
         while True:
@@ -696,7 +984,7 @@ class Scheduler:
             if cand is None:
                 break
             if self._fits(cand, self.occupancy()):
-                self._start(cand, out)
+                self._start(cand, now, out)
                 continue
             self._make_room(cand, now, out)
             return
@@ -704,16 +992,14 @@ class Scheduler:
         for ln in self._lanes.values():
             if ln.state is LaneState.STOPPED and ln.restart_pending and (ln.retry_at is None or ln.retry_at <= now):
                 if self._fits(ln, self.occupancy()):
-                    self._start(ln, out)
+                    self._start(ln, now, out)
                 else:
                     ln.restart_pending = False
 
     def _make_room(self, cand: _Lane, now: float, out: list[Action]) -> None:
-        """The candidate does not fit: stop or drain READY lanes for it, or wait."""
-        # Lanes already draining or stopping will free their share anyway.
-        projected = sum(ln.share for ln in self._lanes.values() if ln.state in (LaneState.STARTING, LaneState.READY))
-        if self._fits(cand, projected):
-            return
+        """The candidate does not fit: put to sleep or stop READY lanes, stop sleepers, or wait."""
+        if self._fits(cand, self._projected()):
+            return  # what drains, stops or falls asleep already makes room
         ready = sorted(
             (ln for ln in self._lanes.values() if ln.state is LaneState.READY),
             key=lambda ln: (ln.last_used, ln.index),
@@ -721,33 +1007,84 @@ class Scheduler:
         idle = [ln for ln in ready if not ln.inflight]
         busy = [ln for ln in ready if ln.inflight]
         forced = cand.load_requested is not None
-        victims = self._victims(cand, projected, idle)
-        if victims is not None:
+        plan = self._room_plan(cand, idle, [])
+        if plan is not None:
             reason = "load" if forced else "idle"
         else:
-            oldest = cand.oldest()
-            held = not forced and (oldest is None or now < oldest + self.settings.switch_max_wait)
-            if held:
+            if not forced and not self._close_busy(cand, busy, now):
                 return
-            victims = self._victims(cand, projected, idle + busy)
-            if victims is None:
+            plan = self._room_plan(cand, idle, busy)
+            if plan is None:
                 return  # starting engines hold the memory: wait until they are ready
-            reason = "load" if forced else "max_wait"
-        for victim in victims:
-            self._drain(victim, now, reason, out)
+            reason = "load" if forced else self._close_reason
+        for victim, sleep in plan:
+            if victim.state is LaneState.SLEEPING:
+                self._stop(victim, reason, now, out)
+            else:
+                self._drain(victim, now, reason, out, sleep=sleep)
         self._planned.add(cand.name)
-        out.append(SwitchPlanned(tuple(v.name for v in victims), cand.name, reason))
+        out.append(SwitchPlanned(tuple(v.name for v, _ in plan), cand.name, reason))
 
-    def _victims(self, cand: _Lane, projected: float, pool: list[_Lane]) -> list[_Lane] | None:
-        chosen: list[_Lane] = []
-        for ln in pool:
-            if self._fits(cand, projected):
+    _close_reason = "max_wait"
+
+    def _close_busy(self, cand: _Lane, busy: list[_Lane], now: float) -> bool:
+        """May busy READY lanes be closed for ``cand``?  The hold rule: once its oldest request
+        has waited ``switch_max_wait``."""
+        oldest = cand.oldest()
+        return oldest is not None and now >= oldest + self.settings.switch_max_wait
+
+    def _room_plan(self, cand: _Lane, idle: list[_Lane], busy: list[_Lane]) -> list[tuple[_Lane, bool]] | None:
+        """Which lanes to take down so that ``cand`` fits, as (lane, sleep) pairs in order, or None.
+
+        Idle READY lanes first (put to sleep when they can, else stopped), then sleepers
+        (stopped, least recently used first), then busy READY lanes; when that is not enough,
+        the lanes of the plan that were to sleep are stopped instead."""
+        room = self.budget + EPS - self._projected() - self._need(cand)
+        plan: list[tuple[_Lane, bool]] = []
+
+        def close(lanes: list[_Lane]) -> None:
+            nonlocal room
+            for ln in lanes:
+                if room >= 0:
+                    return
+                sleep = ln.can_sleep
+                plan.append((ln, sleep))
+                room += ln.share - (ln.keep if sleep else 0.0)
+
+        close(idle)
+        sleepers = sorted(
+            (ln for ln in self._lanes.values() if ln.state is LaneState.SLEEPING and ln is not cand),
+            key=lambda ln: (ln.last_used, ln.index),
+        )
+        for ln in sleepers:
+            if room >= 0:
                 break
-            chosen.append(ln)
-            projected -= ln.share
-        return chosen if self._fits(cand, projected) else None
+            if ln.keep <= 0:
+                continue
+            plan.append((ln, False))
+            room += ln.keep
+        close(busy)
+        for i, (ln, sleep) in enumerate(plan):
+            if room >= 0:
+                break
+            if sleep and ln.keep > 0:
+                plan[i] = (ln, False)
+                room += ln.keep
+        return plan if room >= 0 else None
 
-    def _start(self, ln: _Lane, out: list[Action]) -> None:
+    def _start(self, ln: _Lane, now: float, out: list[Action]) -> None:
+        if ln.state is LaneState.SLEEPING:
+            if ln.name in self._planned:
+                self._planned.discard(ln.name)
+            else:
+                others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
+                reason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
+                out.append(SwitchPlanned((), ln.name, reason))
+            ln.waking = True
+            ln.op_since = now
+            self._transition(ln, LaneState.STARTING, "wake", out)
+            out.append(WakeEngine(ln.name))
+            return
         attempt = ln.failures + ln.setbacks + 1
         if ln.name in self._planned:
             self._planned.discard(ln.name)
@@ -759,5 +1096,6 @@ class Scheduler:
             ln.restarts += 1
         ln.retry_at = None
         ln.restart_pending = False
+        ln.op_since = now
         self._transition(ln, LaneState.STARTING, "start" if attempt == 1 else f"retry {attempt}", out)
-        out.append(StartEngine(ln.name, attempt))
+        out.append(StartEngine(ln.name, attempt, ln.can_sleep))
