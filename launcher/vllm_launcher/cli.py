@@ -17,7 +17,9 @@ from .config import ConfigError, LauncherConfig, load_config
 from .engine_command import build_engine_spec
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
-from .settings import DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var
+from .settings import (
+    CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var,
+)
 from .vllm_info import detect
 
 CONFIG_EXIT = 2
@@ -69,6 +71,11 @@ def _settings_reference() -> str:
         names = f"{lane_var('<lane>', s.key)} only" if s.lane_only else " or ".join(s.names)
         flag = f" -> {s.flag}" if s.flag else ""
         lines.append(f"  {s.key}: {names}{flag}: {s.help}")
+    lines += ["", "Cluster (several machines, `vllm-launcher cluster`; a cluster is configured when "
+              "VLLM_CLUSTER_ROLE or VLLM_CLUSTER_ADDRESS is set):"]
+    for s in CLUSTER_SETTINGS:
+        default = "" if s.default is None else f" [{s.default}]"
+        lines.append(f"  {s.env}{default}: {s.help}")
     lines += ["", "Values None, null and the empty string mean unset. Booleans: 1/0, true/false, yes/no, on/off."]
     return "\n".join(lines)
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from . import values
 from .settings import (
-    DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY, LANE_ENV_INFIX, LANE_PREFIX,
-    LANES_VAR, SERVER_SETTINGS, Setting, is_secret, masked,
+    CLUSTER_PORT_KEYS, CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY,
+    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, masked,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -77,6 +77,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """This machine's Ray node and the cluster's head (CLUSTER_SETTINGS). Present in a
+    LauncherConfig when VLLM_CLUSTER_ROLE or VLLM_CLUSTER_ADDRESS is set."""
+
+    role: str | None = None                 # head | worker | None (a machine that only uses the cluster)
+    address: str | None = None              # the head, host:port; None on the head: its own interface address
+    interface: str | None = None
+    token_file: str | None = None
+    gpus: int = 1
+    cpus: int | None = None
+    object_store_memory: int | None = None
+    temp_dir: str | None = None
+    port: int = 6379
+    node_manager_port: int = 6380
+    object_manager_port: int = 6381
+    agent_grpc_port: int = 6382
+    agent_http_port: int = 6383
+    runtime_env_agent_port: int = 6384
+    metrics_port: int = 6385
+    min_worker_port: int = 10002
+    max_worker_port: int = 10199
+
+    def fixed_ports(self) -> dict[str, int]:
+        """Setting key -> port, the ports a firewall opens besides the worker range."""
+        return {key: getattr(self, key) for key in CLUSTER_PORT_KEYS}
+
+    def public(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class LaneConfig:
     name: str
     model: str
@@ -99,6 +130,7 @@ class LauncherConfig:
     default_lane: str
     environ: dict[str, str] = field(repr=False)   # the environment the configuration was read from
     warnings: tuple[str, ...] = ()
+    cluster: ClusterConfig | None = None    # VLLM_CLUSTER_*: None when no cluster is configured
 
     def lane(self, name: str) -> LaneConfig:
         return self.lanes[name]
@@ -155,10 +187,82 @@ def load_config(environ: Mapping[str, str]) -> LauncherConfig:
     lanes = {name: _lane_config(reader, name, globals_, overrides.get(name, {})) for name in lane_names}
     _check_unique_names(reader, lanes)
     _check_budget(reader, server, lanes)
+    cluster = _cluster_config(reader)
     if reader.problems:
         raise ConfigError(reader.problems)
     return LauncherConfig(server=server, lanes=lanes, default_lane=default_lane,
-                          environ=dict(environ), warnings=tuple(_warnings(lanes)))
+                          environ=dict(environ), warnings=tuple(_warnings(lanes)), cluster=cluster)
+
+
+def load_cluster_config(environ: Mapping[str, str], role: str | None = None,
+                        address: str | None = None) -> tuple[ClusterConfig, str]:
+    """The cluster settings alone, for `vllm-launcher cluster` (a worker machine has no lanes):
+    (cluster, engine Python). `role` and `address` (the command's) win over the environment.
+    Raises ConfigError listing every problem."""
+    overrides = {"VLLM_CLUSTER_ROLE": role, "VLLM_CLUSTER_ADDRESS": address}
+    reader = _Reader({**environ, **{name: value for name, value in overrides.items() if value is not None}})
+    engine_python = reader.setting(next(s for s in SERVER_SETTINGS if s.key == "engine_python"))
+    cluster = _cluster_config(reader)
+    if cluster is not None and cluster.role is None:
+        reader.problems.append("VLLM_CLUSTER_ROLE is unset: set it to head or worker "
+                               "(or run `vllm-launcher cluster head` / `cluster join ADDRESS`)")
+    if cluster is None:
+        reader.problems.append("no cluster configured: set VLLM_CLUSTER_ROLE to head or worker "
+                               "(or run `vllm-launcher cluster head` / `cluster join ADDRESS`)")
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return cluster, engine_python or sys.executable
+
+
+def _cluster_config(reader: _Reader) -> ClusterConfig | None:
+    found = {s.key: reader.setting(s) for s in CLUSTER_SETTINGS}
+    if found["role"] is None and found["address"] is None:
+        return None
+    found = {key: value for key, value in found.items() if value is not None}
+    if "address" in found:
+        found["address"] = _head_address(reader, found["address"], found.get("port", 6379))
+    cluster = ClusterConfig(**found)
+    if cluster.role == "worker" and cluster.address is None:
+        reader.problems.append("VLLM_CLUSTER_ROLE='worker': a worker joins a head; set VLLM_CLUSTER_ADDRESS "
+                               "to the head's address (host or host:port)")
+    for key in ("interface", "token_file"):
+        if reader.first_set((f"VLLM_CLUSTER_{key.upper()}",)) is None:
+            reader.problems.append(
+                f"VLLM_CLUSTER_{key.upper()} is unset: a cluster needs "
+                + ("the network interface of the cluster link (its IPv4 address is the node's address)"
+                   if key == "interface" else
+                   "the file holding the cluster's token (Ray token authentication is always on)"))
+    ports = cluster.fixed_ports()
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        name = f"VLLM_CLUSTER_{key.upper()}"
+        if port in seen:
+            reader.problems.append(f"{name}={port}: the same port as {seen[port]}; each Ray port must differ")
+        elif cluster.min_worker_port <= port <= cluster.max_worker_port:
+            reader.problems.append(
+                f"{name}={port}: inside the worker port range VLLM_CLUSTER_MIN_WORKER_PORT.."
+                f"VLLM_CLUSTER_MAX_WORKER_PORT ({cluster.min_worker_port}-{cluster.max_worker_port})")
+        seen.setdefault(port, name)
+    if cluster.min_worker_port > cluster.max_worker_port:
+        reader.problems.append(
+            f"VLLM_CLUSTER_MIN_WORKER_PORT={cluster.min_worker_port} is above VLLM_CLUSTER_MAX_WORKER_PORT="
+            f"{cluster.max_worker_port}: the worker port range is empty")
+    return cluster
+
+
+def _head_address(reader: _Reader, raw: str, default_port: int) -> str:
+    """host or host:port (IPv6 as [addr]:port) -> host:port."""
+    host, port = raw, str(default_port)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\s/]+)(?::(\d+))?", raw.strip())
+    if not match:
+        reader.problems.append(f"{shown('VLLM_CLUSTER_ADDRESS', raw)}: must be the head's host or host:port, "
+                               "e.g. 192.168.100.1 or 192.168.100.1:6379")
+        return raw
+    host = match.group(1) or match.group(3)
+    port = match.group(2) or match.group(4) or port
+    if not 1 <= int(port) <= 65535:
+        reader.problems.append(f"{shown('VLLM_CLUSTER_ADDRESS', raw)}: port must be from 1 to 65535")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _server_config(reader: _Reader) -> ServerConfig:

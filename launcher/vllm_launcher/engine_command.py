@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .config import LaneConfig, LauncherConfig
-from .settings import ENGINE_SETTINGS, LANE_PREFIX, SERVER_SETTINGS, masked
+from .settings import CLUSTER_SETTINGS, ENGINE_SETTINGS, LANE_PREFIX, SERVER_SETTINGS, masked
 from .vllm_info import VllmInfo
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -31,7 +31,7 @@ PASSED_PREFIXES = (
 )
 # Names the launcher consumes: never passed on even when a prefix above matches them.
 LAUNCHER_NAMES = frozenset(
-    name for setting in (*SERVER_SETTINGS, *ENGINE_SETTINGS) for name in setting.names
+    name for setting in (*SERVER_SETTINGS, *ENGINE_SETTINGS, *CLUSTER_SETTINGS) for name in setting.names
 )
 TELEMETRY_OFF = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
 

@@ -1,7 +1,9 @@
-"""The environment contract: every variable the launcher reads, in two tables.
+"""The environment contract: every variable the launcher reads, in three tables.
 
 SERVER_SETTINGS are server-wide. ENGINE_SETTINGS configure an engine: the global name is the
-default for every lane and `VLLM_LANE_<LANE>_<SETTING>` overrides it for one lane. Names after
+default for every lane and `VLLM_LANE_<LANE>_<SETTING>` overrides it for one lane.
+CLUSTER_SETTINGS describe this machine's node of a Ray cluster (`vllm-launcher cluster`) and
+where the cluster's head is, for lanes that span several machines. Names after
 the first are aliases used by the seed deployments; the first one set wins, in table order.
 This module is the one place these names are written down: the CLI help, the README table,
 the Nix module and the tests all read them from here.
@@ -177,15 +179,77 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
     _engine("ATTENTION_BACKEND", values.pattern_parser(r"[A-Za-z0-9_]+", "a backend name such as TRITON_ATTN"),
             "attention backend (flag on new vLLM, VLLM_ATTENTION_BACKEND on 0.12)", "--attention-backend"),
     _engine("DISTRIBUTED_EXECUTOR_BACKEND", values.choice_parser(EXECUTOR_BACKENDS, "executor"),
-            "mp (one machine) or ray (several)", "--distributed-executor-backend"),
+            "mp (vLLM's own worker processes; on several machines, vLLM's multi-node followers) or ray "
+            "(vLLM's Ray executor)", "--distributed-executor-backend"),
     _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
             names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
     _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",
             lane_only=True),
+    _engine("NODES", values.parse_positive_int,
+            "machines (Ray cluster nodes) this lane's engine spans; default: as many as its tensor x pipeline "
+            "size needs at VLLM_CLUSTER_GPUS per machine (1 when it fits on one); with "
+            "DISTRIBUTED_EXECUTOR_BACKEND ray vLLM places its workers, with mp the launcher starts vLLM's "
+            "own followers on the other nodes", lane_only=True),
 )
+
+
+def _nonnegative_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a whole number, 0 or more") from None
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+CLUSTER_ROLES = {"head": "head", "worker": "worker"}
+_interface = values.pattern_parser(r"[A-Za-z0-9_.:@\-]{1,15}", "a network interface name such as enp1s0")
+
+
+def _cluster(key, parse, help, default=None):
+    return Setting(key, (f"VLLM_CLUSTER_{key.upper()}",), parse, help, default)
+
+
+# Ray's ports are fixed so a firewall can open exactly them (CLUSTER_PORT_KEYS, then the worker
+# range). Every other Ray listener stays on loopback or is not started (no dashboard, no
+# autoscaler monitor); tests/test_cluster.py checks the listening sockets of real nodes.
+CLUSTER_SETTINGS: tuple[Setting, ...] = (
+    _cluster("role", values.choice_parser(CLUSTER_ROLES, "cluster role"),
+             "this machine's part in the cluster: head or worker (unset, and no VLLM_CLUSTER_ADDRESS: no cluster); "
+             "`vllm-launcher cluster start` runs it"),
+    _cluster("address", _str, "the head's address, host or host:port (default port VLLM_CLUSTER_PORT); "
+             "on the head it defaults to its own interface address"),
+    _cluster("interface", _interface,
+             "network interface of the cluster link: the node's address is its IPv4 address, and NCCL/RCCL "
+             "(NCCL_SOCKET_IFNAME) and Gloo (GLOO_SOCKET_IFNAME) traffic uses it"),
+    _cluster("token_file", _str, "file holding the cluster's token (Ray token authentication, always on); "
+             "the same file content on every machine, never on a command line"),
+    _cluster("gpus", _nonnegative_int, "GPUs of this machine that Ray offers to lanes", 1),
+    _cluster("cpus", values.parse_positive_int, "CPUs of this machine that Ray offers (default: Ray's, all)"),
+    _cluster("object_store_memory", values.parse_byte_size,
+             "size of Ray's shared-memory object store on this machine (default: Ray's, 30 % of memory)"),
+    _cluster("temp_dir", _str, "Ray's session and log directory on this machine (default: Ray's, /tmp/ray)"),
+    _cluster("port", lambda raw: _port(raw), "Ray's GCS port on the head (the address workers join)", 6379),
+    _cluster("node_manager_port", lambda raw: _port(raw), "Ray's node manager (raylet) port on every node", 6380),
+    _cluster("object_manager_port", lambda raw: _port(raw), "Ray's object manager port on every node", 6381),
+    _cluster("agent_grpc_port", lambda raw: _port(raw), "Ray's node agent gRPC (metrics agent) port on every node",
+             6382),
+    _cluster("agent_http_port", lambda raw: _port(raw), "Ray's node agent HTTP port on every node", 6383),
+    _cluster("runtime_env_agent_port", lambda raw: _port(raw), "Ray's runtime environment agent port on every node",
+             6384),
+    _cluster("metrics_port", lambda raw: _port(raw), "Ray's Prometheus metrics export port on every node", 6385),
+    _cluster("min_worker_port", lambda raw: _port(raw), "first port of Ray's worker processes (one port each)",
+             10002),
+    _cluster("max_worker_port", lambda raw: _port(raw), "last port of Ray's worker processes", 10199),
+)
+# The fixed ports a firewall between the machines opens, besides min_worker_port..max_worker_port.
+CLUSTER_PORT_KEYS = ("port", "node_manager_port", "object_manager_port", "agent_grpc_port", "agent_http_port",
+                     "runtime_env_agent_port", "metrics_port")
 
 ENGINE_SETTINGS_BY_KEY = {setting.key: setting for setting in ENGINE_SETTINGS}
 SERVER_SETTINGS_BY_KEY = {setting.key: setting for setting in SERVER_SETTINGS}
+CLUSTER_SETTINGS_BY_KEY = {setting.key: setting for setting in CLUSTER_SETTINGS}
 
 LANES_VAR = "VLLM_LANES"
 DEFAULT_LANE_VAR = "VLLM_DEFAULT_LANE"
