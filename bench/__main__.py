@@ -26,13 +26,20 @@ def _ensure_matplotlib() -> None:
                        check=True)
 
 
-def report() -> None:
+def report(parts: tuple[str, ...] = PARTS) -> None:
+    """Plots of the parts named (all: `python -m bench report`), and the README's section (only its
+    scheduling part when only that part ran)."""
     from .plots import all_plots
-    from .readme import section, update_readme
+    from .readme import SCHED_BEGIN, SCHED_END, section, update_readme
+    from .readme_scheduling import scheduling_section
 
     sched, overhead, switch = read_json("scheduling.json"), read_json("overhead.json"), read_json("switch.json")
-    all_plots(sched, overhead, switch)
-    update_readme(section(sched, overhead, switch))
+    all_plots(sched if "scheduling" in parts else None, overhead if {"overhead", "real"} & set(parts) else None,
+              switch if "real" in parts else None)
+    if tuple(parts) == ("scheduling",):
+        update_readme(scheduling_section(sched), SCHED_BEGIN, SCHED_END)
+    else:
+        update_readme(section(sched, overhead, switch))
 
 
 def main(argv: list[str]) -> int:
@@ -75,7 +82,7 @@ def main(argv: list[str]) -> int:
         stored = read_json("overhead.json") or {}
         write_json("overhead.json", {**stored, "meta": meta, "real": real_overhead})
         write_json("switch.json", {"meta": meta, "load": load, **switch})
-    report()
+    report(tuple(wanted))
     log(f"bench: done in {time.monotonic() - began:.0f} s")
     return 0
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from .common import RESULTS, log
 
-COLORS = {"scheduler": "#1b7837", "fcfs": "#b2182b", "llama_swap": "#2166ac"}
-LABELS = {"scheduler": "ours (scheduler)", "fcfs": "fcfs", "llama_swap": "llama-swap policy"}
-STATE_COLORS = {"starting": "#fdb863", "ready": "#5aae61", "draining": "#c2a5cf", "stopping": "#d6604d"}
+COLORS = {"new": "#1b7837", "hold": "#984ea3", "fcfs": "#b2182b", "llama_swap": "#2166ac"}
+LABELS = {"new": "ours", "hold": "ours before (hold rule)", "fcfs": "fcfs", "llama_swap": "llama-swap policy"}
+STATE_COLORS = {"starting": "#fdb863", "ready": "#5aae61", "draining": "#c2a5cf", "stopping": "#d6604d",
+                "sleeping": "#92c5de"}
 
 
 def _plt():
@@ -67,7 +68,8 @@ def timeline(sched: dict, workload: str, name: str) -> Path | None:
     axes[0].legend(handles, list(STATE_COLORS), loc="upper left", fontsize=8, ncol=4)
     axes[-1].set_xlabel("simulated time (s)")
     desc = sched["workloads"][workload]["description"]
-    fig.suptitle(f"Lanes loaded and requests waiting, {desc} (seed {sched['settings']['seeds'][0]})", fontsize=11)
+    fig.suptitle(f"Lanes loaded and requests waiting, {desc} (seed {sched['settings']['held_out_seeds'][0]})",
+                 fontsize=11)
     fig.tight_layout()
     path = _save(fig, name)
     plt.close(fig)
@@ -75,27 +77,71 @@ def timeline(sched: dict, workload: str, name: str) -> Path | None:
 
 
 def wait_distributions(sched: dict, name: str = "waits.png") -> Path:
-    """Empirical CDF of the queue wait per policy, one panel per workload."""
+    """Distribution of the wait (arrival to start of service) per policy, one panel per workload,
+    from the stored percentiles of all held-out seeds' requests pooled."""
     plt = _plt()
     workloads = list(sched["workloads"])
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6), sharey=True)
-    for ax, workload in zip(axes, workloads):
-        for policy, waits in sched["waits"][workload].items():
-            if not waits:
-                continue
-            n = len(waits)
-            ax.step([max(w, 0.1) for w in waits], [(i + 1) / n for i in range(n)], where="post",
-                    color=COLORS[policy], label=LABELS[policy])
-        bound = sched["workloads"][workload]["policies"]["scheduler"]["summary"]["bound_min"]
-        ax.axvline(bound, color="grey", ls="--", lw=1)
-        ax.text(bound, 0.03, " bound", color="grey", fontsize=8)
+    cols = 4
+    rows = (len(workloads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    for ax, workload in zip(axes.flat, workloads):
+        for policy, qs in sched["waits"][workload].items():
+            if qs:
+                ax.plot([max(q, 0.1) for q in qs], [i / (len(qs) - 1) for i in range(len(qs))],
+                        color=COLORS[policy], label=LABELS[policy])
+        bound = (sched["acceptance"]["bound"].get(workload) or {}).get("bound_global")
+        if bound:
+            ax.axvline(bound, color="grey", ls="--", lw=1)
+            ax.text(bound, 0.03, " bound", color="grey", fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("wait before dispatch (s, log)")
+        ax.set_xlabel("wait (s, log)")
         ax.set_title(sched["workloads"][workload].get("short", workload), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of requests")
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("Wait-time distributions per policy (all seeds; dashed: our configured wait bound)", fontsize=11)
+    for ax in axes.flat[len(workloads):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("fraction of requests")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Wait distributions per policy (held-out seeds pooled; dashed: our stated bound with K = all lanes)",
+                 fontsize=11)
+    fig.tight_layout()
+    path = _save(fig, name)
+    plt.close(fig)
+    return path
+
+
+def b_tradeoff(sched: dict, name: str = "b_tradeoff.png") -> Path | None:
+    """(d) agents + batch job: the new policy's waits over the cap B (held-out seeds, 95 % bootstrap
+    intervals), llama-swap's as horizontal lines; B values that fail (a)-(c) against llama-swap hollow."""
+    curve = sched.get("b_curve")
+    if not curve:
+        return None
+    plt = _plt()
+    held = curve["held_out"]
+    caps = [float(c) for c in held]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ls = sched["workloads"]["agent_batch"]["policies"]["llama_swap"]["summary"]
+    for i, (key, label) in enumerate((("wait_mean", "mean wait"), ("wait_p99", "p99 wait"),
+                                      ("worst_client_p99", "worst client's p99"))):
+        entries = [held[c]["agent_batch"]["summary"][key] for c in held]
+        means = [e["mean"] for e in entries]
+        err = [[e["mean"] - e["lo"] for e in entries], [e["hi"] - e["mean"] for e in entries]]
+        ax.errorbar(caps, means, yerr=err, color=f"C{i}", lw=1.2, capsize=3, label=f"ours: {label}")
+        ok = [curve["tuning"][c]["passes_a_c"] for c in held]
+        ax.scatter(caps, means, color=[f"C{i}" if o else "white" for o in ok], edgecolors=f"C{i}", zorder=3)
+        ax.axhline(ls[key]["mean"], color=f"C{i}", ls=":", lw=1)
+        ax.text(caps[-1], ls[key]["mean"], f" llama-swap {label}", color=f"C{i}", fontsize=7, va="bottom", ha="right")
+    rec = curve["recommended"].get("cap")
+    if rec is not None:
+        ax.axvline(rec, color="black", ls="--", lw=0.8)
+        ax.text(rec, ax.get_ylim()[1] * 0.95, f" default B = {rec:.0f} s", fontsize=8, va="top")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cap B = VLLM_SWITCH_MAX_WAIT (s, log)")
+    ax.set_ylabel("wait (s, log)")
+    ax.set_title("(d) agents beside a batch job: the cap B (held-out seeds; hollow: B fails (a)-(c) vs llama-swap)",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path = _save(fig, name)
     plt.close(fig)
@@ -187,7 +233,8 @@ def all_plots(sched: dict | None, overhead: dict | None, switch: dict | None) ->
     out = []
     if sched:
         out += [timeline(sched, "hammer", "timeline_hammer.png"),
-                timeline(sched, "agent_batch", "timeline_agent_batch.png"), wait_distributions(sched)]
+                timeline(sched, "agent_batch", "timeline_agent_batch.png"), wait_distributions(sched),
+                b_tradeoff(sched)]
     if overhead:
         out.append(overhead_bars(overhead))
     if switch:

@@ -4,25 +4,28 @@
 from __future__ import annotations
 
 from .common import ROOT, log
+from .readme_scheduling import scheduling_section
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# The scheduling part inside the section: `BENCH_PARTS=scheduling` rewrites only what lies between these.
+SCHED_BEGIN, SCHED_END = "<!-- bench:scheduling:begin -->", "<!-- bench:scheduling:end -->"
 
 
-def replace_section(text: str, body: str) -> str:
+def replace_section(text: str, body: str, begin: str = BEGIN, end: str = END) -> str:
     lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == BEGIN]
-    ends = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == END]
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == begin]
+    ends = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == end]
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise ValueError(f"README.md needs exactly one {BEGIN} line followed by one {END} line")
+        raise ValueError(f"README.md needs exactly one {begin} line followed by one {end} line")
     if not body.endswith("\n"):
         body += "\n"
     return "".join(lines[: starts[0] + 1]) + body + "".join(lines[ends[0]:])
 
 
-def update_readme(body: str) -> None:
+def update_readme(body: str, begin: str = BEGIN, end: str = END) -> None:
     path = ROOT / "README.md"
     text = path.read_text()
-    new = replace_section(text, body)
+    new = replace_section(text, body, begin, end)
     if new != text:
         path.write_text(new)
         log("README.md performance section updated")
@@ -203,20 +206,6 @@ def switch_text(switch: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scheduling_table(sched: dict) -> str:
-    lines = ["| workload | policy | switches | wait mean | wait p99 | wait max | throughput (req/h) | time switching |",
-             "|---|---|---|---|---|---|---|---|"]
-    names = {"scheduler": "**ours**", "fcfs": "fcfs", "llama_swap": "llama-swap"}
-    for workload, w in sched["workloads"].items():
-        label = w.get("short") or w["description"].split(":")[0]
-        for policy, p in w["policies"].items():
-            s = p["summary"]
-            lines.append(f"| {label} | {names[policy]} | {s['switches']:.0f} | {s['wait_mean']:.0f} s | "
-                         f"{s['wait_p99']:.0f} s | {s['wait_max']:.0f} s | {s['throughput_per_hour']:.0f} | "
-                         f"{100 * s['switching_fraction']:.0f} % |")
-    return "\n".join(lines) + "\n"
-
-
 def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> str:
     parts = []
     metas = [d.get("meta") for d in (overhead, switch, sched) if d and d.get("meta")]
@@ -259,31 +248,7 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
         parts.append(switch_text(switch))
         parts.append("![switch cost](bench/results/switch.png)\n")
     if sched:
-        st = sched["settings"]
-        acc = sched.get("acceptance", {})
-        parts.append(
-            "**Scheduling under agent traffic**, simulated with the real scheduler "
-            "(`launcher/vllm_launcher/simulator.py`) and two baselines (`bench/baselines.py`) on identical inputs: fcfs (switch "
-            "whenever the head of the global queue is another lane) and the llama-swap policy (serve the "
-            "loaded lane while it has requests, else the oldest waiter; no bound). Switch cost "
-            f"{st['switch_seconds']:.0f} s (stop {st['stop_seconds']:.0f} + start {st['start_seconds']:.0f}), "
-            f"`VLLM_SWITCH_MAX_WAIT` {st['switch_max_wait']:.0f} s, service times log-normal per lane "
-            "(median orchestrator 6 s, coder 15 s, fast_rag 2 s), no queue timeout, seeds "
-            f"{', '.join(str(s) for s in st['seeds'])} (switches, throughput and time switching: median "
-            "over seeds; waits: all seeds pooled, max over all). Time switching: share of the run during "
-            "which some lane was draining, stopping or starting.\n")
-        parts.append("\n".join(f"- {w['description']}" for w in sched["workloads"].values()) + "\n")
-        parts.append(scheduling_table(sched))
-        verdict = ("holds" if acc.get("holds") else "**does not hold**")
-        parts.append(
-            f"Acceptance on (b): our maximum wait {acc.get('scheduler_max_wait', 0):.0f} s against the "
-            f"configured bound {acc.get('bound', 0):.0f} s (`VLLM_SWITCH_MAX_WAIT` + 3 lanes x (drain + stop "
-            f"+ start), drain at most the longest service time); llama-swap's maximum "
-            f"{acc.get('llama_swap_max_wait', 0):.0f} s: the claim {verdict}.\n")
-        parts.append(SCHEDULING_READING)
-        parts.append("![timeline, three clients hammering](bench/results/timeline_hammer.png)\n\n"
-                     "![timeline, agents beside a batch job](bench/results/timeline_agent_batch.png)\n\n"
-                     "![wait distributions](bench/results/waits.png)\n")
+        parts.append(f"{SCHED_BEGIN}\n{scheduling_section(sched)}{SCHED_END}\n")
     parts.append(REPRODUCE)
     return "\n".join(parts)
 
@@ -294,22 +259,13 @@ PROFILE_READING = """\
 Where the server's CPU goes per request (py-spy, server under load at concurrency 32): \
 see bench/results/profile.md."""
 
-SCHEDULING_READING = """\
-Where ours wins: whenever a loaded lane never goes idle ((b), and (d) where a batch job keeps
-the coder lane busy while agents wait), llama-swap's fast path starves the other lanes until the
-stream stops, and fcfs thrashes; ours caps every wait. Where it costs: the cap forces switches a
-loaded busy lane would not otherwise make, so on (b) it spends more time switching and serves
-fewer requests per hour than llama-swap, and on the pure agent loop (a) and bursty traffic (c),
-where lanes go idle often, it is level with llama-swap or slightly behind on mean and p99 wait.
-"""
-
 REPRODUCE = """\
 Reproduce (from the repository root, after `make install`):
 
 | figure | command |
 |---|---|
 | everything (tens of minutes; `BENCH_QUICK=1` for a few minutes) | `make bench` |
-| scheduling table, `timeline_*.png`, `waits.png` (seconds, deterministic) | `BENCH_PARTS=scheduling .venv/bin/python -m bench` |
+| scheduling tables, `b_tradeoff.png`, `timeline_*.png`, `waits.png` (minutes, deterministic; `BENCH_QUICK=1`: seconds) | `BENCH_PARTS=scheduling .venv/bin/python -m bench` |
 | proxy overhead, fake engine: direct, ours, LiteLLM (`overhead.png`) | `BENCH_PARTS=overhead .venv/bin/python -m bench` |
 | where the server's CPU goes (py-spy, `bench/results/profile-*.json`) | `.venv/bin/python -m bench.profile LABEL` |
 | real lane: overhead, cold start, switch (`switch.png`) | `BENCH_PARTS=real .venv/bin/python -m bench` |
