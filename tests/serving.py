@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 TESTS = Path(__file__).resolve().parent
 
@@ -59,17 +60,28 @@ def processes_with_tmpdir(prefix: str) -> list[tuple[int, str]]:
 
 
 def group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
     alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for process in psutil.process_iter(["status"]):
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
     return alive
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Until the process is gone (or a zombie nobody has reaped yet)."""
+    try:
+        process = psutil.Process(pid)
+        deadline = time.monotonic() + timeout
+        while process.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"process {pid} still alive after {timeout} s")
+            time.sleep(0.05)
+    except psutil.NoSuchProcess:
+        pass
 
 
 @dataclass
@@ -120,10 +132,17 @@ class Served:
     def wait_queue(self, lane: str, depth: int, timeout: float = 120) -> None:
         """Until `depth` requests wait for `lane` (requests sent from threads need a moment; on a
         loaded 2-core machine beside a starting engine, tens of seconds)."""
+        self._wait_lane_field(lane, "queue_depth", depth, timeout)
+
+    def wait_inflight(self, lane: str, count: int, timeout: float = 120) -> None:
+        """Until `count` requests of `lane` are with its engine."""
+        self._wait_lane_field(lane, "inflight", count, timeout)
+
+    def _wait_lane_field(self, lane: str, name: str, expected, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.lanes()[lane]["queue_depth"] != depth:
+        while self.lanes()[lane][name] != expected:
             if time.monotonic() > deadline:
-                raise AssertionError(f"lane {lane}: queue depth not {depth} after {timeout} s: {self.lanes()}")
+                raise AssertionError(f"lane {lane}: {name} not {expected} after {timeout} s: {self.lanes()}")
             time.sleep(0.05)
 
     def terminate(self, timeout: float = 120) -> int:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import fake_lanes_env, group_alive, serving, start_server
+from serving import fake_lanes_env, group_alive, serving, start_server, wait_gone
 from test_server_switching import CHAT, chat_body, sse_events
 
 pytestmark = pytest.mark.engine
@@ -31,6 +31,15 @@ def metric_samples(text: str) -> dict:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_metric(served, name: str, expected: float, timeout: float = 30, **labels) -> None:
+    """Until the server's /metrics shows `expected` for the sample."""
+    deadline = time.monotonic() + timeout
+    with served.client() as client:
+        while (found := value(metric_samples(client.get("/metrics").text), name, **labels)) != expected:
+            assert time.monotonic() < deadline, f"{name}{labels} is {found}, not {expected}"
+            time.sleep(0.05)
 
 
 def engine_socket(pgid: int) -> str:
@@ -155,13 +164,16 @@ def test_disconnect_while_queued_removes_the_request_and_loads_nothing(tmp_path,
         busy = threading.Thread(target=lambda: httpx.post(served.url + CHAT, json=chat_body("a", max_tokens=40),
                                                           timeout=30))
         busy.start()                                   # lane a stays busy for 2 s
-        time.sleep(0.3)
+        served.wait_inflight("a", 1)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.url + CHAT, json=chat_body("b"), timeout=0.5)
-        time.sleep(0.3)
+        wait_metric(served, "vllm_launcher_requests_total", 1, lane="b", status="499")    # seen leaving
         assert served.lanes()["b"]["queue_depth"] == 0
         busy.join()
-        time.sleep(1.0)                                 # lane a is idle now: a queued b would load here
+        # Lane a is idle now: a b still queued would have been switched to at that finish (the
+        # scheduler decides on the event, not later); a request answered after it proves none was.
+        with served.client() as client:
+            assert client.post(CHAT, json=chat_body("a", max_tokens=1)).status_code == 200
         lanes = served.lanes()
         assert lanes["b"]["state"] == "stopped" and lanes["a"]["state"] == "ready"
         assert "lane b: starting engine" not in served.log()
@@ -201,7 +213,7 @@ def test_sigkilled_server_engines_are_reaped_by_the_next_server(tmp_path, fake_p
     assert len(group_alive(pgid)) == 2                         # the engine and its forked "EngineCore"
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
-    time.sleep(0.5)
+    wait_gone(pgid)                                            # the engine, by its parent-death signal
     survivors = group_alive(pgid)
     assert survivors, "the forked child should outlive a SIGKILLed server (as VLLM::EngineCore does)"
     with serving(tmp_path / "two", env_second, wait_ready_lane="a") as second:
@@ -266,9 +278,11 @@ def test_request_logs_json_and_log_files(tmp_path, fake_python):
                          LOG_DIRECTORY=str(logs))
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
         assert client.post(CHAT, json=chat_body("a", max_tokens=3)).status_code == 200
-        time.sleep(0.2)
-        lines = [json.loads(line) for line in (logs / "launcher.log").read_text().splitlines()]
-        request = [line for line in lines if line["logger"] == "vllm_launcher.requests"]
+        deadline = time.monotonic() + 10
+        while not (request := [line for line in map(json.loads, (logs / "launcher.log").read_text().splitlines())
+                               if line["logger"] == "vllm_launcher.requests"]):
+            assert time.monotonic() < deadline, "no request line logged"
+            time.sleep(0.05)
         assert request and request[0]["lane"] == "a" and request[0]["status"] == 200
         assert request[0]["usage"]["completion_tokens"] == 3 and "queue_wait" in request[0]
         engine_lines = [json.loads(line) for line in (logs / "engine-a.log").read_text().splitlines()]
