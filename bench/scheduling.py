@@ -79,6 +79,7 @@ AGENT_THINK = 20.0
 AGENT_STAGGER = 300.0
 BOOTSTRAP = 2000
 POLICIES = ("new", "hold", "llama_swap", "fcfs")
+VARIANT_POLICIES = ("new", "hold", "llama_swap")
 ACCEPTANCE_WORKLOADS = ("agent_loop", "hammer", "bursty")
 THROUGHPUT_TOLERANCE = 0.03
 
@@ -91,11 +92,11 @@ def _new_policy() -> Callable | str:
 FACTORIES: dict[str, Callable | str] = {"new": _new_policy(), **BASELINES}
 
 
-def settings_for(policy: str, cap: float) -> SchedulerSettings:
+def settings_for(policy: str, cap: float, budget: float | None = None) -> SchedulerSettings:
     """No rejections (compare waits): unbounded queue, no queue timeout."""
     wait = HOLD_MAX_WAIT if policy == "hold" else cap
     return SchedulerSettings(switch_max_wait=wait, drain_timeout=DRAIN_TIMEOUT, queue_max=10**6, queue_timeout=1e9,
-                             switch_seconds_estimate=SWITCH_SECONDS)
+                             switch_seconds_estimate=SWITCH_SECONDS, memory_budget=budget)
 
 
 def service_time(rng: random.Random, lane: str, table: dict = SERVICE) -> float:
@@ -117,6 +118,8 @@ class Workload:
     classes: dict[str, str] = field(default_factory=dict)
     start_seconds: float | dict = START_SECONDS
     stop_seconds: float | dict = STOP_SECONDS
+    budget: float | None = None  # memory budget (None: one lane at a time)
+    sim: dict = field(default_factory=dict)  # further simulate() arguments: sleep, wake, start failures
 
 
 def agent_steps(rng: random.Random) -> Iterator[tuple[str, float, float, int]]:
@@ -214,8 +217,46 @@ def build(workload: str, seed: int) -> Workload:
                 rng = random.Random(seed * 1000 + 60 + 4 * LANES.index(lane) + c)
                 w.clients.append(Client(f"{lane}{c}", 0.0, saturated_steps(rng, lane)))
                 w.classes[f"{lane}{c}"] = "batch"
+    elif workload in VARIANTS:
+        w = variant(workload, seed)
     else:
         raise ValueError(f"unknown workload {workload!r}")
+    return w
+
+
+# Beyond the acceptance: the simulator's other features.  Sleeping lanes: level 1 keeps the
+# weights in (unified) memory: share 0.6 awake, 0.15 asleep, budget 0.95 (one awake lane and two
+# sleepers fit); wake 1-3 s per lane, sleep 1 s (published GPU figures, assumed).
+WAKE = {"orchestrator": 1.5, "coder": 3.0, "fast_rag": 1.0}
+SLEEP_SECONDS = 1.0
+START_FAILURE = 0.1  # probability that an engine start fails (reported after START_FAIL_SECONDS)
+START_FAIL_SECONDS = 10.0
+VARIANTS = {
+    "agent_loop_sleep": ("(a) + sleeping lanes", "(a) with every lane at sleep level 1 (share 0.6, asleep 0.15, "
+                         "budget 0.95; wake 1-3 s, sleep 1 s); the baselines stop and start"),
+    "light_sleep": ("(e) + sleeping lanes", "(e) one agent, lanes sleeping as above"),
+    "agent_loop_failures": ("(a) + start failures", f"(a) with each engine start failing with probability "
+                            f"{START_FAILURE:.0%} after {START_FAIL_SECONDS:.0f} s"),
+    "six_lanes_shared": ("(f) + co-residency", "(f) with shares 0.3 and budget 0.9: three lanes fit at once "
+                         "(the exclusive baselines load one)"),
+}
+
+
+def variant(workload: str, seed: int) -> Workload:
+    base = {"agent_loop_sleep": "agent_loop", "light_sleep": "light", "agent_loop_failures": "agent_loop",
+            "six_lanes_shared": "six_lanes"}[workload]
+    w = build(base, seed)
+    if workload.endswith("_sleep"):
+        w.lanes = [LanePolicy(p.name, 0.6, sleep_level=1, sleep_share=0.15) for p in w.lanes]
+        w.budget = 0.95
+        w.sim = {"wake_seconds": WAKE, "sleep_seconds": SLEEP_SECONDS}
+    elif workload == "agent_loop_failures":
+        rng = random.Random(seed * 1000 + 7)
+        w.sim = {"start_failures": lambda lane, n: rng.random() < START_FAILURE,
+                 "start_fail_seconds": START_FAIL_SECONDS}
+    else:
+        w.lanes = [LanePolicy(p.name, 0.3) for p in w.lanes]
+        w.budget = 0.9
     return w
 
 
@@ -239,8 +280,8 @@ WORKLOADS = {
 def run_one(workload: str, seed: int, policy: str, cap: float = B_DEFAULT) -> tuple[SimResult, Workload]:
     w = build(workload, seed)
     result = simulate(w.lanes, w.arrivals, clients=w.clients, clients_until=w.until,
-                      settings=settings_for(policy, cap), start_seconds=w.start_seconds,
-                      stop_seconds=w.stop_seconds, batch_size=BATCH, policy=FACTORIES[policy])
+                      settings=settings_for(policy, cap, w.budget), start_seconds=w.start_seconds,
+                      stop_seconds=w.stop_seconds, batch_size=BATCH, policy=FACTORIES[policy], **w.sim)
     return result, w
 
 
@@ -467,7 +508,7 @@ def recommend(curve: dict) -> dict:
 
 
 def run(tuning_seeds=TUNING_SEEDS, held_out_seeds=HELD_OUT_SEEDS, caps=B_SWEEP, workloads=tuple(WORKLOADS),
-        policies=POLICIES) -> dict:
+        policies=POLICIES, variants: bool = True) -> dict:
     """The whole part: B chosen on the tuning seeds, then every workload and policy on the held-out
     seeds at that B, the B curve on both, the acceptance.  The arguments shrink it (tests)."""
     began = time.monotonic()
@@ -507,10 +548,26 @@ def run(tuning_seeds=TUNING_SEEDS, held_out_seeds=HELD_OUT_SEEDS, caps=B_SWEEP, 
                 f"{s['worst_client_p99']['mean']:7.1f} s thr {s['throughput_per_hour']['mean']:6.0f}/h "
                 f"switches {s['switches']['mean']:5.1f}")
         out["workloads"][workload] = {"short": short, "description": description, "policies": per_policy}
+    # the simulator's other features, held-out seeds, same B
+    out["variants"] = {}
+    variant_runs: dict[str, dict[str, list[dict]]] = {}
+    for workload in (v for v in VARIANTS if variants):
+        short, description = VARIANTS[workload]
+        per_policy = {}
+        variant_runs[workload] = {}
+        for policy in VARIANT_POLICIES:
+            rs = run_policy(workload, policy, held_out_seeds, cap)
+            variant_runs[workload][policy] = rs
+            per_policy[policy] = {"summary": summarize(rs), "runs": rs}
+            s = per_policy[policy]["summary"]
+            log(f"variant {workload:20s} {policy:10s} wait mean {s['wait_mean']['mean']:7.1f} p99 "
+                f"{s['wait_p99']['mean']:7.1f} max {s['wait_max_all']:7.1f} s thr {s['throughput_per_hour']['mean']:6.0f}/h")
+        out["variants"][workload] = {"short": short, "description": description, "policies": per_policy}
     # 3. the B curve on the held-out seeds too (shown beside the tuning one; the choice used 1-20)
     llama_held = {w: runs[w]["llama_swap"] for w in ACCEPTANCE_WORKLOADS}
     out["b_curve"] = {"tuning": curve, "held_out": sweep(held_out_seeds, llama_held, caps), "recommended": rec}
     out["acceptance"] = acceptance(runs, cap)
+    out["acceptance"]["bound_variants"] = acceptance(variant_runs, cap)["bound"] if variant_runs else {}
     acc = out["acceptance"]
     for workload, v in acc["workloads"].items():
         log(f"acceptance {workload:10s}: mean diff {v['wait_mean_diff']['mean']:+.1f} s "
