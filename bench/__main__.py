@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
 
         result = scheduling.run()
         write_json("scheduling.json", {"meta": meta, **result}, digits=2, compact=("waits", "timelines"))
+        write_json("switch_max_wait.json", {"meta": meta, **scheduling.b_summary(result)}, digits=2)
     if "overhead" in wanted:
         from . import overhead
 

@@ -26,7 +26,7 @@ def _mean(entry: dict | None, digits: int = 0) -> str:
 
 
 def results_table(sched: dict, key: str = "workloads") -> str:
-    errors = key == "variants"
+    errors = True
     lines = ["| workload | policy | wait mean | wait p99 | wait max | worst client's p99 | interactive p99 / max "
              "| batch p99 / max | agent task | throughput (req/h) | switches |" + (" answered with an error |" if errors
                                                                                    else ""),
@@ -41,7 +41,7 @@ def results_table(sched: dict, key: str = "workloads") -> str:
             lines.append(f"| {w['short']} | {NAMES.get(policy, policy)} | {_ci(s['wait_mean'])} | {_ci(s['wait_p99'])} | "
                          f"{_s(s['wait_max_all'])} s | {_mean(s['worst_client_p99'])} s | {inter} | {batch} | {task} | "
                          f"{_ci(s['throughput_per_hour'], unit='')} | {_mean(s['switches'])} |"
-                         + (f" {s['unserved']} of {sum(r['requests'] for r in p['runs'])} |" if errors else ""))
+                         + (f" {s['errors']} of {sum(r['requests'] for r in p['runs'])} |" if errors else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +133,9 @@ def scheduling_section(sched: dict) -> str:
         "own requests (an agent, a stream, a burst), the worst client's is the largest. Throughput: requests "
         "finished within the workload's window, per hour (not per makespan: an open stream's backlog counts "
         "against the policy that leaves it); the saturated case (s) is a closed loop at fixed concurrency. An "
-        "agent task is one loop iteration (four requests), from its first request to its last answer. Runtime "
+        "agent task is one loop iteration (four requests), from its first request to its last answer. Answered "
+        "with an error: requests aborted at `drain_timeout` (a drain waits for the engine's whole queue), "
+        "waiting for a start that failed (the baselines), or lost; over all seeds. Runtime "
         f"of this part: {sched.get('runtime_seconds', 0):.0f} s.\n",
         "\n".join(f"- {w['description']}" for w in sched["workloads"].values()) + "\n",
         results_table(sched),

@@ -334,6 +334,7 @@ def measures(result: SimResult, w: Workload, cap: float) -> dict:
     return {
         "requests": len(recs),
         "unserved": len(recs) - len(served),
+        "errors": sum(1 for r in recs if r.outcome in ("aborted", "rejected", "lost")),  # drain timeout, failed start
         "switches": max(0, result.switch_count - 1),
         "wait_mean": float(waits.mean()),
         "wait_p50": _p(waits, 50),
@@ -386,6 +387,7 @@ def summarize(runs: list[dict]) -> dict:
     out["bound_worst_ratio"] = max(r["bound_worst_ratio"] for r in runs)
     out["bound_global"] = min(r["bound_global"] for r in runs)
     out["unserved"] = sum(r["unserved"] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
     clients = sorted({c for r in runs for c in r["client_p99_max"]})
     if len(clients) <= 12:  # agents, streams, users: each client's p99 and max, mean over seeds
         out["clients"] = {c: {"p99": bootstrap([r["client_p99_max"][c][0] for r in runs if c in r["client_p99_max"]]),
@@ -500,10 +502,11 @@ def recommend(curve: dict) -> dict:
     the smaller cap on a tie."""
     passing = [(row["agent_batch"]["summary"]["worst_client_p99"]["mean"], float(cap), cap)
                for cap, row in curve.items() if row["passes_a_c"]]
+    rule = " ".join(recommend.__doc__.split())
     if not passing:
-        return {"cap": None, "rule": recommend.__doc__}
+        return {"cap": None, "rule": rule, "candidates": []}
     _, cap, key = min(passing)
-    return {"cap": cap, "rule": " ".join(recommend.__doc__.split()),
+    return {"cap": cap, "rule": rule,
             "candidates": [float(c) for c, row in curve.items() if row["passes_a_c"]]}
 
 
@@ -578,3 +581,23 @@ def run(tuning_seeds=TUNING_SEEDS, held_out_seeds=HELD_OUT_SEEDS, caps=B_SWEEP, 
         f"{'PASS' if acc['ok'] else 'FAIL'}")
     out["runtime_seconds"] = time.monotonic() - began
     return out
+
+
+def b_summary(out: dict) -> dict:
+    """bench/results/switch_max_wait.json: the choice of VLLM_SWITCH_MAX_WAIT's default in brief (for the
+    scheduler's settings): per B, (d)'s waits and (a)-(c) against llama-swap, on both seed sets."""
+    def row(entry: dict) -> dict:
+        d = entry["agent_batch"]["summary"]
+        return {"d_wait_mean": d["wait_mean"]["mean"], "d_wait_p99": d["wait_p99"]["mean"],
+                "d_worst_client_p99": d["worst_client_p99"]["mean"], "d_wait_max": d["wait_max_all"],
+                "a_c_no_worse_than_llama_swap": entry["passes_a_c"],
+                "a_c": {w: {"mean_diff": entry[w]["vs_llama_swap"]["wait_mean_diff"],
+                            "p99_diff": entry[w]["vs_llama_swap"]["wait_p99_diff"],
+                            "throughput_ratio": entry[w]["vs_llama_swap"]["throughput_ratio"]}
+                        for w in ACCEPTANCE_WORKLOADS}}
+    curve = out["b_curve"]
+    return {"policy": out["settings"]["new_policy"], "recommended": curve["recommended"],
+            "tuning_seeds": out["settings"]["tuning_seeds"], "held_out_seeds": out["settings"]["held_out_seeds"],
+            "tuning": {cap: row(e) for cap, e in curve["tuning"].items()},
+            "held_out": {cap: row(e) for cap, e in curve["held_out"].items()},
+            "acceptance_ok": out["acceptance"]["ok"]}
