@@ -34,6 +34,13 @@ def sse_events(text: str) -> list:
     return events
 
 
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
 def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
     """POST a streaming request from a thread; outcome["status"], outcome["text"] when it ends."""
     outcome: dict = {}
@@ -91,11 +98,21 @@ def test_concurrent_mixed_traffic_three_lanes(tmp_path, fake_python, seed):
         for lane, status, model, content in results:
             assert status == 200, (lane, status, content)
             assert model == lane and content.startswith(lane), (lane, model, content)
+        from test_server_operations import metric_samples, value
+
         lanes_view = served.lanes()
-        starts = sum(1 for line in served.log().splitlines() if "starting engine" in line)
-        print(f"seed {seed}: {starts} engine starts; last start seconds "
+        with served.client() as client:
+            samples = metric_samples(client.get("/metrics").text)
+        starts = {lane: value(samples, "vllm_launcher_engine_starts_total", lane=lane) for lane in lanes}
+        switches = sum(v for (name, _), v in samples.items() if name == "vllm_launcher_switches_total")
+        print(f"seed {seed}: engine starts {starts}, switches {switches:.0f}; last start seconds "
               f"{ {name: view['last_start_seconds'] for name, view in lanes_view.items()} }")
-        assert starts >= 3        # every lane was loaded at least once
+        assert all(count >= 1 for count in starts.values()), starts       # every lane was loaded
+        assert sum(starts.values()) == switches, (starts, switches)       # each start a planned switch: no restart
+        for lane in lanes:
+            assert value(samples, "vllm_launcher_engine_start_failures_total", lane=lane) == 0
+            assert value(samples, "vllm_launcher_inflight_requests", lane=lane) == 0
+        assert sum(value(samples, "vllm_launcher_requests_total", lane=lane, status="200") for lane in lanes) == 200
 
 
 def test_streaming_through_a_switch_and_queued_served_after(tmp_path, fake_python):
@@ -103,7 +120,7 @@ def test_streaming_through_a_switch_and_queued_served_after(tmp_path, fake_pytho
                          VLLM_SWITCH_MAX_WAIT="0.5")
     with serving(tmp_path, env, wait_ready_lane="a") as served:
         thread, outcome = stream_in_background(served.url, chat_body("a", True, 60))
-        time.sleep(0.5)
+        served.wait_inflight("a", 1)
         with served.client() as client:
             b_answers = [client.post(CHAT, json=chat_body("b")) for _ in range(1)]
         thread.join(60)
@@ -133,12 +150,13 @@ def test_starvation_bound_under_back_to_back_traffic(tmp_path, fake_python):
         hammers = [threading.Thread(target=hammer) for _ in range(2)]
         for thread in hammers:
             thread.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(a_done) >= 10, "lane a's hammering did not get going")
         began = time.monotonic()
         with served.client() as client:
             b = client.post(CHAT, json=chat_body("b"))
         waited = time.monotonic() - began
-        time.sleep(0.5)
+        served_before_b = len(a_done)
+        wait_until(lambda: len(a_done) >= served_before_b + 2, "lane a was not served again after b")
         stop.set()
         for thread in hammers:
             thread.join(60)
@@ -166,9 +184,9 @@ def test_shutdown_with_requests_in_flight_and_queued(tmp_path, fake_python):
         results["b"] = (response.status_code, response.json())
 
     threads = [threading.Thread(target=stream_a), threading.Thread(target=queued_b)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.3)
+    threads[0].start()
+    served.wait_inflight("a", 1)
+    threads[1].start()
     groups = served.record_engine_groups()
     served.wait_queue("b", 1)
     code = served.terminate()
@@ -218,7 +236,7 @@ def test_drain_timeout_ends_a_long_stream_with_an_error_event(tmp_path, fake_pyt
                          VLLM_SWITCH_MAX_WAIT="0.5", VLLM_DRAIN_TIMEOUT="1")
     with serving(tmp_path, env, wait_ready_lane="a") as served:
         thread, outcome = stream_in_background(served.url, chat_body("a", True, 200))
-        time.sleep(0.5)
+        served.wait_inflight("a", 1)
         b = httpx.post(served.url + CHAT, json=chat_body("b"), timeout=60)
         thread.join(60)
         assert b.status_code == 200
@@ -248,7 +266,7 @@ def test_health_readyz_livez_version(tmp_path, fake_python):
 
 
 def test_client_disconnect_mid_stream_closes_the_upstream_request(tmp_path, fake_python):
-    from test_server_operations import metric_samples, value
+    from test_server_operations import metric_samples, value, wait_metric
 
     env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.1"}})
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
@@ -259,12 +277,6 @@ def test_client_disconnect_mid_stream_closes_the_upstream_request(tmp_path, fake
             running = value(metric_samples(client.get("/metrics").text), "vllm:num_requests_running",
                             lane="a", model_name="a")
             assert running == 1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            samples = metric_samples(client.get("/metrics").text)
-            if value(samples, "vllm:num_requests_running", lane="a", model_name="a") == 0:
-                break
-            time.sleep(0.2)
-        assert value(samples, "vllm:num_requests_running", lane="a", model_name="a") == 0
-        assert value(samples, "vllm_launcher_inflight_requests", lane="a") == 0
+        wait_metric(served, "vllm:num_requests_running", 0, timeout=10, lane="a", model_name="a")
+        wait_metric(served, "vllm_launcher_inflight_requests", 0, timeout=10, lane="a")
         assert client.post(CHAT, json=chat_body("a")).status_code == 200
