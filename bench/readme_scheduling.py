@@ -117,9 +117,12 @@ def curve_text(sched: dict) -> str:
 
 def scheduling_section(sched: dict) -> str:
     st = sched["settings"]
+    ours = ("the launcher's scheduler (**ours**)" if st.get("new_policy") in (None, "scheduler") else
+            f"**ours**: for now `{st['new_policy']}`, a prototype of the issue's cost-gated policy in "
+            "`bench/prototype_policy.py`, until the launcher's scheduler has it")
     parts = [
         "**Scheduling under agent traffic**, simulated (`launcher/vllm_launcher/simulator.py`, discrete-event, "
-        "deterministic) with the launcher's scheduler (**ours**) against three baselines on identical inputs "
+        f"deterministic) with {ours}, against three baselines on identical inputs "
         "(`bench/baselines.py`): ours before issue 13 (the hold rule, frozen in `bench/hold_scheduler.py`, "
         f"`VLLM_SWITCH_MAX_WAIT` {st['hold_max_wait']:.0f} s), the llama-swap policy (serve the loaded lane while "
         "it has requests, else the oldest waiter's; no bound) and fcfs (switch whenever the head of the global "
