@@ -265,10 +265,11 @@ def test_engine_env_is_an_allow_list():
     env = build_engine_spec(config, "a", V012, host="127.0.0.1", port=4321).env
     for passed in ("HIP_VISIBLE_DEVICES", "HSA_ENABLE_SDMA", "VLLM_ROCM_USE_AITER", "VLLM_CPU_KVCACHE_SPACE",
                    "HF_HOME", "PATH", "VLLM_CACHE_ROOT", "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL",
-                   "MIOPEN_FIND_MODE", "TRITON_CACHE_DIR"):
+                   "MIOPEN_FIND_MODE", "TRITON_CACHE_DIR",
+                   "VLLM_HOST_IP"):       # this node's address on a cluster (tests/test_cluster.py)
         assert env[passed] == environ[passed]
     for blocked in ("VLLM_PORT", "VLLM_HOST", "VLLM_LOG_LEVEL", "VLLM_GPU_MEMORY_UTILIZATION", "VLLM_LANE_A_DTYPE",
-                    "VLLM_TARGET_DEVICE", "VLLM_HOST_IP", "RANDOM_THING", "AWS_SECRET", "VLLM_MODEL",
+                    "VLLM_TARGET_DEVICE", "RANDOM_THING", "AWS_SECRET", "VLLM_MODEL",
                     "TRANSFORMERS_TRUST_REMOTE_CODE"):
         assert blocked not in env
     assert env["VLLM_API_KEY"] == "k"            # the user's key protects a foreground engine

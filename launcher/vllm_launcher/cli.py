@@ -186,6 +186,107 @@ main.add_command(artifacts)
 main.add_command(demo_models_command)
 
 
+def _cluster_or_exit(role: str | None = None, address: str | None = None):
+    from .config import load_cluster_config
+
+    try:
+        return load_cluster_config(os.environ, role=role, address=address)
+    except ConfigError as error:
+        click.echo(f"vllm-launcher: {len(error.problems)} configuration problem(s), nothing started:", err=True)
+        for problem in error.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(CONFIG_EXIT)
+
+
+def _run_node(role: str, address: str | None = None) -> None:
+    from .cluster import ClusterError, main_say, run_node
+
+    node, python = _cluster_or_exit(role, address)
+    try:
+        sys.exit(run_node(node, python, os.environ, say=main_say))
+    except ClusterError as error:
+        main_say(f"error: {error}")
+        sys.exit(1)
+
+
+@main.group()
+def cluster() -> None:
+    """This machine's node of a Ray cluster, for lanes that span several machines.
+
+    The node runs in the foreground (for systemd and containers) from the engines' Python
+    (VLLM_ENGINE_PYTHON), with its address from VLLM_CLUSTER_INTERFACE, Ray's fixed ports
+    (VLLM_CLUSTER_*_PORT), VLLM_CLUSTER_GPUS GPUs, usage statistics off and Ray's token
+    authentication on (the token from VLLM_CLUSTER_TOKEN_FILE). SIGTERM or SIGINT stop it and
+    every process it started. See `vllm-launcher settings` for the VLLM_CLUSTER_* variables.
+    """
+
+
+@cluster.command()
+def head() -> None:
+    """Start this machine's node as the cluster's head (GCS on VLLM_CLUSTER_PORT)."""
+    _run_node("head")
+
+
+@cluster.command()
+@click.argument("address", required=False)
+def join(address: str | None) -> None:
+    """Join the cluster whose head is at ADDRESS (host or host:port; default VLLM_CLUSTER_ADDRESS).
+
+    The head must accept this machine's token first: a refused token or an unreachable head
+    (waited for up to 60 s) ends with status 1 and no Ray process started.
+    """
+    _run_node("worker", address)
+
+
+@cluster.command()
+def start() -> None:
+    """Start this machine's node in the role VLLM_CLUSTER_ROLE says (head, or worker joining
+    VLLM_CLUSTER_ADDRESS): what a service unit or a container runs."""
+    node, _ = _cluster_or_exit()
+    _run_node(node.role, node.address)
+
+
+@cluster.command()
+@click.option("--json", "as_json", is_flag=True, help="print the cluster as JSON")
+def status(as_json: bool) -> None:
+    """Print the cluster's nodes and their GPUs, as the head knows them (asked with the token).
+
+    Exits 1 when the head cannot be asked (unreachable, token refused)."""
+    from .cluster import ClusterError, check_token_file, query_cluster, status_lines
+    from .config import load_cluster_config
+
+    environ = dict(os.environ)
+    environ.setdefault("VLLM_CLUSTER_ROLE", "worker" if environ.get("VLLM_CLUSTER_ADDRESS") else "head")
+    try:
+        node, python = load_cluster_config(environ)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(f"vllm-launcher: {problem}", err=True)
+        sys.exit(CONFIG_EXIT)
+    try:
+        check_token_file(node.token_file)
+        state = query_cluster(node, python, environ)
+    except ClusterError as error:
+        click.echo(f"vllm-launcher cluster: error: {error}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(state.public(), indent=2) if as_json else "\n".join(status_lines(state)))
+
+
+@cluster.command("new-token")
+@click.argument("file", type=click.Path(dir_okay=False))
+def new_token(file: str) -> None:
+    """Write a new random cluster token to FILE (mode 0600; an existing file is kept). Copy the
+    same file to every machine and point VLLM_CLUSTER_TOKEN_FILE at it."""
+    from .cluster import new_token_file
+
+    try:
+        new_token_file(file)
+    except FileExistsError:
+        click.echo(f"vllm-launcher: {file} exists; it is left as it is", err=True)
+        sys.exit(1)
+    click.echo(f"wrote a new cluster token to {file} (mode 0600)")
+
+
 @main.command()
 @click.option("--host", help=env_help("host"))
 @click.option("--port", type=int, help=env_help("port"))

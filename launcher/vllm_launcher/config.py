@@ -391,8 +391,20 @@ def _lane_config(reader: _Reader, lane: str, globals_: dict[str, Any],
     aliases = resolved.pop("ALIASES") or []
     names = tuple(dict.fromkeys(name for name in (served, *aliases, model, lane) if name))
     idle_timeout = resolved.pop("IDLE_TIMEOUT", None)
+    _check_nodes(reader, lane, resolved)
     settings = {key: value for key, value in resolved.items() if value is not None}
     return LaneConfig(lane, model, is_local, served, names, settings, env, idle_timeout)
+
+
+def _check_nodes(reader: _Reader, lane: str, resolved: dict[str, Any]) -> None:
+    """NODES machines share the lane's tensor x pipeline GPUs evenly, or vLLM cannot place them."""
+    nodes = resolved.get("NODES")
+    gpus = (resolved.get("TENSOR_PARALLEL_SIZE") or 1) * (resolved.get("PIPELINE_PARALLEL_SIZE") or 1)
+    if nodes and gpus % nodes:
+        reader.problems.append(
+            f"VLLM_LANE_{lane.upper()}_NODES={nodes}: lane {lane!r} has tensor x pipeline = {gpus} GPU(s), "
+            f"which {nodes} machines cannot share evenly; set NODES to a divisor of {gpus}, or raise "
+            "TENSOR_PARALLEL_SIZE / PIPELINE_PARALLEL_SIZE")
 
 
 def _normalise_model(model: str) -> tuple[str, bool]:

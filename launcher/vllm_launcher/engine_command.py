@@ -23,17 +23,20 @@ PASSED_NAMES = frozenset({
     "CURL_CA_BUNDLE", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY",
     "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "XDG_CACHE_HOME", "CC", "CXX", "VLLM_CACHE_ROOT",
     "DO_NOT_TRACK", "CUDA_VISIBLE_DEVICES",
+    # several machines: the Ray cluster (its token's file, never the token) and this node's address
+    "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "VLLM_HOST_IP",
 })
 PASSED_PREFIXES = (
     "ROCM_", "ROCR_", "HIP_", "HSA_", "HCC_", "AMD_", "MIOPEN_", "TRITON_", "TORCH_",
     "TORCHINDUCTOR_", "PYTORCH_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "VLLM_ROCM_",
-    "VLLM_CPU_", "OMP_", "KMP_", "MKL_", "LC_", "NCCL_", "RCCL_",
+    "VLLM_CPU_", "OMP_", "KMP_", "MKL_", "LC_", "NCCL_", "RCCL_", "GLOO_",
 )
 # Names the launcher consumes: never passed on even when a prefix above matches them.
 LAUNCHER_NAMES = frozenset(
     name for setting in (*SERVER_SETTINGS, *ENGINE_SETTINGS, *CLUSTER_SETTINGS) for name in setting.names
 )
-TELEMETRY_OFF = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+TELEMETRY_OFF = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1",
+                 "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass(frozen=True)

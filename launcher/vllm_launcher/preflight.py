@@ -124,10 +124,21 @@ def check_memory(config: LauncherConfig) -> list[Finding]:
     return findings
 
 
+def check_cluster(config: LauncherConfig) -> list[Finding]:
+    """With a cluster configured: its nodes and GPUs, and whether each multi-node lane fits."""
+    if config.cluster is None:
+        return []
+    from .cluster import cluster_report
+
+    return [Finding(level, message) for level, message in
+            cluster_report(config.cluster, config.server.engine_python, config.environ, config.lanes)]
+
+
 def run_checks(config: LauncherConfig) -> list[Finding]:
     findings, info = check_vllm(config.server.engine_python)
     findings += check_devices(info.is_cpu_build)
     findings += check_rocm_settings(config)
     findings += check_models(config)
     findings += check_memory(config)
+    findings += check_cluster(config)
     return findings

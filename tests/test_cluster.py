@@ -1,0 +1,313 @@
+"""Several machines (issue 14, What 1): `vllm-launcher cluster head|join` on real Ray (2.60, the
+locked closure's), each node in a network namespace of its own (tests/netns.py: a veth pair,
+10.231.0.0/24, no default route), token authentication on.
+
+- a head and a worker join: the cluster shows two nodes with the GPUs each was given (a logical
+  resource: no GPU needed), actors run on both, `check` reports the cluster and whether each
+  multi-node lane fits, and every TCP listener outside loopback is one of the documented
+  firewall ports;
+- a worker with a wrong token is refused at once with a clear error, and the cluster keeps one node;
+- SIGTERM to each node's `vllm-launcher` stops it with status 0 and leaves no process in its
+  namespace.
+
+Without namespaces (not root, no iproute2) the real-Ray tests skip, except under CI (`CI` set),
+where that is a failure. The unit tests at the end need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from closure_env import CLOSURE_PYTHON, closure_ready
+from measurements import record
+from netns import Machine, NamespacesUnavailable, machines, skip_or_fail
+
+from vllm_launcher.cluster import (
+    ClusterError, engine_cluster_environment, interface_ipv4, lane_placement, ray_start_argv,
+)
+from vllm_launcher.config import ClusterConfig, load_config
+from vllm_launcher.engine_command import build_engine_spec
+from vllm_launcher.vllm_info import VllmInfo
+
+HEAD_GPUS, WORKER_GPUS = 1, 2
+UP_TIMEOUT = 120.0
+
+# an actor on every alive node, asked where it runs, while the test reads the listening sockets
+DRIVER = r"""
+import json, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Where:
+    def node(self):
+        return ray.util.get_node_ip_address()
+
+nodes = [node for node in ray.nodes() if node["Alive"]]
+actors = [Where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+          for node in nodes]
+print(json.dumps(sorted(ray.get([actor.node.remote() for actor in actors], timeout=120))), flush=True)
+sys.stdin.read()
+"""
+
+
+def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
+        "VLLM_ENGINE_PYTHON": str(CLOSURE_PYTHON), "VLLM_CLUSTER_INTERFACE": machine.interface,
+        "VLLM_CLUSTER_TOKEN_FILE": str(token), "VLLM_CLUSTER_GPUS": str(gpus), "VLLM_CLUSTER_CPUS": "1",
+        "VLLM_CLUSTER_OBJECT_STORE_MEMORY": "100M",
+        # Ray's socket paths must stay under 108 bytes: a short directory of its own per node
+        "VLLM_CLUSTER_TEMP_DIR": tempfile.mkdtemp(prefix="vlc", dir="/tmp"),
+    }
+
+
+class Node:
+    """One machine's `vllm-launcher cluster head|join`, run inside its namespace."""
+
+    def __init__(self, machine: Machine, work: Path, token: Path, gpus: int, *command: str):
+        self.machine = machine
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "home").mkdir(exist_ok=True)
+        (work / "tmp").mkdir(exist_ok=True)
+        self.env = _cluster_env(machine, work, token, gpus)
+        self.log_path = work / "node.log"
+        self.started = time.monotonic()
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                machine.argv(sys.executable, "-m", "vllm_launcher", "cluster", *command),
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, float]:
+        """SIGTERM to the launcher; (exit status, seconds to exit)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.env["VLLM_CLUSTER_TEMP_DIR"], ignore_errors=True)
+
+
+def launcher_in(machine: Machine, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(machine.argv(sys.executable, "-m", "vllm_launcher", *args), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cluster_status(head: Node) -> dict | None:
+    result = launcher_in(head.machine, head.env, "cluster", "status", "--json")
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def wait_for_nodes(head: Node, count: int, timeout: float = UP_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        assert head.process.poll() is None, f"the head exited:\n{head.log()[-3000:]}"
+        status = cluster_status(head)
+        if status and status["nodes_alive"] == count:
+            return status
+        time.sleep(1.0)
+    raise AssertionError(f"the cluster never had {count} nodes: {status}\n{head.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two namespaces, a token, and the head running in the first; the worker is the tests'."""
+    if not closure_ready():
+        skip_or_fail(f"{CLOSURE_PYTHON} (the engines' locked closure, with Ray) is missing: run `make closure`")
+    work = tmp_path_factory.mktemp("cluster")
+    token = work / "token"
+    result = subprocess.run([sys.executable, "-m", "vllm_launcher", "cluster", "new-token", str(token)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and oct(token.stat().st_mode & 0o777) == "0o600", result.stderr
+    try:
+        context = machines(2)
+        head_machine, worker_machine = context.__enter__()
+    except NamespacesUnavailable as error:
+        skip_or_fail(str(error))
+    head = Node(head_machine, work / "head", token, HEAD_GPUS, "head")
+    try:
+        wait_for_nodes(head, 1)
+        record(f"cluster: head node up (status answers, 1 node) in {time.monotonic() - head.started:.1f} s")
+        yield {"head": head, "worker_machine": worker_machine, "work": work, "token": token}
+    finally:
+        head.close()
+        context.__exit__(None, None, None)
+
+
+@pytest.mark.cluster
+def test_a_wrong_token_is_refused(cluster):
+    head, worker_machine, work = cluster["head"], cluster["worker_machine"], cluster["work"]
+    wrong = work / "wrong-token"
+    wrong.write_text("0" * 64 + "\n")
+    wrong.chmod(0o600)
+    worker = Node(worker_machine, work / "wrong", wrong, WORKER_GPUS, "join", head.machine.address)
+    try:
+        code = worker.process.wait(timeout=90)
+        seconds = time.monotonic() - worker.started
+    finally:
+        worker.close()
+    log = worker.log()
+    assert code == 1, log
+    assert f"the cluster at {head.machine.address}:6379 refused this machine's token" in log, log
+    assert f"VLLM_CLUSTER_TOKEN_FILE='{wrong}'" in log and "0" * 64 not in log
+    assert "ray.scripts.scripts start" not in log          # refused before any Ray process started
+    assert worker_machine.pids() == []
+    status = cluster_status(head)
+    assert status["nodes_alive"] == 1 and [node["address"] for node in status["nodes"]] == [head.machine.address]
+    record(f"cluster: a join with a wrong token refused in {seconds:.1f} s")
+
+
+@pytest.mark.cluster
+def test_head_and_worker_join_with_the_token(cluster):
+    head, worker_machine, work = cluster["head"], cluster["worker_machine"], cluster["work"]
+    worker = Node(worker_machine, work / "worker", cluster["token"], WORKER_GPUS, "join", head.machine.address)
+    try:
+        status = wait_for_nodes(head, 2)
+        record(f"cluster: worker joined (2 nodes) in {time.monotonic() - worker.started:.1f} s")
+        nodes = {node["address"]: node for node in status["nodes"] if node["alive"]}
+        assert nodes[head.machine.address]["head"] and nodes[head.machine.address]["gpus"] == HEAD_GPUS
+        assert not nodes[worker_machine.address]["head"] and nodes[worker_machine.address]["gpus"] == WORKER_GPUS
+        assert status["gpus"] == HEAD_GPUS + WORKER_GPUS and status["ray"] == "2.60.0"
+        assert "the head at 10.231.0.1:6379 accepted this machine's token" in worker.log()
+
+        # work runs on both machines, through the token-protected cluster
+        env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster["token"]),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        started = time.monotonic()
+        driver = subprocess.Popen(head.machine.argv(str(CLOSURE_PYTHON), "-P", "-c", DRIVER,
+                                                    f"{head.machine.address}:6379"),
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            line = driver.stdout.readline()
+            assert json.loads(line) == sorted([head.machine.address, worker_machine.address]), line
+            record(f"cluster: an actor on each node answered in {time.monotonic() - started:.1f} s")
+            allowed = set(range(10002, 10200)) | set(range(6379, 6386))
+            for machine in (head.machine, worker_machine):
+                outside = [(address, port, process) for address, port, process in machine.listeners()
+                           if not address.startswith("127.") and port not in allowed]
+                assert outside == [], f"{machine.netns}: listeners outside the documented ports: {outside}"
+        finally:
+            driver.stdin.close()
+            driver.wait(timeout=60)
+
+        # `check` on the head: the cluster, and which multi-node lanes fit
+        env = {**head.env, "VLLM_CLUSTER_ROLE": "head", "VLLM_LANES": "pair,trio,solo", "VLLM_CLUSTER_GPUS": "1",
+               "VLLM_LANE_PAIR_TENSOR_PARALLEL_SIZE": "2",
+               "VLLM_LANE_TRIO_TENSOR_PARALLEL_SIZE": "3", "VLLM_LANE_TRIO_NODES": "3"}
+        for lane in ("pair", "trio", "solo"):
+            model = work / "models" / lane
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "config.json").write_text("{}")
+            env[f"VLLM_LANE_{lane.upper()}_MODEL"] = str(model)
+        result = launcher_in(head.machine, env, "check", timeout=300)
+        lines = result.stdout.splitlines()
+        first = next((i for i, line in enumerate(lines) if line.startswith("OK   cluster ")), None)
+        assert first is not None, result.stdout + result.stderr
+        cluster_lines = lines[first:-1]
+        record("cluster: `vllm-launcher check` printed: " + " | ".join(cluster_lines))
+        assert (f"OK   cluster {head.machine.address}:6379: 2 nodes alive, 3 GPUs (Ray 2.60.0, token auth): "
+                f"{head.machine.address} (head): 1 GPU, 1 CPU; {worker_machine.address}: 2 GPUs, 1 CPU") in lines, \
+            result.stdout
+        assert "OK   lane pair: 2 GPUs on 2 nodes (1 each): fits the cluster" in lines
+        assert ("WARN lane trio: 3 GPUs on 3 nodes (1 each): does not fit the cluster now (2 nodes alive, 3 GPUs); "
+                "it waits for more nodes") in lines
+        assert not any("lane solo" in line for line in cluster_lines)
+
+        code, seconds = worker.stop()
+        assert code == 0, worker.log()
+        assert worker_machine.pids() == [], "processes left in the worker's namespace"
+        record(f"cluster: SIGTERM stopped the worker (nothing left in its namespace) in {seconds:.1f} s")
+        deadline = time.monotonic() + 60
+        while (status := cluster_status(head)) and status["nodes_alive"] != 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert status["nodes_alive"] == 1
+    finally:
+        worker.close()
+
+
+@pytest.mark.cluster
+def test_sigterm_stops_the_head_and_leaves_nothing(cluster):
+    head = cluster["head"]
+    assert head.process.poll() is None
+    code, seconds = head.stop()
+    assert code == 0, head.log()
+    assert "Ray node stopped" in head.log()
+    assert head.machine.pids() == [], "processes left in the head's namespace"
+    assert cluster["worker_machine"].pids() == []
+    record(f"cluster: SIGTERM stopped the head (nothing left in its namespace) in {seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# without namespaces
+
+
+def test_engines_get_the_cluster_variables_and_never_the_token():
+    environ = {"VLLM_MODEL": "org/m", "RAY_ADDRESS": "10.0.0.1:6379", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN_PATH": "/run/secrets/ray", "RAY_AUTH_TOKEN": "s3cr3t-token",
+               "VLLM_HOST_IP": "10.0.0.2", "NCCL_SOCKET_IFNAME": "enp1s0", "NCCL_IB_DISABLE": "1",
+               "GLOO_SOCKET_IFNAME": "enp1s0", "RCCL_MSCCL_ENABLE": "0", "VLLM_CLUSTER_ROLE": "head",
+               "VLLM_CLUSTER_INTERFACE": "enp1s0", "VLLM_CLUSTER_TOKEN_FILE": "/run/secrets/ray"}
+    env = build_engine_spec(load_config(environ), "default", VllmInfo("vllm", "0.12.0")).env
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "VLLM_HOST_IP", "NCCL_SOCKET_IFNAME",
+                 "NCCL_IB_DISABLE", "GLOO_SOCKET_IFNAME", "RCCL_MSCCL_ENABLE"):
+        assert env[name] == environ[name], name
+    assert "RAY_AUTH_TOKEN" not in env and "s3cr3t-token" not in env.values()
+    assert not [name for name in env if name.startswith("VLLM_CLUSTER_")]
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_engine_cluster_environment_from_the_interface(tmp_path):
+    cluster = ClusterConfig(role="head", interface="lo", token_file=str(tmp_path / "token"))
+    env = engine_cluster_environment(cluster, {"GLOO_SOCKET_IFNAME": "eth9"})
+    assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "eth9"   # the user's wins
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
+    with pytest.raises(ClusterError, match="no such network interface"):
+        interface_ipv4("nosuch0")
+
+
+def test_ray_start_command_line():
+    cluster = ClusterConfig(role="worker", address="10.0.0.1:6379", interface="enp1s0", token_file="/t", gpus=2)
+    argv = ray_start_argv(cluster, "/py", "10.0.0.2", head=False)
+    assert argv[:6] == ["/py", "-P", "-m", "ray.scripts.scripts", "start", "--block"]
+    pairs = dict(zip(argv[6::2], argv[7::2]))
+    assert pairs["--node-ip-address"] == "10.0.0.2" and pairs["--num-gpus"] == "2"
+    assert pairs["--address"] == "10.0.0.1:6379" and "--head" not in argv
+    assert [pairs[flag] for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
+                                     "--dashboard-agent-listen-port", "--runtime-env-agent-port",
+                                     "--metrics-export-port", "--min-worker-port", "--max-worker-port")] \
+        == ["6380", "6381", "6382", "6383", "6384", "6385", "10002", "10199"]
+    head = ray_start_argv(ClusterConfig(role="head", interface="enp1s0", token_file="/t"), "/py", "10.0.0.1", True)
+    assert head[head.index("--port") + 1] == "6379" and "--no-monitor" in head and "--disable-usage-stats" in head
+    assert head[head.index("--include-dashboard") + 1] == "false"
+    assert not any("token" in word.lower() for word in argv + head)   # the token is never on a command line
+
+
+def test_lane_placement():
+    def lane(**settings):
+        environ = {"VLLM_MODEL": "org/m", **{f"VLLM_LANE_DEFAULT_{k}": str(v) for k, v in settings.items()}}
+        return load_config(environ).lanes["default"]
+
+    assert lane_placement(lane(), 1).nodes == 1
+    assert (lane_placement(lane(TENSOR_PARALLEL_SIZE=2), 1).nodes, lane_placement(lane(TENSOR_PARALLEL_SIZE=2), 2).nodes) \
+        == (2, 1)
+    placement = lane_placement(lane(TENSOR_PARALLEL_SIZE=4, PIPELINE_PARALLEL_SIZE=2, NODES=2), 1)
+    assert (placement.gpus, placement.nodes, placement.per_node) == (8, 2, 4)
