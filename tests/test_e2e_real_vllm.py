@@ -20,7 +20,7 @@ import pytest
 
 from measurements import record
 from real_engine import KV_CACHE_LOG_RE, chat_completion_and_stream, requires_vllm, shared_demo_models
-from serving import group_alive, processes_with_tmpdir, serving, start_server
+from serving import group_alive, processes_with_tmpdir, serving, start_server, wait_gone
 from test_server_operations import metric_samples, value
 
 pytestmark = [pytest.mark.e2e, requires_vllm]
@@ -147,8 +147,7 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
     for index in range(3):
         status, answer = outcome[f"queued{index}"]
         assert status == 503 and answer["error"]["code"] == "shutting_down"
-    time.sleep(0.5)
-    assert not [pid for pgid in groups for pid in group_alive(pgid)]
+    assert not [pid for pgid in groups for pid in group_alive(pgid)]      # stopped before the server exited
     assert not processes_with_tmpdir(str(tmp_path)), "an engine process (EngineCore/Worker) outlived the server"
 
 
@@ -158,7 +157,7 @@ def test_sigkilled_server_engines_are_reaped(tmp_path, lanes_env):
     names = {re.sub(r"\s+", " ", open(f"/proc/{pid}/comm").read().strip()) for pid in group_alive(pgid)}
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
-    time.sleep(3)
+    wait_gone(pgid)                                    # the API server, by its parent-death signal
     survivors = group_alive(pgid)
     record(f"after SIGKILL of the server, {len(survivors)} process(es) of its engine group were alive "
            f"(engine processes were {sorted(names)})")

@@ -192,11 +192,12 @@ def test_chat_completion(client, facts):
 def test_chat_completion_stream(client):
     chunks = list(client.chat.completions.create(
         model=SERVED, messages=[{"role": "user", "content": "Count to ten."}],
-        max_tokens=12, stream=True, extra_body={"ignore_eos": True}))
+        max_tokens=12, stream=True, extra_body={"ignore_eos": True}, stream_options={"include_usage": True}))
     assert {chunk.model for chunk in chunks} == {SERVED}
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert isinstance(text, str)
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12            # the stream carried every token
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) <= 12
 
 
 def test_completion_ignore_eos_gives_exactly_max_tokens(client, facts):
@@ -237,7 +238,9 @@ def test_max_tokens_limits(client, facts):
         client.completions.create(model=SERVED, prompt="Hello", max_tokens=MAX_MODEL_LEN + 1)
     facts["max_tokens_over_max_model_len"] = f"400: {too_many.value.body}"
     assert "cannot be greater than max_model_len" in str(too_many.value)
-    # max_tokens <= max_model_len but prompt + max_tokens > max_model_len
+    # max_tokens <= max_model_len but prompt + max_tokens > max_model_len: either refused for the
+    # context length, or answered within it (cut at the context's end)
+    prompt_tokens = client.completions.create(model=SERVED, prompt="Hello there", max_tokens=1).usage.prompt_tokens
     try:
         reply = client.completions.create(model=SERVED, prompt="Hello there",
                                           max_tokens=MAX_MODEL_LEN,
@@ -245,8 +248,11 @@ def test_max_tokens_limits(client, facts):
         facts["prompt_plus_max_tokens_over_max_model_len"] = (
             f"200, completion_tokens {reply.usage.completion_tokens}, "
             f"finish_reason {reply.choices[0].finish_reason}")
+        assert reply.usage.completion_tokens <= MAX_MODEL_LEN - prompt_tokens
+        assert reply.choices[0].finish_reason == "length"
     except openai.BadRequestError as exc:
         facts["prompt_plus_max_tokens_over_max_model_len"] = f"400: {exc.body}"
+        assert str(MAX_MODEL_LEN) in str(exc) and ("context" in str(exc) or "max_model_len" in str(exc)), exc
 
 
 def test_metrics(engine, facts):
