@@ -17,20 +17,15 @@ where that is a failure. The unit tests at the end need neither.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from closure_env import CLOSURE_PYTHON, closure_ready
 from measurements import record
-from netns import Machine, NamespacesUnavailable, machines, skip_or_fail
+from netns import NamespacesUnavailable, machines, skip_or_fail
+from ray_cluster import Node, cluster_status, launcher_in, new_token, wait_for_nodes
 
 from vllm_launcher.cluster import (
     ClusterError, engine_cluster_environment, interface_ipv4, lane_placement, ray_start_argv,
@@ -40,91 +35,28 @@ from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.vllm_info import VllmInfo
 
 HEAD_GPUS, WORKER_GPUS = 1, 2
-UP_TIMEOUT = 120.0
 
-# an actor on every alive node, asked where it runs, while the test reads the listening sockets
+# As vLLM's Ray executor does: a placement group with a GPU bundle on each node (STRICT_SPREAD),
+# an actor in each bundle asked where it runs; the test reads the listening sockets meanwhile.
 DRIVER = r"""
 import json, sys, ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, num_gpus=1)
 class Where:
     def node(self):
         return ray.util.get_node_ip_address()
 
-nodes = [node for node in ray.nodes() if node["Alive"]]
-actors = [Where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
-          for node in nodes]
+group = placement_group([{"GPU": 1}, {"GPU": 1}], strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=120)
+actors = [Where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
+          .remote() for i in range(2)]
 print(json.dumps(sorted(ray.get([actor.node.remote() for actor in actors], timeout=120))), flush=True)
 sys.stdin.read()
+remove_placement_group(group)
 """
-
-
-def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
-        "VLLM_ENGINE_PYTHON": str(CLOSURE_PYTHON), "VLLM_CLUSTER_INTERFACE": machine.interface,
-        "VLLM_CLUSTER_TOKEN_FILE": str(token), "VLLM_CLUSTER_GPUS": str(gpus), "VLLM_CLUSTER_CPUS": "1",
-        "VLLM_CLUSTER_OBJECT_STORE_MEMORY": "100M",
-        # Ray's socket paths must stay under 108 bytes: a short directory of its own per node
-        "VLLM_CLUSTER_TEMP_DIR": tempfile.mkdtemp(prefix="vlc", dir="/tmp"),
-    }
-
-
-class Node:
-    """One machine's `vllm-launcher cluster head|join`, run inside its namespace."""
-
-    def __init__(self, machine: Machine, work: Path, token: Path, gpus: int, *command: str):
-        self.machine = machine
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "home").mkdir(exist_ok=True)
-        (work / "tmp").mkdir(exist_ok=True)
-        self.env = _cluster_env(machine, work, token, gpus)
-        self.log_path = work / "node.log"
-        self.started = time.monotonic()
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                machine.argv(sys.executable, "-m", "vllm_launcher", "cluster", *command),
-                env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60.0) -> tuple[int, float]:
-        """SIGTERM to the launcher; (exit status, seconds to exit)."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        return code, time.monotonic() - started
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        shutil.rmtree(self.env["VLLM_CLUSTER_TEMP_DIR"], ignore_errors=True)
-
-
-def launcher_in(machine: Machine, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(machine.argv(sys.executable, "-m", "vllm_launcher", *args), env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def cluster_status(head: Node) -> dict | None:
-    result = launcher_in(head.machine, head.env, "cluster", "status", "--json")
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def wait_for_nodes(head: Node, count: int, timeout: float = UP_TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        assert head.process.poll() is None, f"the head exited:\n{head.log()[-3000:]}"
-        status = cluster_status(head)
-        if status and status["nodes_alive"] == count:
-            return status
-        time.sleep(1.0)
-    raise AssertionError(f"the cluster never had {count} nodes: {status}\n{head.log()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +65,8 @@ def cluster(tmp_path_factory):
     if not closure_ready():
         skip_or_fail(f"{CLOSURE_PYTHON} (the engines' locked closure, with Ray) is missing: run `make closure`")
     work = tmp_path_factory.mktemp("cluster")
-    token = work / "token"
-    result = subprocess.run([sys.executable, "-m", "vllm_launcher", "cluster", "new-token", str(token)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and oct(token.stat().st_mode & 0o777) == "0o600", result.stderr
+    token = new_token(work / "token")
+    assert token.stat().st_mode & 0o777 == 0o600
     try:
         context = machines(2)
         head_machine, worker_machine = context.__enter__()
@@ -198,7 +128,8 @@ def test_head_and_worker_join_with_the_token(cluster):
         try:
             line = driver.stdout.readline()
             assert json.loads(line) == sorted([head.machine.address, worker_machine.address]), line
-            record(f"cluster: an actor on each node answered in {time.monotonic() - started:.1f} s")
+            record(f"cluster: a placement group over both nodes, an actor in each bundle, answered in "
+                   f"{time.monotonic() - started:.1f} s")
             allowed = set(range(10002, 10200)) | set(range(6379, 6386))
             for machine in (head.machine, worker_machine):
                 outside = [(address, port, process) for address, port, process in machine.listeners()
@@ -239,6 +170,28 @@ def test_head_and_worker_join_with_the_token(cluster):
         while (status := cluster_status(head)) and status["nodes_alive"] != 1 and time.monotonic() < deadline:
             time.sleep(1)
         assert status["nodes_alive"] == 1
+    finally:
+        worker.close()
+
+
+@pytest.mark.cluster
+def test_a_killed_launcher_takes_its_node_with_it(cluster):
+    """SIGKILL leaves the launcher no time: the node's `ray start` gets SIGTERM from the kernel
+    (parent-death signal) and stops its processes; the head sees the node leave."""
+    head, worker_machine = cluster["head"], cluster["worker_machine"]
+    worker = Node(worker_machine, cluster["work"] / "killed", cluster["token"], WORKER_GPUS,
+                  "join", head.machine.address)
+    try:
+        wait_for_nodes(head, 2)
+        worker.process.kill()
+        worker.process.wait()
+        started = time.monotonic()
+        while worker_machine.pids() and time.monotonic() - started < 60:
+            time.sleep(0.2)
+        assert worker_machine.pids() == [], "processes left in the worker's namespace"
+        record(f"cluster: after SIGKILL of the worker's launcher its node was gone in "
+               f"{time.monotonic() - started:.1f} s")
+        wait_for_nodes(head, 1, timeout=60)
     finally:
         worker.close()
 

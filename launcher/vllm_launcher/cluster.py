@@ -298,9 +298,14 @@ def cluster_report(cluster: ClusterConfig, python: str, environ: Mapping[str, st
     """`check`'s lines about the cluster, as (level, message): ok/info/warn/fail."""
     try:
         lines = [("warn", warning) for warning in check_token_file(cluster.token_file)]
-        state = query_cluster(cluster, python, environ)
+        node_ip = interface_ipv4(cluster.interface)
+        state = query_cluster(cluster, python, environ, address=head_address(cluster, node_ip))
     except ClusterError as error:
         return [("fail", f"cluster: {error}")]
+    host_ip = environ.get("VLLM_HOST_IP", "").strip()
+    if host_ip and host_ip != node_ip:
+        lines.append(("warn", f"VLLM_HOST_IP={host_ip!r} is not this machine's cluster address {node_ip} "
+                              f"(VLLM_CLUSTER_INTERFACE={cluster.interface!r}): vLLM's rendezvous would hang; unset it"))
     lines.append(("ok", f"cluster {state.address}: {state.describe()}"))
     for lane in lanes.values():
         placement = lane_placement(lane, cluster.gpus)
