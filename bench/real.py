@@ -32,7 +32,7 @@ FIRST_STARTS = 0 if QUICK else 2  # empty compile cache: full mode only (time)
 WARM_STARTS = 1 if QUICK else 4
 SWITCHES = 1 if QUICK else 4  # beta, alpha, beta, alpha
 PHASE_RE = re.compile(r'vllm_launcher_switch_phase_seconds_sum\{lane="(\w+)",phase="(\w+)"\} ([0-9.eE+-]+)')
-ENGINE_PORT_RE = r"lane {lane}: starting engine \(attempt \d+\) on 127\.0\.0\.1:(\d+)"
+ENGINE_SOCKET_RE = r"lane {lane}: starting engine \(attempt \d+\) on (\S+)"
 PASSED = ("PATH", "HOME", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "TZ", "USER")
 
 
@@ -50,11 +50,11 @@ def tiny_engine(model_dir, port: int, cache_root, tmpdir) -> tuple[list[str], di
 
 
 def engine_target(served, lane: str) -> Target:
-    """The lane's engine as the direct path, from the server's log."""
-    ports = re.findall(ENGINE_PORT_RE.format(lane=re.escape(lane)), served.log())
-    if not ports:
-        raise RuntimeError(f"no engine port for lane {lane} in the server log")
-    return Target("direct", f"http://127.0.0.1:{ports[-1]}")
+    """The lane's engine as the direct path: its Unix socket, from the server's log."""
+    sockets = re.findall(ENGINE_SOCKET_RE.format(lane=re.escape(lane)), served.log())
+    if not sockets:
+        raise RuntimeError(f"no engine socket for lane {lane} in the server log")
+    return Target("direct", "http://engine", uds=sockets[-1])
 
 
 def first_data(base_url: str, model: str) -> dict:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import httpx
 import pytest
-from starlette.requests import Request
 
 from vllm_launcher.engines import Engine
 from vllm_launcher.errors import APIError
@@ -20,18 +20,24 @@ class CrashedLaneRouter:
     """One lane whose engine exited after dispatching the request: its pool is closed and
     the request's ticket carries the crash, as the router leaves them."""
 
-    def __init__(self, client: httpx.AsyncClient):
+    def __init__(self, client: httpx.AsyncClient, session: aiohttp.ClientSession, abort_later: bool = False):
         self.client = client
+        self.session = session
+        self.abort_later = abort_later       # the crash reaches the ticket after the request met the closed pool
         self.finished: list[int] = []
 
     def engine(self, lane: str) -> Engine:
-        return Engine(lane, None, self.client)
+        return Engine(lane, None, self.client, self.session)
 
     def admit(self, lane: str) -> Ticket:
         engine = self.engine(lane)
         ticket = Ticket(1, lane, 0.0, dispatched_at=0.0, engine=engine)
         ticket.decided.set_result(engine)
-        ticket.aborted.set_result(APIError(502, "engine for lane 'a' exited with status 9", "engine_crashed"))
+        crash = APIError(502, "engine for lane 'a' exited with status 9", "engine_crashed")
+        if self.abort_later:
+            asyncio.get_running_loop().call_later(0.1, ticket.aborted.set_result, crash)
+        else:
+            ticket.aborted.set_result(crash)
         return ticket
 
     def finish(self, ticket: Ticket, status: int) -> None:
@@ -42,35 +48,46 @@ class CrashedLaneRouter:
         pass
 
 
-def client_request() -> Request:
-    async def receive():            # the client stays connected
+async def forward(router, stream: bool) -> tuple[int, bytes]:
+    """The forwarder's ASGI answer (status, body) to a client that stays connected."""
+    sent = []
+
+    async def receive():
         await asyncio.Event().wait()
-    return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive)
+
+    async def send(message):
+        sent.append(message)
+
+    await Forwarder(router, log_requests=False).serve(receive, send, "/v1/chat/completions", "a",
+                                                      b'{"model": "a"}', stream)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
+@pytest.mark.parametrize("abort_later", [False, True], ids=["aborted", "abort-after-send"])
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_a_request_that_picks_up_a_closed_client_ends_in_the_crash_error(stream):
+def test_a_request_that_picks_up_a_closed_client_ends_in_the_crash_error(stream, abort_later):
     async def run():
         client = httpx.AsyncClient(base_url="http://127.0.0.1:9")
+        session = aiohttp.ClientSession("http://127.0.0.1:9")
         await client.aclose()                          # closed as its engine exited
-        router = CrashedLaneRouter(client)
-        response = await Forwarder(router, log_requests=False).handle(
-            client_request(), "/v1/chat/completions", "a", b'{"model": "a"}', stream)
-        return response, router.finished
+        await session.close()
+        router = CrashedLaneRouter(client, session, abort_later)
+        return await forward(router, stream), router.finished
 
-    response, finished = asyncio.run(run())
-    assert response.status_code == 502
-    assert json.loads(response.body)["error"]["code"] == "engine_crashed"
+    (status, body), finished = asyncio.run(run())
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "engine_crashed"
     assert finished == [502]                           # the ticket is closed: inflight goes back down
 
 
 class BrokenEngine(Engine):
     @property
-    def client(self):
+    def session(self):
         raise RuntimeError("a bug")
 
-    @client.setter
-    def client(self, value):
+    @session.setter
+    def session(self, value):
         pass
 
 
@@ -78,17 +95,22 @@ class BrokenRouter(CrashedLaneRouter):
     def engine(self, lane: str) -> Engine:
         return BrokenEngine(lane, None, self.client)
 
+    def admit(self, lane: str) -> Ticket:          # dispatched, not aborted: the bug is met on the way up
+        engine = self.engine(lane)
+        ticket = Ticket(1, lane, 0.0, dispatched_at=0.0, engine=engine)
+        ticket.decided.set_result(engine)
+        return ticket
+
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_a_bug_while_forwarding_is_an_openai_500_and_closes_the_ticket(stream):
     async def run():
-        router = BrokenRouter(httpx.AsyncClient())
-        response = await Forwarder(router, log_requests=False).handle(
-            client_request(), "/v1/chat/completions", "a", b'{"model": "a"}', stream)
+        router = BrokenRouter(httpx.AsyncClient(), None)
+        answer = await forward(router, stream)
         await router.client.aclose()
-        return response, router.finished
+        return answer, router.finished
 
-    response, finished = asyncio.run(run())
-    assert response.status_code == 500
-    assert json.loads(response.body)["error"]["code"] == "internal_error"
+    (status, body), finished = asyncio.run(run())
+    assert status == 500
+    assert json.loads(body)["error"]["code"] == "internal_error"
     assert finished == [500]

@@ -36,6 +36,16 @@ class APIError(Exception):
             headers["WWW-Authenticate"] = "Bearer"
         return Response(self._json(), status_code=self.status, headers=headers, media_type="application/json")
 
+    def rendered(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The body and headers of response(), for a plain ASGI answer."""
+        body = self._json()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
+        if self.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        return body, headers
+
     def sse_event(self) -> bytes:
         """For a stream already answered with 200: an error event, then the stream ends."""
         return b"data: " + self._json() + b"\n\n"

@@ -1,5 +1,7 @@
-"""The ASGI app of the front server: one OpenAI-compatible endpoint for every lane (FastAPI,
-served by uvicorn in serve.py).
+"""The ASGI app of the front server: one OpenAI-compatible endpoint for every lane, served by
+uvicorn in serve.py: POST /v1/... in plain ASGI (the path every request takes: the body
+parsed once by msgspec and forwarded as it came unless a model alias is rewritten), the rest
+with FastAPI.
 
 Routes: POST to the OpenAI routes of openai_routes.FORWARDED (routed by the body's `model`; no
 other path reaches an engine), GET /v1/models, /livez, /health, /healthz,
@@ -19,6 +21,7 @@ import time
 from email.parser import BytesParser
 
 import httpx
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,13 +32,15 @@ from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
 from .openai_routes import FORWARDED, MULTIPART, forwarded_route
-from .proxy import Forwarder
+from .proxy import Forwarder, send_error
 from .router import Router
 from .scheduler import LaneState
 from .values import parse_bool
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.http_app")
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
 
 
 def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
@@ -56,29 +61,65 @@ def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
     return lane
 
 
-def _check_content_type(request: Request, route: str) -> None:
+def _check_content_type(given: str, route: str) -> None:
     """JSON routes take only JSON (a web page cannot post it cross-site without CORS), audio
     routes only multipart form data."""
-    given = request.headers.get("content-type", "")
     if given.partition(";")[0].strip().lower() != FORWARDED[route]:
         raise APIError(415, f"POST /v1/{route} takes Content-Type: {FORWARDED[route]}, not "
                             f"{given[:100] or 'a body without a content type'}", "unsupported_media_type")
 
 
-def _json_body(body: bytes):
+def _json_body(body: bytes) -> tuple[object, bool]:
+    """The body parsed once: by msgspec, or by the json module where msgspec refuses what Python's
+    json (and so vLLM) accepts (lone surrogates, NaN, huge floats); (data, parsed by json)."""
     try:
-        return json.loads(body)
+        return _decode(body), False
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
+    except msgspec.DecodeError:
+        pass
+    try:
+        return json.loads(body), True
     except RecursionError:
         raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
 
 
-def _json_bytes(data) -> bytes:
+def _json_bytes(data, by_json: bool) -> bytes:
+    """DATA serialised again, by the library that parsed it."""
     try:
-        return json.dumps(data).encode()
+        return json.dumps(data).encode() if by_json else _encode(data)
     except RecursionError:
         raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
+
+
+async def receive_body(receive, declared: bytes | None, limit: int) -> bytes:
+    """The request body from ASGI receive, at most LIMIT bytes."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared.decode()} bytes exceeds VLLM_MAX_BODY_BYTES={limit}",
+                       "body_too_large")
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False) and message["type"] == "http.request":
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
+        return body
+    chunks, size = [body], len(body)
+    while message["type"] == "http.request" and message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
+    return b"".join(chunks)
+
+
+class _ClientGone(Exception):
+    """The client left before its request body was complete."""
 
 
 def _wait_parameter(request: Request) -> bool:
@@ -112,25 +153,12 @@ def _form_body(fields, model: str) -> tuple[bytes, str]:
     return rebuilt.read(), rebuilt.headers["content-type"]
 
 
-def _shown_path(request: Request) -> str:
-    path = request.scope.get("raw_path") or request.url.path.encode()
-    return path[:200].decode("ascii", errors="replace")
+def _shown_path(raw_path: bytes) -> str:
+    return raw_path[:200].decode("ascii", errors="replace")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds VLLM_MAX_BODY_BYTES={limit}", "body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics) -> FastAPI:
+def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics):
+    """The ASGI app: POST /v1/... in plain ASGI (openai_post below), everything else FastAPI."""
     routes = route_table(config)
     started = int(time.time())
     forwarder = Forwarder(router, config.server.log_requests)
@@ -178,43 +206,75 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                              "state": states[lane.name]})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/{path:path}")
-    async def openai_post(request: Request):
-        authorize(request)
-        route = forwarded_route(request.scope.get("raw_path") or request.url.path.encode())
-        if route is None:
-            raise APIError(404, f"POST {_shown_path(request)}: not an OpenAI route this server forwards "
-                                f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
-        _check_content_type(request, route)
-        if router.shutting_down:
-            raise APIError(503, "the server is shutting down", "shutting_down")
-        body = await read_body(request, config.server.max_body_bytes)
-        if FORWARDED[route] == MULTIPART:
-            return await forward_form(request, route, body)
-        data = _json_body(body)
-        lane = _lane_of(config, routes, data)
-        stream = data.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}", "invalid_stream",
-                           param="stream")
-        served = config.lane(lane).served_model_name
-        if data["model"] != served:
-            data["model"] = served          # the engine knows only its served name
-            body = _json_bytes(data)
-        return await forwarder.handle(request, "/v1/" + route, lane, body, stream is True)
+    served_names = {name: lane.served_model_name for name, lane in config.lanes.items()}
+    max_body = config.server.max_body_bytes
+    key_bytes = api_key.encode() if api_key else None
 
-    async def forward_form(request: Request, route: str, body: bytes):
-        """An audio request: multipart form data, its `model` one of the fields."""
-        fields = _form_fields(body, request.headers.get("content-type", ""))
+    async def openai_post(scope, receive, send) -> None:
+        """POST /v1/<route>: checked, parsed once and forwarded, in plain ASGI (no FastAPI
+        dependency solving or middlewares on the path every request takes)."""
+        authorization = content_type = declared = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                declared = value
+        try:
+            if key_bytes is not None:
+                scheme, _, token = (authorization or b"").partition(b" ")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key_bytes):
+                    raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                   "invalid_api_key")
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            route = forwarded_route(raw_path)
+            if route is None:
+                raise APIError(404, f"POST {_shown_path(raw_path)}: not an OpenAI route this server forwards "
+                                    f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
+            given = content_type.decode("latin-1") if content_type else ""
+            _check_content_type(given, route)
+            if router.shutting_down:
+                raise APIError(503, "the server is shutting down", "shutting_down")
+            body = await receive_body(receive, declared, max_body)
+            if FORWARDED[route] == MULTIPART:
+                lane, body, given, stream = form_request(body, given)
+            else:
+                data, by_json = _json_body(body)
+                lane = _lane_of(config, routes, data)
+                stream = data.get("stream")
+                if stream is not None and not isinstance(stream, bool):
+                    raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}",
+                                   "invalid_stream", param="stream")
+                served = served_names[lane]
+                if data["model"] != served:
+                    data["model"] = served          # the engine knows only its served name
+                    body = _json_bytes(data, by_json)
+        except APIError as error:
+            metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
+            await send_error(send, error)
+            return
+        except _ClientGone:
+            return
+        await forwarder.serve(receive, send, "/v1/" + route, lane, body, stream is True, given)
+
+    def form_request(body: bytes, content_type: str) -> tuple[str, bytes, str, bool]:
+        """An audio request: multipart form data, its `model` one of the fields; its lane, the
+        body and content type to forward, and whether it streams."""
+        fields = _form_fields(body, content_type)
         models = [value.decode(errors="replace") for name, filename, _, value in fields
                   if name == "model" and filename is None]
         lane = _lane_of(config, routes, {"model": models[0]} if models else {})
-        served = config.lane(lane).served_model_name
-        content_type = request.headers["content-type"]
+        served = served_names[lane]
         if models[0] != served:                 # the engine knows only its served name
             body, content_type = _form_body(fields, served)
         stream = any(name == "stream" and value.strip().lower() == b"true" for name, _, _, value in fields)
-        return await forwarder.handle(request, "/v1/" + route, lane, body, stream, content_type)
+        return lane, body, content_type, stream
+
+    async def not_allowed(scope, receive, send) -> None:
+        error = APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed", "method_not_allowed")
+        metrics.rejected.labels("", error.code).inc()
+        await send_error(send, error)
 
     # ---------------------------------------------------------------- health and info
 
@@ -329,4 +389,12 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
         state = await router.wait_lane(name, {LaneState.STOPPED, LaneState.FAILED})
         return {"lane": name, "state": state.value}
 
-    return app
+    async def dispatch(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if scope["method"] == "POST":
+                return await openai_post(scope, receive, send)
+            if forwarded_route(scope.get("raw_path") or scope["path"].encode()) is not None:
+                return await not_allowed(scope, receive, send)
+        return await app(scope, receive, send)
+
+    return dispatch

@@ -41,12 +41,41 @@ class Metrics:
         self.lane_state = Gauge("vllm_launcher_lane_state", "1 for the lane's current state, 0 otherwise",
                                 ["lane", "state"], registry=registry)
 
+        self._lanes: dict[str, LaneMetrics] = {}
+
+    def lane(self, lane: str) -> LaneMetrics:
+        """The lane's children of the per-request metrics, looked up once."""
+        found = self._lanes.get(lane)
+        if found is None:
+            found = self._lanes[lane] = LaneMetrics(self, lane)
+        return found
+
     def set_state(self, lane: str, state: str) -> None:
         for name in STATES:
             self.lane_state.labels(lane, name).set(1 if name == state else 0)
 
     def render(self, engine_metrics: dict[str, str]) -> bytes:
         return generate_latest(self.registry) + merge_engine_metrics(engine_metrics).encode()
+
+
+class LaneMetrics:
+    """One lane's metric children for what every request touches (labels() is a lock, a tuple
+    and a dict lookup each time)."""
+
+    def __init__(self, metrics: Metrics, lane: str):
+        self.queue_depth = metrics.queue_depth.labels(lane)
+        self.queue_wait = metrics.queue_wait.labels(lane)
+        self.inflight = metrics.inflight.labels(lane)
+        self._requests = metrics.requests
+        self._lane = lane
+        self._answered: dict[int, object] = {}
+
+    def answered(self, status: int):
+        """The requests counter's child for this lane and STATUS."""
+        child = self._answered.get(status)
+        if child is None:
+            child = self._answered[status] = self._requests.labels(self._lane, str(status))
+        return child
 
 
 _SAMPLE = re.compile(r"^(vllm:[a-zA-Z0-9_:]+)(\{[^}]*\})?(\s.*)$")

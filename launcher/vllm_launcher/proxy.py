@@ -1,22 +1,27 @@
-"""Forwarding one admitted request to its lane's engine, and the answer back to the client.
+"""Forwarding one admitted request to its lane's engine, and the answer back to the client,
+in plain ASGI (no framework between uvicorn and the engine's pool).
 
-A request is sent through the pool of the Engine it was dispatched to (the router hands it
-over with the ticket); nothing here looks an engine up. Non-streaming answers pass through
-with the engine's status and body; streams pass through byte for byte. Every admitted request ends in the engine's answer or an explicit error: a
-stream that has already started ends with an SSE error event.
+A request is sent through the aiohttp session of the Engine it was dispatched to (the router
+hands it over with the ticket); nothing here looks an engine up. Non-streaming answers pass
+through with the engine's status and body (parsed for `usage` only when requests are logged);
+streams pass through byte for byte. Every admitted request ends in the engine's answer or an
+explicit error: a stream that has already started ends with an SSE error event.
+
+While a request is with its engine, the task serving it is cancelled when the client leaves
+(a watch on ASGI receive: closing the upstream connection makes vLLM abort the generation) or
+when the router aborts the ticket (drain timeout, engine crash); `_Exchange.why` says which,
+and the request ends accordingly. No other task and no wait on several futures per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 
-import httpx
-from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+import aiohttp
 
 from .errors import APIError
 from .router import Router, Ticket
@@ -30,23 +35,21 @@ PROGRESS_AFTER = 2.0
 PROGRESS_EVERY = 5.0
 CLIENT_CLOSED = 499                     # nginx's code for "client closed request", for metrics
 CRASH_REPORT_WAIT = 1.0                 # a broken connection may be an engine crash being noticed
-PASSED_HEADERS = ("content-type",)
+EVENT_STREAM = b"text/event-stream"
+# What a broken upstream raises: aiohttp's errors, its timeouts, and RuntimeError from a
+# session closed as its engine exited (any other RuntimeError is a bug: _broken re-raises it).
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError)
+CLIENT, ABORT, DONE = "client", "abort", "done"
 
 
-async def wait_disconnect(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def send_error(send, error: APIError) -> None:
+    """An APIError as a whole ASGI response."""
+    body, headers = error.rendered()
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-async def _first(*awaitables) -> set:
-    done, _ = await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
-    return done
-
-
-async def _failure(ticket: Ticket, error: Exception) -> APIError:
+async def _failure(ticket: Ticket, error: BaseException) -> APIError:
     """Why an upstream connection broke: the router's reason (drain timeout, engine crash) when
     it has one or gives one within a moment, else the transport error itself."""
     if not ticket.aborted.done():
@@ -54,8 +57,63 @@ async def _failure(ticket: Ticket, error: Exception) -> APIError:
     return ticket.aborted.result() if ticket.aborted.done() else _upstream_error(error)
 
 
-def _upstream_error(error: Exception) -> APIError:
+def _broken(ticket: Ticket, error: BaseException) -> None:
+    """In `except UPSTREAM_ERRORS`: re-raises a RuntimeError that is not a closed pool."""
+    if isinstance(error, RuntimeError) and not ticket.engine.session.closed:
+        raise error
+
+
+def _upstream_error(error: BaseException) -> APIError:
     return APIError(502, f"the engine did not answer: {type(error).__name__}: {error}", "engine_unavailable")
+
+
+class _Exchange:
+    """One request between its client and its engine: the ASGI callables, the task serving
+    it, and why that task was cancelled (CLIENT left, ABORT by the router) once it was."""
+
+    __slots__ = ("ticket", "receive", "send", "task", "why", "watcher")
+
+    def __init__(self, ticket: Ticket, receive, send):
+        self.ticket = ticket
+        self.receive = receive
+        self.send = send
+        self.task = asyncio.current_task()
+        self.why: str | None = None
+        self.watcher: asyncio.Future | None = None
+
+    def watch(self) -> None:
+        """From now on the client leaving or the router aborting cancels the serving task."""
+        self.watcher = asyncio.ensure_future(self.receive())
+        self.watcher.add_done_callback(self._received)
+        self.ticket.on_abort = self._aborted
+
+    def _received(self, watcher: asyncio.Future) -> None:
+        if not watcher.cancelled() and watcher.exception() is None and watcher.result()["type"] == "http.disconnect":
+            self._stop(CLIENT)
+
+    def _aborted(self) -> None:
+        self._stop(ABORT)
+
+    def _stop(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+            self.task.cancel()
+
+    def stopped(self) -> str:
+        """In `except CancelledError`: why we were stopped (re-raises a cancellation that is
+        not ours, e.g. the server's shutdown)."""
+        if self.why in (None, DONE):
+            raise asyncio.CancelledError
+        self.task.uncancel()
+        return self.why
+
+    def settle(self) -> None:
+        """Nothing cancels the task from now on."""
+        if self.why is None:
+            self.why = DONE
+        self.ticket.on_abort = None
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class Forwarder:
@@ -63,150 +121,141 @@ class Forwarder:
         self.router = router
         self.log_requests = log_requests
 
-    async def handle(self, request: Request, path: str, lane: str, body: bytes, stream: bool,
-                     content_type: str = "application/json") -> Response:
-        outgoing = _Outgoing(path, body, content_type)
+    async def serve(self, receive, send, path: str, lane: str, body: bytes, stream: bool,
+                    content_type: str = "application/json") -> None:
+        """Admit the request to LANE, wait for its dispatch, forward it to PATH of its engine and
+        send the answer with ASGI SEND."""
         ticket = self.router.admit(lane)
-        disconnect = asyncio.ensure_future(wait_disconnect(request))
-        waiters = [ticket.decided, disconnect]
-        if stream and not ticket.decided.done():
-            waiters.append(asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER)))    # patience
+        exchange = _Exchange(ticket, receive, send)
         try:
-            done = await _first(*waiters) if not ticket.decided.done() else {ticket.decided}
-            if disconnect in done:
-                self.router.cancel(ticket)
-                self._close(ticket, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)
-            if not ticket.decided.done():     # a stream still waiting: answer 200 now, report progress
-                disconnect.cancel()
-                return StreamingResponse(self._waiting_stream(ticket, outgoing),
-                                         media_type="text/event-stream")
+            if not ticket.decided.done() and not await self._queued(exchange, path, body, content_type, stream):
+                return
             outcome = ticket.decided.result()
             if isinstance(outcome, APIError):
                 self._log(ticket, outcome.status)
-                return outcome.response()
-            if stream:
-                disconnect.cancel()
-                return await self._stream(ticket, outgoing)
-            return await self._unary(ticket, outgoing, disconnect)
+                await send_error(send, outcome)
+                return
+            exchange.watch()
+            await self._forward(exchange, path, body, content_type, stream)
+        except asyncio.CancelledError:
+            self.router.cancel(ticket)
+            self._close(ticket, CLIENT_CLOSED)
+            raise
         except Exception as error:      # a bug: still an OpenAI error, and the ticket is closed
             log.exception("lane %s: request failed", lane)
             self.router.cancel(ticket)
             self._close(ticket, 500)
-            return APIError(500, f"internal error: {type(error).__name__}", "internal_error").response()
+            exchange.settle()
+            with contextlib.suppress(RuntimeError):      # not if the answer had begun
+                await send_error(send, APIError(500, f"internal error: {type(error).__name__}", "internal_error"))
+        finally:
+            exchange.settle()
+
+    async def _queued(self, exchange: _Exchange, path: str, body: bytes, content_type: str, stream: bool) -> bool:
+        """Wait for the lane: True once decided; False when the request was answered here (the
+        client left, or a stream answered 200 early and relayed from here)."""
+        ticket = exchange.ticket
+        disconnect = asyncio.ensure_future(exchange.receive())
+        waiters = [ticket.decided, disconnect]
+        if stream:
+            waiters.append(asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER)))    # patience
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters[1:]:
                 waiter.cancel()
-
-    def _request(self, ticket: Ticket, outgoing: _Outgoing) -> httpx.Request:
-        return ticket.engine.client.build_request("POST", outgoing.path, content=outgoing.body,
-                                    headers={"content-type": outgoing.content_type})
-
-    async def _send(self, ticket: Ticket, request: httpx.Request, stream: bool, disconnect=None) -> httpx.Response:
-        """The engine's response headers (and body unless streaming). Raises APIError on an abort,
-        a crash or an unreachable engine, _ClientGone when the client disconnects first."""
-        client = ticket.engine.client
-        send = asyncio.ensure_future(client.send(request, stream=stream))
-        waiters = [send, ticket.aborted] + ([disconnect] if disconnect is not None else [])
-        done = await _first(*waiters)
-        if send not in done:
-            send.cancel()                   # closes the connection: vLLM aborts the generation
-            await asyncio.gather(send, return_exceptions=True)
-            if ticket.aborted in done:
-                raise ticket.aborted.result()
-            raise _ClientGone()
-        try:
-            return send.result()
-        except httpx.HTTPError as error:
-            raise await _failure(ticket, error) from error
-        except RuntimeError as error:
-            if not client.is_closed:
-                raise
-            raise await _failure(ticket, error) from error    # closed as its engine exited: the crash
-
-    async def _unary(self, ticket: Ticket, outgoing: _Outgoing, disconnect) -> Response:
-        try:
-            upstream = await self._send(ticket, self._request(ticket, outgoing), stream=False, disconnect=disconnect)
-        except APIError as error:
-            self._close(ticket, error.status)
-            return error.response()
-        except _ClientGone:
+        if ticket.decided.done():
+            return True
+        if disconnect in done:
+            self.router.cancel(ticket)
             self._close(ticket, CLIENT_CLOSED)
-            return Response(status_code=CLIENT_CLOSED)
-        self._close(ticket, upstream.status_code, _usage(upstream.content))
-        return Response(upstream.content, status_code=upstream.status_code, headers=_headers(upstream))
+            return False
+        await self._waiting_stream(exchange, path, body, content_type)
+        return False
 
-    async def _stream(self, ticket: Ticket, outgoing: _Outgoing) -> Response:
+    async def _forward(self, exchange: _Exchange, path: str, body: bytes, content_type: str, stream: bool,
+                       started: bool = False) -> None:
+        """The engine's answer: a whole body, or a stream byte for byte; an error answer, or an
+        error event once a stream has begun, if it breaks or is aborted. With STARTED the client
+        has its 200 already (a stream that waited for its lane)."""
+        ticket, send = exchange.ticket, exchange.send
+        error = upstream = None
         try:
-            upstream = await self._send(ticket, self._request(ticket, outgoing), stream=True)
-        except APIError as error:
-            self._close(ticket, error.status)
-            return error.response()
-        if upstream.status_code != 200:
-            content = await upstream.aread()
-            await upstream.aclose()
-            self._close(ticket, upstream.status_code)
-            return Response(content, status_code=upstream.status_code, headers=_headers(upstream))
-        return StreamingResponse(self._relay(ticket, upstream), status_code=200, headers=_headers(upstream))
-
-    async def _relay(self, ticket: Ticket, upstream: httpx.Response):
-        """The engine's stream, byte for byte; an error event if it breaks or is aborted."""
-        status = 200
-        ticket.on_abort = lambda: asyncio.ensure_future(upstream.aclose())
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        except (httpx.HTTPError, httpx.StreamError, RuntimeError) as error:
-            failure = await _failure(ticket, error)
-            status = failure.status
-            yield failure.sse_event()
+            if ticket.aborted.done():
+                raise _Aborted
+            upstream = await ticket.engine.session.post(path, data=body, headers={"Content-Type": content_type})
+            if not stream or upstream.status != 200:
+                content = await upstream.read()
+                exchange.settle()
+                if started:
+                    error = _as_error(content, upstream.status)
+                else:
+                    self._close(ticket, upstream.status, _usage(content) if self.log_requests else None)
+                    headers = [(b"content-length", b"%d" % len(content))]
+                    if kind := upstream.headers.get("Content-Type"):
+                        headers.append((b"content-type", kind.encode("latin-1")))
+                    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+                    await send({"type": "http.response.body", "body": content})
+                    return
+            else:
+                if not started:
+                    kind = upstream.headers.get("Content-Type", "text/event-stream").encode("latin-1")
+                    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
+                    started = True
+                async for chunk in upstream.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
+            if exchange.stopped() == CLIENT:
+                self._close(ticket, CLIENT_CLOSED)
+                return
+            error = ticket.aborted.result()
+        except _Aborted:
+            error = ticket.aborted.result()
+        except UPSTREAM_ERRORS as failure:
+            _broken(ticket, failure)
+            exchange.settle()
+            error = await _failure(ticket, failure)
         finally:
-            ticket.on_abort = None
-            await upstream.aclose()
-            self._close(ticket, status)
+            exchange.settle()
+            if upstream is not None:
+                upstream.close()            # mid-answer: the engine sees the connection go and aborts
+        if error is None:
+            self._close(ticket, 200)
+            await send({"type": "http.response.body", "body": b""})
+        elif started:
+            self._close(ticket, error.status)
+            await send({"type": "http.response.body", "body": error.sse_event()})
+        else:
+            self._close(ticket, error.status)
+            await send_error(send, error)
 
-    async def _waiting_stream(self, ticket: Ticket, outgoing: _Outgoing):
+    async def _waiting_stream(self, exchange: _Exchange, path: str, body: bytes, content_type: str) -> None:
         """A stream answered 200 before its lane was ready: comments while it waits, then the
         engine's stream, or an SSE error event for whatever ends it."""
-        status = 200
+        ticket, send = exchange.ticket, exchange.send
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", EVENT_STREAM)]})
+        disconnect = asyncio.ensure_future(exchange.receive())
         try:
             while not ticket.decided.done():
                 state = self.router.lane_state(ticket.lane).value
                 waited = time.monotonic() - ticket.arrived
-                yield f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()
-                await asyncio.wait([ticket.decided], timeout=PROGRESS_EVERY)
-            outcome = ticket.decided.result()
-            if isinstance(outcome, APIError):
-                status = outcome.status
-                yield outcome.sse_event()
-                return
-            try:
-                upstream = await self._send(ticket, self._request(ticket, outgoing), stream=True)
-            except APIError as error:
-                status = error.status
-                yield error.sse_event()
-                return
-            if upstream.status_code != 200:
-                content = await upstream.aread()
-                await upstream.aclose()
-                status = upstream.status_code
-                yield _as_error(content, status).sse_event()
-                return
-            async for chunk in self._relay(ticket, upstream):
-                yield chunk
-            status = None                  # _relay closed the ticket
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()})
+                await asyncio.wait([ticket.decided, disconnect], timeout=PROGRESS_EVERY,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if disconnect.done():
+                    self.router.cancel(ticket)
+                    self._close(ticket, CLIENT_CLOSED)
+                    return
         finally:
-            if not ticket.decided.done():
-                self.router.cancel(ticket)
-                self._log(ticket, CLIENT_CLOSED)
-            elif status is not None:
-                self._close(ticket, status)
+            disconnect.cancel()
+        outcome = ticket.decided.result()
+        if isinstance(outcome, APIError):
+            self._close(ticket, outcome.status)
+            await send({"type": "http.response.body", "body": outcome.sse_event()})
+            return
+        exchange.watch()
+        await self._forward(exchange, path, body, content_type, stream=True, started=True)
 
     def _close(self, ticket: Ticket, status: int, usage: dict | None = None) -> None:
         if ticket.finished:
@@ -226,20 +275,8 @@ class Forwarder:
                                 "total": round(now - ticket.arrived, 4), "usage": usage})
 
 
-class _ClientGone(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class _Outgoing:
-    """What goes to the engine: a path from openai_routes.FORWARDED, the body and its type."""
-    path: str
-    body: bytes
-    content_type: str
-
-
-def _headers(upstream: httpx.Response) -> dict[str, str]:
-    return {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+class _Aborted(Exception):
+    """The ticket was aborted before its request went upstream."""
 
 
 def _usage(content: bytes) -> dict | None:

@@ -81,8 +81,8 @@ class Router:
         self.started_wall = time.time()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
-        self._wake = asyncio.Event()
-        self._timer: asyncio.Task | None = None
+        self._tick_at: float | None = None                  # the scheduler deadline the timer is set for
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._changed = asyncio.Event()
         for lane in config.lanes:
@@ -91,7 +91,7 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, preload: str | None) -> None:
-        self._timer = asyncio.create_task(self._run_timer(), name="scheduler-timer")
+        self._set_timer()
         if preload:
             self._apply(self.scheduler.load(preload, self.clock()))
 
@@ -113,8 +113,9 @@ class Router:
         for supervisor in self.supervisors.values():
             if supervisor.busy():
                 await supervisor.stop("shutdown")
-        if self._timer:
-            self._timer.cancel()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
 
     async def _wait_idle(self) -> None:
         while not (self.scheduler.is_idle() and not any(s.busy() for s in self.supervisors.values())):
@@ -128,7 +129,7 @@ class Router:
         ticket = Ticket(next(self._ids), lane, self.clock())
         self.tickets[ticket.id] = ticket
         self._apply(self.scheduler.submit(ticket.id, lane, ticket.arrived))
-        self.metrics.queue_depth.labels(lane).set(self.scheduler.queue_depth(lane))
+        self.metrics.lane(lane).queue_depth.set(self.scheduler.queue_depth(lane))
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -137,16 +138,17 @@ class Router:
             ticket.decided.cancel()
             self._apply(self.scheduler.cancel(ticket.id, self.clock()))
             self.tickets.pop(ticket.id, None)
-            self.metrics.queue_depth.labels(ticket.lane).set(self.scheduler.queue_depth(ticket.lane))
+            self.metrics.lane(ticket.lane).queue_depth.set(self.scheduler.queue_depth(ticket.lane))
 
     def finish(self, ticket: Ticket, status: int) -> None:
         if ticket.finished:
             return
         ticket.finished = True
         self.tickets.pop(ticket.id, None)
-        self.metrics.requests.labels(ticket.lane, str(status)).inc()
+        lane_metrics = self.metrics.lane(ticket.lane)
+        lane_metrics.answered(status).inc()
         if ticket.dispatched_at is not None:
-            self.metrics.inflight.labels(ticket.lane).dec()
+            lane_metrics.inflight.dec()
             self._apply(self.scheduler.finish(ticket.id, self.clock()))
 
     # ------------------------------------------------------------------ lane control
@@ -168,7 +170,7 @@ class Router:
         for action in actions:
             handler = getattr(self, f"_on_{type(action).__name__}")
             handler(action)
-        self._wake.set()
+        self._set_timer()
         self._idle.set()
 
     def _on_Dispatch(self, action: Dispatch) -> None:
@@ -178,18 +180,19 @@ class Router:
             return
         ticket.dispatched_at = self.clock()
         ticket.engine = self.supervisors[action.lane].engine
-        self.metrics.queue_wait.labels(ticket.lane).observe(ticket.dispatched_at - ticket.arrived)
-        self.metrics.inflight.labels(ticket.lane).inc()
-        self.metrics.queue_depth.labels(ticket.lane).set(self.scheduler.queue_depth(ticket.lane))
+        lane_metrics = self.metrics.lane(ticket.lane)
+        lane_metrics.queue_wait.observe(ticket.dispatched_at - ticket.arrived)
+        lane_metrics.inflight.inc()
+        lane_metrics.queue_depth.set(self.scheduler.queue_depth(ticket.lane))
         ticket.decided.set_result(ticket.engine)
 
     def _on_Reject(self, action: Reject) -> None:
         self.metrics.rejected.labels(action.lane, action.code).inc()
-        self.metrics.queue_depth.labels(action.lane).set(self.scheduler.queue_depth(action.lane))
+        self.metrics.lane(action.lane).queue_depth.set(self.scheduler.queue_depth(action.lane))
         ticket = self.tickets.pop(action.request_id, None)
         if ticket is not None and not ticket.decided.done():
             ticket.finished = True
-            self.metrics.requests.labels(ticket.lane, str(action.status)).inc()
+            self.metrics.lane(ticket.lane).answered(action.status).inc()
             ticket.decided.set_result(APIError(action.status, action.message, action.code,
                                                retry_after=action.retry_after))
 
@@ -279,17 +282,27 @@ class Router:
 
     # ------------------------------------------------------------------ timer
 
-    async def _run_timer(self) -> None:
-        while True:
-            self._wake.clear()
-            deadline = self.scheduler.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+    def _set_timer(self) -> None:
+        """One loop timer for the scheduler's next deadline, moved only when that changes (no
+        task, no wake-up per request)."""
+        deadline = self.scheduler.next_deadline()
+        if deadline == self._tick_at:
+            return
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        self._tick_at = deadline
+        if deadline is not None:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-            if deadline is not None and self.clock() >= deadline:
-                self._apply(self.scheduler.tick(self.clock()))
+                loop = asyncio.get_running_loop()
+            except RuntimeError:                    # not serving (a test driving the router by hand)
+                self._tick_at = None
+                return
+            self._tick_handle = loop.call_later(max(0.0, deadline - self.clock()), self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = self._tick_at = None
+        self._apply(self.scheduler.tick(self.clock()))     # sets the timer again (early: at once)
 
     # ------------------------------------------------------------------ read API (the HTTP app's)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import aiohttp
 import httpx
 
 from ..engine_command import EngineSpec
@@ -53,6 +54,19 @@ def engine_client(socket_path: str, **options) -> httpx.AsyncClient:
     limits = options.pop("limits", httpx.Limits())
     transport = httpx.AsyncHTTPTransport(uds=socket_path, limits=limits)
     return httpx.AsyncClient(base_url=ENGINE_URL, transport=transport, trust_env=False, **options)
+
+
+def upstream_session(socket_path: str, key: str) -> aiohttp.ClientSession:
+    """The pool requests are forwarded through (aiohttp: a quarter of httpx's CPU per request).
+    Like engine_client it never reads proxy settings (aiohttp's trust_env is off); no limit on
+    connections; an idle one is dropped after 4 s, before the engine's uvicorn closes it at 5 s
+    (a POST on a connection the engine is closing would fail); bodies are passed as they come
+    (no decompression), no Accept-Encoding or User-Agent is added, no cookies are kept."""
+    connector = aiohttp.UnixConnector(path=socket_path, limit=0, keepalive_timeout=4.0)
+    return aiohttp.ClientSession(ENGINE_URL, connector=connector, headers={"Authorization": f"Bearer {key}"},
+                                 timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=10.0),
+                                 auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                 skip_auto_headers=("Accept-Encoding", "User-Agent"))
 
 
 def sockets_dir(runtime_dir: Path) -> Path:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import aiohttp
 import httpx
 
 from ..config import LauncherConfig
@@ -30,7 +31,7 @@ from ..engine_command import build_engine_spec
 from ..metrics import Metrics
 from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
-from .process import EngineProcess, EngineStartError, engine_client, resource_error
+from .process import EngineProcess, EngineStartError, engine_client, resource_error, upstream_session
 from .reaper import EngineRecords
 
 log = logging.getLogger("vllm_launcher.supervisor")
@@ -41,15 +42,23 @@ TAIL_IN_ERRORS = 8
 
 
 class Engine:
-    """A ready engine as requests see it: the pool they are sent through. A request keeps the
-    Engine it was dispatched to, so it never looks its lane up again; `ended` says why the
-    engine is gone once it is."""
+    """A ready engine as requests see it: the pool they are sent through (`session`, aiohttp;
+    `client`, httpx, for the server's own GETs). A request keeps the Engine it was dispatched
+    to, so it never looks its lane up again; `ended` says why the engine is gone once it is."""
 
-    def __init__(self, lane: str, process: EngineProcess, client: httpx.AsyncClient):
+    def __init__(self, lane: str, process: EngineProcess, client: httpx.AsyncClient,
+                 session: aiohttp.ClientSession | None = None):
         self.lane = lane
         self.process = process
         self.client = client
+        self.session = session
         self.ended: str | None = None
+
+    async def aclose(self) -> None:
+        """Close both pools (their open connections too)."""
+        await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     async def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
         """A GET to the engine through its pool, with its key (for /metrics and /version).
@@ -115,7 +124,7 @@ class Supervisor:
             engine, self.engine = self.engine, None
             if engine is not None:
                 engine.ended = engine.ended or f"the engine of lane {self.lane!r} was stopped ({reason})"
-                await engine.client.aclose()    # vLLM waits for open client connections on SIGTERM
+                await engine.aclose()           # vLLM waits for open client connections on SIGTERM
             await self._stop_process()
             if self._cleanup is not None:
                 await asyncio.gather(self._cleanup, return_exceptions=True)
@@ -185,7 +194,7 @@ class Supervisor:
         self._record_start(process)
         client = engine_client(socket_path, timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS,
                                headers={"Authorization": f"Bearer {key}"})
-        engine = Engine(self.lane, process, client)
+        engine = Engine(self.lane, process, client, upstream_session(socket_path, key))
         self.engine = engine
         self._spawn(self._watch(engine))
         self.reports.engine_ready(engine)
@@ -216,7 +225,7 @@ class Supervisor:
         self._cleanup = self._spawn(self._after_exit(engine))
 
     async def _after_exit(self, engine: Engine) -> None:
-        await engine.client.aclose()
+        await engine.aclose()
         if self._process is engine.process:
             await self._stop_process()      # its EngineCore may still be alive
 
