@@ -18,7 +18,9 @@ import time
 import httpx
 import pytest
 
+from measurements import record
 from serving import fake_lanes_env, serving, start_server
+from vllm_launcher.limits import connection_cap
 from test_server_operations import metric_samples, value
 from test_server_switching import CHAT, chat_body
 
@@ -206,14 +208,24 @@ def raise_open_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def test_a_thousand_idle_connections_while_a_lane_starts(tmp_path, fake_python):
-    """The server and the client holding the connections inherit a raised open-file limit; the
-    connections are held while lane b's engine starts; b serves; the idle timeout closes them."""
+@pytest.mark.parametrize("server_open_files", [None, 1024], ids=["raised", "systemd_default"])
+def test_a_thousand_idle_connections_while_a_lane_starts(tmp_path, fake_python, server_open_files):
+    """The client holding the connections (and, "raised", the server) inherit a raised open-file
+    limit; the connections are held while lane b's engine starts; b serves; the idle timeout
+    closes them. "systemd_default": the server runs under 1024 open files (soft and hard, as
+    systemd's default), so it holds what its cap allows and closes the longest idle for newcomers."""
     count, keepalive = 1000, 12.0
     raise_open_file_limit(4096)
     env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "1"}},
                          VLLM_KEEPALIVE_TIMEOUT=str(keepalive))
-    with serving(tmp_path, env, wait_ready_lane="a") as served:
+    python = sys.executable
+    if server_open_files:
+        python = tmp_path / "python-limited"
+        python.write_text(f"#!/bin/sh\nulimit -n {server_open_files}\nexec {sys.executable} \"$@\"\n")
+        python.chmod(0o755)
+    open_files = server_open_files or resource.getrlimit(resource.RLIMIT_NOFILE)[1]   # the server raises to hard
+    held = min(count, connection_cap(2048, open_files))
+    with serving(tmp_path, env, wait_ready_lane="a", python=str(python)) as served:
         host, port = served.url.removeprefix("http://").split(":")
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, host, port, str(count)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
@@ -225,7 +237,8 @@ def test_a_thousand_idle_connections_while_a_lane_starts(tmp_path, fake_python):
                 assert response.status_code == 200 and response.json()["model"] == "b"
                 samples = metric_samples(client.get("/metrics").text)
             switched = time.monotonic() - began
-            assert value(samples, "vllm_launcher_connections") >= count + 1, "held through the start"
+            assert value(samples, "vllm_launcher_connections") >= min(count + 1, held), "held through the start"
+            assert value(samples, "vllm_launcher_connections_limit") == connection_cap(2048, open_files)
             assert switched < keepalive, f"lane b took {switched:.1f} s: the test's window is too short"
             assert served.lanes()["b"]["state"] == "ready"
             holder.stdin.write("go\n")
@@ -234,11 +247,14 @@ def test_a_thousand_idle_connections_while_a_lane_starts(tmp_path, fake_python):
             report = holder.stdout.readline().split()
             assert report[:4] == ["closed", str(count), "open", "0"], report
             deadline = time.monotonic() + 10
-            while (closed := closed_by(served, "idle")) < count:
+            while (closed := closed_by(served, "idle") + closed_by(served, "evicted")) < count:
                 assert time.monotonic() < deadline, f"the server closed {closed} idle connections, not {count}"
                 time.sleep(0.1)
-            print(f"{count} idle connections held while lane b started ({switched:.1f} s), "
-                  f"closed by the idle timeout after {report[-1]} s")
+            line = (f"{count} idle connections, server open-file limit {open_files} (cap {connection_cap(2048, open_files)}), while lane b "
+                    f"started and served ({switched:.1f} s); all closed {report[-1]} s later: "
+                    f"{closed_by(served, 'evicted'):.0f} to make room, {closed_by(served, 'idle'):.0f} idle")
+            print(line)
+            record(line)
         finally:
             holder.kill()
             holder.wait()
