@@ -47,7 +47,10 @@ ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 @ray.remote(num_cpus=0, num_gpus=1)
 class Where:
     def node(self):
-        return ray.util.get_node_ip_address()
+        import os
+        names = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "RAY_USAGE_STATS_ENABLED",
+                 "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+        return [ray.util.get_node_ip_address(), {name: os.environ.get(name) for name in names}]
 
 group = placement_group([{"GPU": 1}, {"GPU": 1}], strategy="STRICT_SPREAD")
 ray.get(group.ready(), timeout=120)
@@ -127,7 +130,12 @@ def test_head_and_worker_join_with_the_token(cluster):
                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             line = driver.stdout.readline()
-            assert json.loads(line) == sorted([head.machine.address, worker_machine.address]), line
+            # each node's workers (vLLM's, on a real cluster) inherit that node's interface and address
+            assert json.loads(line) == [
+                [machine.address, {"NCCL_SOCKET_IFNAME": machine.interface, "GLOO_SOCKET_IFNAME": machine.interface,
+                                   "VLLM_HOST_IP": machine.address, "RAY_USAGE_STATS_ENABLED": "0",
+                                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": None}]
+                for machine in (head.machine, worker_machine)], line
             record(f"cluster: a placement group over both nodes, an actor in each bundle, answered in "
                    f"{time.monotonic() - started:.1f} s")
             allowed = set(range(10002, 10200)) | set(range(6379, 6386))
