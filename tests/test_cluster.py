@@ -23,6 +23,7 @@ import time
 import pytest
 
 from closure_env import CLOSURE_PYTHON, closure_ready
+from launcher_cli import config_json, run_launcher
 from measurements import record
 from netns import NamespacesUnavailable, machines, skip_or_fail
 from ray_cluster import Node, cluster_status, launcher_in, new_token, wait_for_nodes
@@ -272,3 +273,41 @@ def test_lane_placement():
         == (2, 1)
     placement = lane_placement(lane(TENSOR_PARALLEL_SIZE=4, PIPELINE_PARALLEL_SIZE=2, NODES=2), 1)
     assert (placement.gpus, placement.nodes, placement.per_node) == (8, 2, 4)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"VLLM_CLUSTER_ROLE": "worker"}, "a worker joins a head; set VLLM_CLUSTER_ADDRESS"),
+    ({"VLLM_CLUSTER_ROLE": "boss"}, "VLLM_CLUSTER_ROLE='boss': must be one of: head worker"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": ""}, "VLLM_CLUSTER_INTERFACE is unset"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_TOKEN_FILE": ""}, "VLLM_CLUSTER_TOKEN_FILE is unset"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_METRICS_PORT": "6380"},
+     "VLLM_CLUSTER_METRICS_PORT=6380: the same port as VLLM_CLUSTER_NODE_MANAGER_PORT"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_PORT": "10100"},
+     "VLLM_CLUSTER_PORT=10100: inside the worker port range"),
+    ({"VLLM_CLUSTER_ADDRESS": "http://x/"}, "VLLM_CLUSTER_ADDRESS='http://x/': must be the head's host or host:port"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_GPUS": "-1"}, "VLLM_CLUSTER_GPUS='-1': must be a whole number"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_LANE_DEFAULT_NODES": "2"},
+     "VLLM_LANE_DEFAULT_NODES=2: lane 'default' has tensor x pipeline = 1 GPU(s)"),
+], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
+def test_bad_cluster_settings_exit_2_naming_the_variable(env, message):
+    base = {"VLLM_MODEL": "org/m", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": "/nonexistent"}
+    result = run_launcher({**base, **env}, "config")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_config_shows_the_cluster_and_cluster_commands_check_first(tmp_path):
+    env = {"VLLM_MODEL": "org/m", "VLLM_CLUSTER_ROLE": "worker", "VLLM_CLUSTER_ADDRESS": "192.168.100.1",
+           "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": str(tmp_path / "missing")}
+    cluster = config_json(env)["cluster"]
+    assert cluster["address"] == "192.168.100.1:6379" and cluster["role"] == "worker" and cluster["gpus"] == 1
+    assert config_json({"VLLM_MODEL": "org/m"})["cluster"] is None
+    result = run_launcher(env, "cluster", "start")        # no readable token: nothing started
+    assert result.returncode == 1 and "cannot read the token file" in result.stderr, result.stderr
+    result = run_launcher({}, "cluster", "head")
+    assert result.returncode == 2 and "VLLM_CLUSTER_INTERFACE is unset" in result.stderr
+    token = tmp_path / "token"
+    assert run_launcher({}, "cluster", "new-token", str(token)).returncode == 0
+    before = token.read_text()
+    result = run_launcher({}, "cluster", "new-token", str(token))
+    assert result.returncode == 1 and token.read_text() == before      # never overwritten
+    assert len(before.strip()) == 64

@@ -133,7 +133,8 @@ def config(lane: str | None, fmt: str) -> None:
     if fmt == "json":
         data = {"server": cfg.server.public(), "default_lane": cfg.default_lane,
                 "vllm": {"distribution": vllm.distribution, "version": vllm.version},
-                "lanes": {name: lane_config_json(cfg, name, vllm) for name in lanes}}
+                "lanes": {name: lane_config_json(cfg, name, vllm) for name in lanes},
+                "cluster": cfg.cluster.public() if cfg.cluster else None}
         click.echo(json.dumps(data, indent=2))
         return
     for name in lanes:
