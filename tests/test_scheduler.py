@@ -124,7 +124,9 @@ def test_hold_then_drain_after_max_wait():
     bring_up(s, "a", 0.0)
     s.submit("a1", "a", 0.0)
     assert s.submit("b1", "b", 1.0) == []
-    assert dispatched(s.submit("a2", "a", 10.0)) == ["a2"]  # before the hold expires: served
+    assert dispatched(s.submit("a2", "a", 10.0)) == ["a2"]  # before the cap B: served
+    assert s.next_deadline() == pytest.approx(20.0)  # a2 due (default 10 s): the cost test again
+    assert s.tick(20.0) == []  # one waiter: 1 x 10 s < 2 x (65 + 65 + 10) s
     assert s.next_deadline() == pytest.approx(31.0)
     assert s.tick(30.9) == []
     acts = s.tick(31.0)
@@ -144,14 +146,14 @@ def test_hold_then_drain_after_max_wait():
 
 @pytest.mark.parametrize(
     "c_time, b_time, first",
-    [(1.0, 2.0, "c"), (2.0, 1.0, "b"), (1.0, 1.0, "b")],  # equal ages: lane order decides
+    [(1.0, 2.0, "c"), (2.0, 1.0, "b"), (1.0, 1.0, "b")],  # equal ages: the first submitted (b)
 )
 def test_oldest_waiter_goes_first(c_time, b_time, first):
-    s = make(("a", "b", "c"), switch_max_wait=30.0)
+    s = make(("a", "b", "c"), switch_max_wait=30.0, fair_wait=0.0)
     bring_up(s, "a", 0.0)
     s.submit("a1", "a", 0.0)
-    s.submit("c1", "c", c_time)
-    s.submit("b1", "b", b_time)
+    for request_id, lane, time in sorted([("b1", "b", b_time), ("c1", "c", c_time)], key=lambda r: r[2]):
+        s.submit(request_id, lane, time)
     s.finish("a1", 3.0)
     assert of(s.engine_stopped("a", 4.0), StartEngine) == [StartEngine(first, 1)]
 
@@ -208,7 +210,7 @@ def test_drain_timeout_aborts_inflight_then_stops():
 
 
 def full_queue_retry_after(queue_max: int) -> float:
-    s = make(queue_max=queue_max)
+    s = make(queue_max=queue_max, cost_theta=1e9)  # a stays loaded: the queue fills
     bring_up(s, "a", 0.0)
     s.submit("a0", "a", 0.0)
     for i in range(queue_max):
@@ -237,7 +239,7 @@ def test_queue_full_counts_only_waiting_requests():
 
 def test_queue_timeout_rejects_with_retry_after_growing_with_queue():
     def run(extra: int) -> Reject:
-        s = make(queue_timeout=100.0, switch_max_wait=1000.0)
+        s = make(queue_timeout=100.0, switch_max_wait=1000.0, fair_wait=None)
         bring_up(s, "a", 0.0)
         s.submit("a0", "a", 0.0)
         s.submit("b0", "b", 1.0)
@@ -839,3 +841,80 @@ def test_service_times_and_costs_are_learnt_per_lane():
         s.observe_engine_seconds("a", "boot", 1.0)
     assert s.service_seconds("b") == 7.0
     json.dumps(s.snapshot())
+
+
+# ------------------------------------------------------------ the policy (issue 13)
+
+
+def costed(**settings) -> Scheduler:
+    """Lanes a, b, c one at a time; a start costs 10 s, a stop 1 s, a request 2 s (estimates)."""
+    cfg = dict(start_seconds_estimate=10.0, stop_seconds_estimate=1.0, service_seconds_estimate=2.0,
+               switch_max_wait=1000.0, fair_wait=None, cost_theta=2.0, queue_timeout=1e6)
+    cfg.update(settings)
+    s = make(("a", "b", "c"), **cfg)
+    s.load("a", -10.0)
+    s.engine_ready("a", 0.0)  # a started in 10 s, as estimated
+    return s
+
+
+def test_policy_settings_are_checked():
+    with pytest.raises(ValueError):
+        SchedulerSettings(cost_theta=0.0)
+    with pytest.raises(ValueError):
+        SchedulerSettings(fair_wait=-1.0)
+    assert SchedulerSettings().switch_max_wait == 180.0  # the cap B
+
+
+def test_cost_test_closes_a_busy_lane_when_the_waiters_lose_more():
+    s = costed()
+    s.submit("a1", "a", 0.0)
+    for i in range(30):
+        assert s.submit(f"b{i}", "b", 1.0) == []
+    # at 1 s a1 is expected to run 1 s more: ext(a) = 2 - 1 = 1 s; 30 x 1 < 2 x (11 + 11 + 2)
+    assert s.next_deadline() == pytest.approx(2.0)  # a1 is due: ext(a) is largest then
+    acts = s.tick(2.0)  # 30 x 2 >= 2 x 24: close a
+    assert SwitchPlanned(("a",), "b", "cost") in acts
+    assert s.state("a") is LaneState.DRAINING
+    s.check_invariants()
+
+
+def test_cost_test_keeps_a_busy_lane_for_few_waiters():
+    s = costed()
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    assert s.tick(2.0) == [] and s.tick(500.0) == []  # 1 x 2 < 48, and B = 1000 s not reached
+    assert dispatched(s.submit("a2", "a", 600.0)) == ["a2"]  # exhaustive: a keeps serving
+    acts = s.tick(1001.0)
+    assert SwitchPlanned(("a",), "b", "max_wait") in acts  # the cap B
+
+
+def test_next_lane_is_the_most_requests_per_second_of_switch_before_f():
+    s = costed()
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    for i in range(5):
+        s.submit(f"c{i}", "c", 2.0)
+    s.finish("a1", 3.0)  # a idle: closed at once
+    assert of(s.engine_stopped("a", 4.0), StartEngine) == [StartEngine("c", 1)]  # 5 / 13 > 1 / 13
+
+
+def test_next_lane_is_the_oldest_waiters_once_a_waiter_waited_f():
+    s = costed(fair_wait=10.0)
+    s.submit("a1", "a", 0.0)
+    s.submit("b1", "b", 1.0)
+    for i in range(5):
+        s.submit(f"c{i}", "c", 2.0)
+    s.finish("a1", 12.0)  # b1 waited 11 s > F
+    assert of(s.engine_stopped("a", 13.0), StartEngine) == [StartEngine("b", 1)]
+
+
+def test_a_planned_switch_is_kept_when_another_lane_gets_busier():
+    s = costed()
+    s.submit("a1", "a", 0.0)
+    for i in range(30):
+        s.submit(f"b{i}", "b", 1.0)
+    assert SwitchPlanned(("a",), "b", "cost") in s.tick(2.0)
+    for i in range(60):
+        s.submit(f"c{i}", "c", 3.0)  # c now has the most requests per second of switch
+    s.finish("a1", 4.0)
+    assert of(s.engine_stopped("a", 5.0), StartEngine) == [StartEngine("b", 1)]  # b was planned

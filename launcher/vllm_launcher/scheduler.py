@@ -78,24 +78,76 @@ Measurements (what the policy learns)
   :meth:`~Scheduler.observe_engine_seconds` (lane, phase, seconds).  Before the first
   measurement the ``*_seconds_estimate`` settings stand in.  :meth:`~Scheduler.costs`.
 
-Policy
-------
-Memory occupancy is the sum of the shares of the lanes that are starting, ready,
-draining or stopping; a lane may start when occupancy plus its share stays within
-the budget (default: the largest share, i.e. one lane at a time with equal
-shares).  A request for a READY lane is dispatched at once; otherwise it waits in
-its lane's FIFO queue.  The next lane to load (the *candidate*) is the stopped
-lane whose oldest queued request has waited longest (ties: lane order); a lane
-the operator asked to load (:meth:`Scheduler.load`) goes before every waiter.
-When the candidate does not fit, idle READY lanes are stopped (least recently
-used first) if that is enough ("idle"); otherwise, once the candidate's oldest
-request has waited ``switch_max_wait`` (the hold), READY lanes are drained,
-least recently used first, until the freed shares suffice ("max_wait").  A
-draining lane takes no new requests (they queue for it) and is stopped when its
-in-flight count reaches 0, or at ``drain_timeout`` (its remaining requests are
-aborted).  When a lane becomes ready every request queued for it is dispatched;
-the hold only applies to later arrivals.  The candidate is re-evaluated at every
-event, so it is always the oldest waiter at that moment.
+Policy (issue 13: cost-gated, capped)
+-------------------------------------
+Memory occupancy is the sum of the shares of the lanes that are starting, ready, draining
+or stopping, plus the ``sleep_share`` of sleeping ones; a lane may start (or wake) when it
+fits the budget (default: the largest share).  A request for a READY lane is dispatched at
+once; otherwise it waits in its lane's FIFO queue.  When a lane becomes ready every request
+queued for it is dispatched, and it keeps taking every request for it (exhaustive service)
+until it is *closed* (drained, then put to sleep or stopped).
+
+*Which lane next* (the candidate, among stopped and sleeping lanes with waiters and not
+backing off): an operator's ``load`` first; then a lane that others were already taken
+down for (a planned switch is kept until it starts or its waiters all leave); then, once
+some waiter has waited F (``fair_wait``, 60 s, at most B), the lane of the oldest waiter;
+before that the lane with the largest n_j / (S_j + s_j) (n_j its queued requests, S_j the
+seconds to bring it in and take it out again: wake + sleep for a sleep lane that sleeps,
+start + stop otherwise; s_j its mean service time), ties to the oldest waiter.  If the
+candidate fits it starts at once (several lanes may co-reside); else room is made (see
+"Memory" above): idle lanes go at once ("idle"); busy READY lanes L are closed when
+
+(i)   L is idle (the case above), or
+(ii)  some waiter has waited the cap B (``switch_max_wait``, ``VLLM_SWITCH_MAX_WAIT``):
+      every busy lane may be closed, least recently used first ("max_wait"), or
+(iii) the cost test says the waiters lose more than L's newcomers gain ("cost"):
+      |W| * ext(L) >= theta * (S_L + sum over waiting lanes j of (S_j + s_j)),
+      W the requests waiting for a load (every queue but a starting lane's), ext(L) the
+      mean over L's recent service times s of max(0, s - R), R the expected remaining busy
+      time of L's in-flight requests (mean service time less their age), S_L the seconds to
+      take L out and bring it back (sleep + wake or stop + start), theta = ``cost_theta``.
+
+A draining lane takes no new requests (they queue for it) and is put to sleep or stopped
+when its in-flight count reaches 0, or at ``drain_timeout`` (its remaining requests are
+aborted).  The scheduler is called at every event and at :meth:`Scheduler.next_deadline`,
+which includes each waiting lane's oldest request reaching F and B, and the time a busy
+lane's in-flight requests are due (when R reaches 0, ext(L) is largest).
+
+The wait bound
+--------------
+A request that arrives at t0 and is dispatched at d waited
+
+    d - t0 <= B + K * P,    P = D + T_down + T_up + X,
+
+where D is the drain bound (``drain_timeout``, or less when every service is shorter),
+T_up the longest way up of any lane (a start, a wake, or the report of a failed one),
+T_down the longest way down (a stop; for a sleep lane a sleep or failed sleep, then a stop),
+X = ``backoff_max`` if starts may fail or engines crash (else 0), and K the number of *load
+outcomes* in (t0, d] (a lane leaving STARTING: ready, woken, start or wake failed, exited)
+plus the switches abandoned in that interval (a lane that others were taken down for whose
+waiters all left, by cancel or queue timeout, before it started).  Assumptions: no operator
+``load``/``unload`` during the wait (they go first), reports arrive within the times above
+(the I/O layer bounds starts by ``VLLM_START_TIMEOUT`` and stops by ``VLLM_STOP_TIMEOUT``).
+
+Proof.  Let o_1 < o_2 < ... be the outcomes and abandonments in (t0, d] and o_0 = t0; r is
+dispatched at an outcome (its lane's ready), so it suffices to show o_{k+1} <= tau + P for
+tau = max(o_k, t0 + B).  From tau on, r has waited B >= F: the candidate order is oldest
+waiter first (after operator loads and the one planned switch), and every busy lane may be
+closed (rule ii), at tau itself since t0 + B is a deadline.  If a lane is STARTING at tau,
+its outcome comes within T_up.  Otherwise: if there is no candidate, every waiting lane is
+backing off (it may retry by tau + X), or draining or stopping (a candidate by
+tau + D + T_down; a drain is only begun for a planned switch, whose target then starts:
+an outcome, or an abandonment).  Once there is a candidate C, either it fits and starts
+(outcome within T_up), or the room plan exists (no STARTING lane holds memory, and every
+other holder may be closed or stopped, pending sleeps turned into stops), its victims drain
+in parallel (D) and go down in parallel (T_down), and C, planned and so kept first, starts
+(T_up) unless its waiters all left (an abandonment).  The phases do not add up beyond
+X + D + T_down + T_up because a back-off and a drain overlap or one of them ends in an
+outcome.  Hence o_{k+1} <= tau + P.  Without failures and cancels K is small: after r has
+waited F the lanes load in the order of their oldest waiters, so each lane (r's included)
+loads at most once more, plus the switch already planned (K <= lanes + 1 after t0 + F).
+tests/test_scheduler_properties.py checks the bound over random arrivals with sleeping
+lanes, co-residency, start/sleep/wake failures, crashes, cancels and queue limits.
 
 Choices the issues left open
 ----------------------------
@@ -166,7 +218,7 @@ class LanePolicy:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    switch_max_wait: float = 30.0
+    switch_max_wait: float = 180.0  # the cap B (VLLM_SWITCH_MAX_WAIT): see the bench for the choice
     drain_timeout: float = 120.0
     queue_max: int = 1024
     queue_timeout: float = 600.0
@@ -184,6 +236,8 @@ class SchedulerSettings:
     sleep_seconds_estimate: float = 5.0
     service_seconds_estimate: float = 10.0  # a lane's mean service time before its first finish
     service_window: int = 32  # recent service times kept per lane
+    cost_theta: float = 4.0  # theta of the cost test (a busy lane closes when the waiters lose theta x more)
+    fair_wait: float | None = 60.0  # F: oldest waiter first once a waiter waited this long (None, or > B: B)
 
     def __post_init__(self) -> None:
         for name in ("switch_max_wait", "drain_timeout", "queue_timeout", "backoff_initial", "backoff_max",
@@ -195,6 +249,10 @@ class SchedulerSettings:
             raise ValueError("queue_max must be >= 0")
         if self.max_restarts < 1:
             raise ValueError("max_restarts must be >= 1")
+        if not self.cost_theta > 0:
+            raise ValueError("cost_theta must be > 0")
+        if self.fair_wait is not None and self.fair_wait < 0:
+            raise ValueError("fair_wait must be >= 0")
         if self.service_window < 1:
             raise ValueError("service_window must be >= 1")
         if self.healthy_after_requests < 1:
@@ -286,6 +344,7 @@ class _Request:
     lane: str
     submitted: float
     dispatched: float | None = None
+    seq: int = 0  # submission order (FIFO between requests submitted at the same time)
 
 
 @dataclass
@@ -311,7 +370,9 @@ class _Lane:
     sleep_off: str | None = None  # why sleep mode fell back to stop/start for good (None: not fallen back)
     then_sleep: bool = False  # DRAINING: sleep (not stop) when drained
     going_to_sleep: bool = False  # STOPPING after SleepEngine: engine_slept or sleep_failed is due
-    stop_when_asleep: bool = False  # unload/shutdown while going to sleep: stop once asleep
+    stop_when_asleep: bool = False  # stop once asleep (unload, shutdown, or its memory is wanted)
+    stop_reason: str = "unload"  # the StopEngine reason then
+    stopping_asleep: bool = False  # STOPPING from SLEEPING: holds only sleep_share meanwhile
     waking: bool = False  # STARTING after WakeEngine: engine_woke or wake_failed is due
     # measurements
     op_since: float | None = None  # when the pending start/stop/sleep/wake was asked for
@@ -360,9 +421,10 @@ class Scheduler:
                 raise ValueError(f"lane {policy.name}: share {policy.share} exceeds the memory budget {self.budget}")
         self._requests: dict[Hashable, _Request] = {}
         self._queued = 0
+        self._seq = 0
         self._now = -math.inf
         self._shutting_down = False
-        self._planned: set[str] = set()
+        self._planned: dict[str, float] = {}  # lanes that lanes were taken down for -> when (committed)
         self._switch_estimate = self.settings.switch_seconds_estimate
         self._request_estimate = self.settings.request_seconds_estimate
 
@@ -379,7 +441,8 @@ class Scheduler:
         if ln.state is LaneState.FAILED:
             out.append(self._failed_reject(request_id, ln))
             return out
-        req = _Request(request_id, lane, now)
+        self._seq += 1
+        req = _Request(request_id, lane, now, seq=self._seq)
         if ln.state is LaneState.READY:
             self._requests[request_id] = req
             self._dispatch(ln, req, now, out)
@@ -496,7 +559,7 @@ class Scheduler:
         if ln.state is LaneState.STOPPING:
             if not ln.going_to_sleep:
                 self._measure(ln, "stop", now)
-            ln.going_to_sleep = ln.stop_when_asleep = False
+            ln.going_to_sleep = ln.stop_when_asleep = ln.stopping_asleep = False
             ln.op_since = None
             self._transition(ln, LaneState.STOPPED, "engine stopped", out)
         self._schedule(now, out)
@@ -512,7 +575,7 @@ class Scheduler:
             self._transition(ln, LaneState.SLEEPING, "engine asleep", out)
             if ln.stop_when_asleep or self._shutting_down:
                 ln.stop_when_asleep = False
-                self._stop(ln, "shutdown" if self._shutting_down else "unload", now, out)
+                self._stop(ln, "shutdown" if self._shutting_down else ln.stop_reason, now, out)
         self._schedule(now, out)
         return out
 
@@ -616,16 +679,21 @@ class Scheduler:
         """The earliest future time at which :meth:`tick` must be called, if any."""
         s = self.settings
         deadlines: list[float] = []
+        waiting = bool(self._waiting())
         for ln in self._lanes.values():
             oldest = ln.oldest()
             if oldest is not None:
                 deadlines.append(oldest + s.queue_timeout)
-                if ln.state in (LaneState.STOPPED, LaneState.SLEEPING) and not self._shutting_down:
+                if ln.state is not LaneState.STARTING and not self._shutting_down:
                     deadlines.append(oldest + s.switch_max_wait)
+                    deadlines.append(oldest + self._fair_wait())
             if ln.state is LaneState.DRAINING and ln.drain_started is not None:
                 deadlines.append(ln.drain_started + s.drain_timeout)
             if ln.state is LaneState.READY and ln.policy.idle_timeout is not None and not ln.inflight:
                 deadlines.append(ln.last_used + ln.policy.idle_timeout)
+            if ln.state is LaneState.READY and ln.inflight and waiting:
+                # the cost test's R reaches 0 (ext is largest) when the in-flight requests are due
+                deadlines.append(self._now + self._remaining(ln, self._now))
             if (
                 ln.state is LaneState.STOPPED
                 and ln.retry_at is not None
@@ -682,10 +750,12 @@ class Scheduler:
         return self._shutting_down
 
     def occupancy(self) -> float:
-        return sum(
-            ln.share if ln.state in RESIDENT_STATES else ln.keep if ln.state is LaneState.SLEEPING else 0.0
-            for ln in self._lanes.values()
-        )
+        return sum(self._held(ln) for ln in self._lanes.values())
+
+    def _held(self, ln: _Lane) -> float:
+        if ln.state is LaneState.SLEEPING or (ln.state is LaneState.STOPPING and ln.stopping_asleep):
+            return ln.keep
+        return ln.share if ln.state in RESIDENT_STATES else 0.0
 
     def is_idle(self) -> bool:
         """Everything stopped or failed, nothing queued and nothing in flight."""
@@ -835,6 +905,7 @@ class Scheduler:
     def _stop(self, ln: _Lane, reason: str, now: float, out: list[Action]) -> None:
         if ln.state is LaneState.READY:
             ln.failures = 0  # taken down cleanly while ready: no crash loop
+        ln.stopping_asleep = ln.state is LaneState.SLEEPING
         self._transition(ln, LaneState.STOPPING, reason, out)
         ln.drain_started = None
         ln.then_sleep = ln.waking = False
@@ -885,6 +956,7 @@ class Scheduler:
             self._stop(ln, reason, now, out)
         elif ln.state is LaneState.STOPPING and ln.going_to_sleep:
             ln.stop_when_asleep = True
+            ln.stop_reason = reason
 
     def _drain(self, ln: _Lane, now: float, reason: str, out: list[Action], sleep: bool = False) -> None:
         ln.failures = 0  # taken down cleanly while ready: no crash loop
@@ -934,22 +1006,94 @@ class Scheduler:
             self._plan(now, out)
 
     def _candidate(self, now: float) -> _Lane | None:
-        best: _Lane | None = None
-        best_key: tuple = ()
-        for ln in self._lanes.values():
-            if ln.state not in (LaneState.STOPPED, LaneState.SLEEPING):
-                continue
-            if ln.retry_at is not None and ln.retry_at > now:
-                continue
+        """The next lane to load: an operator's load first, then a lane that others were already
+        taken down for (a planned switch is kept), then the waiting lanes: oldest waiter first
+        once a waiter has waited ``fair_wait`` (F, at most B), else the largest
+        n_j / (S_j + s_j) (queued requests per second of loading and serving the lane)."""
+        pool = [
+            ln for ln in self._lanes.values()
+            if ln.state in (LaneState.STOPPED, LaneState.SLEEPING)
+            and (ln.retry_at is None or ln.retry_at <= now)
+            and (ln.load_requested is not None or ln.queue)
+        ]
+        if not pool:
+            return None
+        fair = self._oldest_waiting() is not None and now >= self._oldest_waiting() + self._fair_wait()
+
+        def key(ln: _Lane) -> tuple:
             if ln.load_requested is not None:
-                key = (0, ln.load_requested, ln.index)
-            elif ln.queue:
-                key = (1, ln.oldest(), ln.index)
-            else:
-                continue
-            if best is None or key < best_key:
-                best, best_key = ln, key
-        return best
+                return (0, ln.load_requested, ln.index)
+            if ln.name in self._planned:
+                return (1, self._planned[ln.name], ln.index)
+            if fair:
+                return (2, self._head_order(ln), ln.index)
+            rate = len(ln.queue) / max(EPS, self._load_cost(ln) + self.service_seconds(ln.name))
+            return (2, -rate, self._head_order(ln), ln.index)
+
+        return min(pool, key=key)
+
+    @staticmethod
+    def _head_order(ln: _Lane) -> tuple[float, int]:
+        """When the lane's oldest queued request came: (time, submission order)."""
+        for req in ln.queue.values():
+            return (req.submitted, req.seq)
+        return (math.inf, 0)
+
+    def _fair_wait(self) -> float:
+        f = self.settings.fair_wait
+        b = self.settings.switch_max_wait
+        return b if f is None else min(f, b)
+
+    def _waiting(self) -> list[_Lane]:
+        """Lanes whose queued requests wait for a load (every queue but a starting lane's)."""
+        return [ln for ln in self._lanes.values() if ln.queue and ln.state is not LaneState.STARTING]
+
+    def _oldest_waiting(self) -> float | None:
+        return min((ln.oldest() for ln in self._waiting()), default=None)  # type: ignore[type-var]
+
+    def _load_cost(self, ln: _Lane) -> float:
+        """S_j: seconds to bring the lane in (a wake for a sleeper, else a start) and to take it
+        out again afterwards (a sleep if it can, else a stop)."""
+        c = self.costs(ln.name)
+        bring = c["wake"] if ln.state is LaneState.SLEEPING else c["start"]
+        return bring + (c["sleep"] if ln.can_sleep else c["stop"])
+
+    def _cycle_cost(self, ln: _Lane) -> float:
+        """S_L: seconds to take a loaded lane out and bring it back later."""
+        c = self.costs(ln.name)
+        return c["sleep"] + c["wake"] if ln.can_sleep else c["stop"] + c["start"]
+
+    def _remaining(self, ln: _Lane, now: float) -> float:
+        """R: expected remaining busy time of the lane's in-flight requests."""
+        mean = self.service_seconds(ln.name)
+        return max((max(0.0, mean - (now - r.dispatched)) for r in ln.inflight.values() if r.dispatched is not None),
+                   default=0.0)
+
+    def _extension(self, ln: _Lane, now: float) -> float:
+        """ext(L): mean over recent service times s of max(0, s - R): how much longer the lane
+        stays busy if it takes one more request now."""
+        samples = list(ln.services) or [self.service_seconds(ln.name)]
+        remaining = self._remaining(ln, now)
+        return sum(max(0.0, x - remaining) for x in samples) / len(samples)
+
+    def _cost_test(self, ln: _Lane, now: float, waiting: list[_Lane]) -> bool:
+        """Close the busy lane L when |W| * ext(L) >= theta * (S_L + sum_j (S_j + s_j))."""
+        count = sum(len(w.queue) for w in waiting)
+        if not count:
+            return False
+        price = self._cycle_cost(ln) + sum(self._load_cost(w) + self.service_seconds(w.name) for w in waiting)
+        return count * self._extension(ln, now) >= self.settings.cost_theta * price
+
+    def _closable(self, busy: list[_Lane], now: float) -> tuple[list[_Lane], str]:
+        """Busy READY lanes that may be closed now, and why: all of them once a waiter has
+        waited the cap B (``switch_max_wait``); else those the cost test closes."""
+        oldest = self._oldest_waiting()
+        if oldest is None:
+            return [], ""
+        if now >= oldest + self.settings.switch_max_wait:
+            return busy, "max_wait"
+        waiting = self._waiting()
+        return [ln for ln in busy if self._cost_test(ln, now, waiting)], "cost"
 
     def _need(self, ln: _Lane) -> float:
         """Memory that starting (or waking) ``ln`` adds."""
@@ -975,7 +1119,7 @@ class Scheduler:
     def _plan(self, now: float, out: list[Action]) -> None:
         # Forget announced switches whose target no longer waits (its requests left).
         self._planned = {
-            name for name in self._planned
+            name: when for name, when in self._planned.items()
             if self._lanes[name].state in (LaneState.STOPPED, LaneState.SLEEPING)
             and (self._lanes[name].queue or self._lanes[name].load_requested is not None)
         }
@@ -1011,27 +1155,24 @@ class Scheduler:
         if plan is not None:
             reason = "load" if forced else "idle"
         else:
-            if not forced and not self._close_busy(cand, busy, now):
+            closable, reason = (busy, "load") if forced else self._closable(busy, now)
+            if not closable:
                 return
-            plan = self._room_plan(cand, idle, busy)
+            plan = self._room_plan(cand, idle, closable)
             if plan is None:
-                return  # starting engines hold the memory: wait until they are ready
-            reason = "load" if forced else self._close_reason
+                return  # starting engines hold the memory (or too few lanes may close): wait
         for victim, sleep in plan:
             if victim.state is LaneState.SLEEPING:
                 self._stop(victim, reason, now, out)
+            elif victim.state is LaneState.DRAINING:
+                victim.then_sleep = False  # it was to sleep: it stops instead
+            elif victim.state is LaneState.STOPPING:
+                victim.stop_when_asleep = True
+                victim.stop_reason = reason
             else:
                 self._drain(victim, now, reason, out, sleep=sleep)
-        self._planned.add(cand.name)
+        self._planned.setdefault(cand.name, now)
         out.append(SwitchPlanned(tuple(v.name for v, _ in plan), cand.name, reason))
-
-    _close_reason = "max_wait"
-
-    def _close_busy(self, cand: _Lane, busy: list[_Lane], now: float) -> bool:
-        """May busy READY lanes be closed for ``cand``?  The hold rule: once its oldest request
-        has waited ``switch_max_wait``."""
-        oldest = cand.oldest()
-        return oldest is not None and now >= oldest + self.settings.switch_max_wait
 
     def _room_plan(self, cand: _Lane, idle: list[_Lane], busy: list[_Lane]) -> list[tuple[_Lane, bool]] | None:
         """Which lanes to take down so that ``cand`` fits, as (lane, sleep) pairs in order, or None.
@@ -1056,7 +1197,13 @@ class Scheduler:
             (ln for ln in self._lanes.values() if ln.state is LaneState.SLEEPING and ln is not cand),
             key=lambda ln: (ln.last_used, ln.index),
         )
-        for ln in sleepers:
+        # then lanes on their way to sleep (they will be stopped instead or once asleep)
+        pending = [
+            ln for ln in self._lanes.values()
+            if (ln.state is LaneState.DRAINING and ln.then_sleep and ln.can_sleep)
+            or (ln.state is LaneState.STOPPING and ln.going_to_sleep and not ln.stop_when_asleep)
+        ]
+        for ln in sleepers + pending:
             if room >= 0:
                 break
             if ln.keep <= 0:
@@ -1074,9 +1221,7 @@ class Scheduler:
 
     def _start(self, ln: _Lane, now: float, out: list[Action]) -> None:
         if ln.state is LaneState.SLEEPING:
-            if ln.name in self._planned:
-                self._planned.discard(ln.name)
-            else:
+            if self._planned.pop(ln.name, None) is None:
                 others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
                 reason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
                 out.append(SwitchPlanned((), ln.name, reason))
@@ -1086,8 +1231,8 @@ class Scheduler:
             out.append(WakeEngine(ln.name))
             return
         attempt = ln.failures + ln.setbacks + 1
-        if ln.name in self._planned:
-            self._planned.discard(ln.name)
+        if self._planned.pop(ln.name, None) is not None:
+            pass
         elif attempt == 1:
             others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
             reason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
