@@ -160,6 +160,17 @@ class _ExclusiveBaseline(ABC):
                 self._set(loaded, LaneState.STOPPING, reason, out)
                 out.append(StopEngine(loaded, reason))
 
+    def _abandon_drain(self, out: list[Action]) -> None:
+        """A drain whose target left (cancelled, or now the draining lane's own request heads the
+        queue): the loaded lane takes requests again instead of being stopped and started."""
+        loaded = self._loaded
+        if loaded is None or self._state[loaded] is not LaneState.DRAINING:
+            return
+        head = next(iter(self._queue.values()), None)
+        if head is None or head == loaded:
+            self._drain_started = None
+            self._set(loaded, LaneState.READY, "switch abandoned", out)
+
     @abstractmethod
     def _step(self, now: float, out: list[Action]) -> None:
         """The baseline's own rule: dispatch, start or drain given the current state."""
@@ -169,6 +180,7 @@ class FcfsPolicy(_ExclusiveBaseline):
     """Strict global FIFO: switch whenever the head of the queue is another lane."""
 
     def _step(self, now: float, out: list[Action]) -> None:
+        self._abandon_drain(out)
         while self._queue:
             head_lane = next(iter(self._queue.values()))
             loaded = self._loaded
@@ -184,6 +196,7 @@ class LlamaSwapPolicy(_ExclusiveBaseline):
     """llama-swap's behaviour: the loaded lane's requests bypass the queue."""
 
     def _step(self, now: float, out: list[Action]) -> None:
+        self._abandon_drain(out)
         loaded = self._loaded
         if loaded is not None and self._state[loaded] is LaneState.READY:
             self._dispatch_where(loaded, lambda ln: True, out)
