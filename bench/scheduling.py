@@ -297,9 +297,17 @@ def _p(values, q) -> float | None:
 
 
 def stated_bound(cap: float, w: Workload, k: int) -> float:
-    """B + K (D + S): D the drain bound, S the longest stop + start."""
+    """B + K P, P = D + T_down + T_up + X: D the drain bound (drain_timeout: with a finite batch a drain
+    also waits for the engine's queue), T_down the longest way down (stop; sleep then stop for a
+    sleeping lane), T_up the longest way up (start, wake, a failed start reported), X the longest
+    back-off when starts may fail (else 0), K the load outcomes during the wait."""
     starts = w.start_seconds.values() if isinstance(w.start_seconds, dict) else [w.start_seconds]
-    return cap + k * (DRAIN_TIMEOUT + STOP_SECONDS + max(starts))
+    sleeps = any(p.sleep_level for p in w.lanes)
+    fails = "start_failures" in w.sim
+    down = STOP_SECONDS + (SLEEP_SECONDS if sleeps else 0.0)
+    up = max([*starts, *(WAKE.values() if sleeps else ()), *((START_FAIL_SECONDS,) if fails else ())])
+    backoff = SchedulerSettings().backoff_max if fails else 0.0
+    return cap + k * (DRAIN_TIMEOUT + down + up + backoff)
 
 
 def measures(result: SimResult, w: Workload, cap: float) -> dict:
@@ -324,7 +332,7 @@ def measures(result: SimResult, w: Workload, cap: float) -> dict:
     # the bound: the scheduler's part of each wait (arrival to dispatch)
     violations, worst_ratio, k_max = 0, 0.0, 0
     for r in served:
-        k = result.readies_between(r.arrival, r.dispatch)
+        k = result.load_outcomes_between(r.arrival, r.dispatch)
         bound = stated_bound(cap, w, k)
         k_max = max(k_max, k)
         worst_ratio = max(worst_ratio, r.wait / bound)

@@ -102,6 +102,7 @@ class SimResult:
     ready: list[tuple[float, str]]  # engine ready: (time, lane)
     end_time: float
     policy: object = None  # the policy object, in its final state
+    failed_loads: list[tuple[float, str]] = field(default_factory=list)  # start or wake failed: (time, lane)
 
     @property
     def switch_count(self) -> int:
@@ -137,6 +138,10 @@ class SimResult:
         """Engine-ready events in the interval (start, end]."""
         times = self._ready_times()
         return bisect.bisect_right(times, end) - bisect.bisect_right(times, start)
+
+    def load_outcomes_between(self, start: float, end: float) -> int:
+        """Loads that ended in the interval (start, end]: ready or woken, or failed."""
+        return self.readies_between(start, end) + sum(1 for t, _ in self.failed_loads if start < t <= end)
 
     def _ready_times(self) -> list[float]:
         if len(getattr(self, "_times", ())) != len(self.ready):
@@ -237,6 +242,7 @@ def simulate(
     switches: list[tuple[float, tuple[str, ...], str, str]] = []
     starts: list[tuple[float, str, int]] = []
     ready: list[tuple[float, str]] = []
+    failed_loads: list[tuple[float, str]] = []
     heap: list[_Event] = []
     seq = 0
 
@@ -431,6 +437,8 @@ def simulate(
                 if kind in ("ready", "woke"):
                     engine_up[lane] = True
                     ready.append((now, lane))
+                elif kind in ("start_failed", "wake_failed"):
+                    failed_loads.append((now, lane))
                 method, failure = _REPORTS[kind]
                 args = (lane, now, f"{lane}: injected {failure}") if failure else (lane, now)
                 play(getattr(pol, method)(*args))
@@ -456,7 +464,7 @@ def simulate(
         if deadline is not None and deadline > now and deadline not in scheduled_ticks:
             scheduled_ticks.add(deadline)
             push(deadline, "tick")
-    return SimResult(records, timeline, switches, starts, ready, now, pol)
+    return SimResult(records, timeline, switches, starts, ready, now, pol, failed_loads)
 
 
 def random_workload(
