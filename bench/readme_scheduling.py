@@ -120,9 +120,9 @@ def curve_text(sched: dict) -> str:
 
 def scheduling_section(sched: dict) -> str:
     st = sched["settings"]
-    ours = ("the launcher's scheduler (**ours**)" if st.get("new_policy") in (None, "scheduler") else
-            f"**ours**: for now `{st['new_policy']}`, a prototype of the issue's cost-gated policy in "
-            "`bench/prototype_policy.py`, until the launcher's scheduler has it")
+    d = st.get("scheduler_defaults", {})
+    ours = ("the launcher's scheduler (**ours**: `launcher/vllm_launcher/scheduler.py`, the cost-gated policy capped "
+            f"at B, cost_theta {d.get('cost_theta')}, fair_wait {d.get('fair_wait')} s)")
     parts = [
         "**Scheduling under agent traffic**, simulated (`launcher/vllm_launcher/simulator.py`, discrete-event, "
         f"deterministic) with {ours}, against three baselines on identical inputs "

@@ -69,8 +69,8 @@ SWITCH_SECONDS = START_SECONDS + STOP_SECONDS
 BATCH = 16  # requests an engine serves at once (--max-num-seqs); the rest queue at the engine
 DRAIN_TIMEOUT = 120.0
 HOLD_MAX_WAIT = 30.0  # VLLM_SWITCH_MAX_WAIT's default before issue 13 (the hold)
-B_DEFAULT = 120.0  # the cap B for the main tables: replaced by the recommended default below
-B_SWEEP = (30.0, 120.0, 600.0, 1200.0) if QUICK else (30.0, 60.0, 120.0, 240.0, 480.0, 900.0, 1200.0, 1800.0)
+B_DEFAULT = SchedulerSettings().switch_max_wait  # the cap B if no B passes (a)-(c); else the recommended one
+B_SWEEP = (30.0, 120.0, 600.0, 1200.0) if QUICK else (30.0, 60.0, 120.0, 180.0, 240.0, 480.0, 900.0, 1200.0, 1800.0)
 TUNING_SEEDS = tuple(range(1, 4)) if QUICK else tuple(range(1, 21))
 HELD_OUT_SEEDS = tuple(range(21, 24)) if QUICK else tuple(range(21, 41))
 HOUR = 1200.0 if QUICK else 3600.0  # duration of the closed loops and of (c)
@@ -84,12 +84,7 @@ ACCEPTANCE_WORKLOADS = ("agent_loop", "hammer", "bursty")
 THROUGHPUT_TOLERANCE = 0.03
 
 
-def _new_policy() -> Callable | str:
-    from .prototype_policy import CostGatedPrototype  # until the launcher's Scheduler has the policy
-    return CostGatedPrototype
-
-
-FACTORIES: dict[str, Callable | str] = {"new": _new_policy(), **BASELINES}
+FACTORIES: dict[str, Callable | str] = {"new": "scheduler", **BASELINES}  # "scheduler": the launcher's
 
 
 def settings_for(policy: str, cap: float, budget: float | None = None) -> SchedulerSettings:
@@ -530,7 +525,9 @@ def run(tuning_seeds=TUNING_SEEDS, held_out_seeds=HELD_OUT_SEEDS, caps=B_SWEEP, 
         "held_out_seeds": held_out_seeds, "service_lognormal_median_sigma": SERVICE, "service_clip": SERVICE_CLIP,
         "six_lanes": {"service": SIX_SERVICE, "start_seconds": SIX_START, "popularity": SIX_POPULARITY},
         "hour": HOUR, "hammer_seconds": HAMMER_SECONDS, "bootstrap": BOOTSTRAP, "quick": QUICK,
-        "new_policy": getattr(FACTORIES["new"], "__name__", str(FACTORIES["new"]))},
+        "new_policy": getattr(FACTORIES["new"], "__name__", str(FACTORIES["new"])),
+        "scheduler_defaults": {k: v for k, v in vars(SchedulerSettings()).items()
+                               if k in ("switch_max_wait", "cost_theta", "fair_wait", "drain_timeout")}},
         "workloads": {}, "waits": {}, "timelines": {}}
     # 1. the cap B: llama-swap on the tuning seeds, then the new policy over B
     llama_tuning = {w: run_policy(w, "llama_swap", tuning_seeds, B_DEFAULT) for w in ACCEPTANCE_WORKLOADS}
