@@ -63,6 +63,12 @@ remove_placement_group(group)
 """
 
 
+def swept(node: Node) -> str:
+    """What the launcher's own sweep after `ray start` had to stop (Ray's stop alone left nothing: none)."""
+    lines = [line for line in node.log().splitlines() if "the Ray node left behind" in line]
+    return lines[-1].split(": ", 1)[1] if lines else "Ray's own stop left nothing for the launcher's sweep"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two namespaces, a token, and the head running in the first; the worker is the tests'."""
@@ -174,7 +180,8 @@ def test_head_and_worker_join_with_the_token(cluster):
         code, seconds = worker.stop()
         assert code == 0, worker.log()
         assert worker_machine.pids() == [], "processes left in the worker's namespace"
-        record(f"cluster: SIGTERM stopped the worker (nothing left in its namespace) in {seconds:.1f} s")
+        record(f"cluster: SIGTERM stopped the worker (nothing left in its namespace) in {seconds:.1f} s; "
+               f"{swept(worker)}")
         deadline = time.monotonic() + 60
         while (status := cluster_status(head)) and status["nodes_alive"] != 1 and time.monotonic() < deadline:
             time.sleep(1)
@@ -214,7 +221,12 @@ def test_sigterm_stops_the_head_and_leaves_nothing(cluster):
     assert "Ray node stopped" in head.log()
     assert head.machine.pids() == [], "processes left in the head's namespace"
     assert cluster["worker_machine"].pids() == []
-    record(f"cluster: SIGTERM stopped the head (nothing left in its namespace) in {seconds:.1f} s")
+    record(f"cluster: SIGTERM stopped the head (nothing left in its namespace) in {seconds:.1f} s; {swept(head)}")
+    # the head gone: status and check say so plainly
+    result = launcher_in(head.machine, head.env, "cluster", "status")
+    assert result.returncode == 1, result.stdout
+    assert f"cannot reach the cluster's head at {head.machine.address}:6379: Connection refused" in result.stderr
+    assert head.machine.pids() == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,3 +323,12 @@ def test_config_shows_the_cluster_and_cluster_commands_check_first(tmp_path):
     result = run_launcher({}, "cluster", "new-token", str(token))
     assert result.returncode == 1 and token.read_text() == before      # never overwritten
     assert len(before.strip()) == 64
+
+
+def test_without_namespaces_skip_but_fail_under_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="network namespaces cannot be made here: not root"):
+        skip_or_fail("not root")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="network namespaces are needed under CI: not root"):
+        skip_or_fail("not root")
