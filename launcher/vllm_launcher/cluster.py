@@ -49,6 +49,14 @@ class ClusterError(Exception):
     """A cluster problem a user can act on; the message says what and how."""
 
 
+class HeadUnreachable(ClusterError):
+    """The head did not answer (not up yet, a firewall, a wrong address): worth retrying."""
+
+
+class TokenRefused(ClusterError):
+    """The head refused this machine's token: final."""
+
+
 # ---------------------------------------------------------------------------------------------
 # addresses, token, environment, command line
 
@@ -249,18 +257,18 @@ def query_cluster(cluster: ClusterConfig, python: str, environ: Mapping[str, str
         raise ClusterError(f"asking the cluster at {address} failed in {python}: {last}") from None
     error = data.get("error")
     if error == "auth":
-        raise ClusterError(
+        raise TokenRefused(
             f"the cluster at {address} refused this machine's token (VLLM_CLUSTER_TOKEN_FILE="
             f"{cluster.token_file!r}): every machine's token file must hold the head's token ({data['message']})")
     if error == "unreachable":
-        raise ClusterError(f"cannot reach the cluster's head at {data['message']} (VLLM_CLUSTER_ADDRESS / "
+        raise HeadUnreachable(f"cannot reach the cluster's head at {data['message']} (VLLM_CLUSTER_ADDRESS / "
                            f"VLLM_CLUSTER_PORT; is the head running, is port {address.rpartition(':')[2]} open "
                            "on its firewall?)")
     if error == "no_ray":
         raise ClusterError(f"Ray is not importable in the engines' Python {python} (VLLM_ENGINE_PYTHON): "
                            f"{data['message']}")
     if error:
-        raise ClusterError(f"the cluster's head at {address} did not answer: {data['message']}")
+        raise HeadUnreachable(f"the cluster's head at {address} did not answer: {data['message']}")
     nodes = tuple(Node(node["address"], node["head"], node["alive"], node["resources"].get("GPU", 0.0),
                        node["resources"].get("CPU", 0.0)) for node in data["nodes"])
     return ClusterState(address, data["ray"], nodes)
@@ -394,8 +402,8 @@ def wait_for_head(cluster: ClusterConfig, python: str, environ: Mapping[str, str
     while True:
         try:
             return query_cluster(cluster, python, environ, timeout=10.0)
-        except ClusterError as error:
-            if "refused this machine's token" in str(error) or time.monotonic() > deadline:
+        except HeadUnreachable as error:
+            if time.monotonic() > deadline:
                 raise
             if not said:
                 say(f"waiting up to {wait:g} s for the head: {error}")
@@ -404,7 +412,8 @@ def wait_for_head(cluster: ClusterConfig, python: str, environ: Mapping[str, str
 
 
 def run_node(cluster: ClusterConfig, python: str, environ: Mapping[str, str], *,
-             say: Callable[[str], None], stop_timeout: float = 30.0) -> int:
+             say: Callable[[str], None], stop_timeout: float = 45.0) -> int:
+    # stop_timeout: Ray drains a node for up to 30 s on SIGTERM before stopping its processes
     """Run this machine's Ray node in the foreground until a signal or its end; exit status."""
     head = cluster.role == "head"
     for warning in check_token_file(cluster.token_file):
