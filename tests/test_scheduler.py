@@ -918,3 +918,15 @@ def test_a_planned_switch_is_kept_when_another_lane_gets_busier():
         s.submit(f"c{i}", "c", 3.0)  # c now has the most requests per second of switch
     s.finish("a1", 4.0)
     assert of(s.engine_stopped("a", 5.0), StartEngine) == [StartEngine("b", 1)]  # b was planned
+
+
+def test_a_sleep_lane_that_crashes_while_draining_to_sleep_is_simply_stopped():
+    s = sleepy(switch_max_wait=0.0)
+    s.submit("a1", "a", 0.0)
+    s.engine_ready("a", 1.0)
+    s.submit("b1", "b", 2.0)  # the cap (0 s): a drains, to sleep
+    assert s.state("a") is LaneState.DRAINING
+    acts = s.engine_exited("a", 3.0, "killed")
+    assert of(acts, SleepEngine) == [] and s.state("a") is LaneState.STOPPED
+    assert of(acts, StartEngine) == [StartEngine("b", 1, True)]
+    s.check_invariants()

@@ -143,9 +143,11 @@ other holder may be closed or stopped, pending sleeps turned into stops), its vi
 in parallel (D) and go down in parallel (T_down), and C, planned and so kept first, starts
 (T_up) unless its waiters all left (an abandonment).  The phases do not add up beyond
 X + D + T_down + T_up because a back-off and a drain overlap or one of them ends in an
-outcome.  Hence o_{k+1} <= tau + P.  Without failures and cancels K is small: after r has
-waited F the lanes load in the order of their oldest waiters, so each lane (r's included)
-loads at most once more, plus the switch already planned (K <= lanes + 1 after t0 + F).
+outcome.  Hence o_{k+1} <= tau + P.  With one awake lane at a time and no failures K is small:
+after r has waited F the lanes load in the order of their oldest waiters, so each lane
+(r's included) loads at most once more, plus the switch already planned (at most lanes + 1
+loads after t0 + F).  With co-residency, lanes that fit may load beside r's starting lane;
+K counts them too, though they do not delay r.
 tests/test_scheduler_properties.py checks the bound over random arrivals with sleeping
 lanes, co-residency, start/sleep/wake failures, crashes, cancels and queue limits.
 
@@ -883,6 +885,7 @@ class Scheduler:
     def _failure(self, ln: _Lane, now: float, cause: str, restart: bool, out: list[Action],
                  counts: bool = True) -> None:
         s = self.settings
+        ln.then_sleep = ln.waking = ln.going_to_sleep = False
         if counts:
             ln.failures += 1
         else:
