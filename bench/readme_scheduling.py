@@ -37,7 +37,8 @@ def results_table(sched: dict, key: str = "workloads") -> str:
             inter = (f"{_mean(s.get('interactive_p99'))} / {_mean(s.get('interactive_max'))} s"
                      if s.get("interactive_p99") else "-")
             batch = f"{_mean(s.get('batch_p99'))} / {_mean(s.get('batch_max'))} s" if s.get("batch_p99") else "-"
-            task = _ci(s["task_mean"]) if s["task_mean"]["mean"] is not None else "-"
+            agents = any(r.get("agents") for r in p["runs"])
+            task = _ci(s["task_mean"]) if s["task_mean"]["mean"] is not None else ("none finished" if agents else "-")
             lines.append(f"| {w['short']} | {NAMES.get(policy, policy)} | {_ci(s['wait_mean'])} | {_ci(s['wait_p99'])} | "
                          f"{_s(s['wait_max_all'])} s | {_mean(s['worst_client_p99'])} s | {inter} | {batch} | {task} | "
                          f"{_ci(s['throughput_per_hour'], unit='')} | {_mean(s['switches'])} |"
@@ -141,7 +142,8 @@ def scheduling_section(sched: dict) -> str:
         "against the policy that leaves it); the saturated case (s) is a closed loop at fixed concurrency. An "
         "agent task is one loop iteration (four requests), from its first request to its last answer. Answered "
         "with an error: requests aborted at `drain_timeout` (a drain waits for the engine's whole queue), "
-        "waiting for a start that failed (the baselines), or lost; over all seeds. Runtime "
+        "waiting for a start that failed (the baselines), or lost, over all seeds; they are left out of the "
+        "waits (an aborted request never started, or its user got an error). Runtime "
         f"of this part: {sched.get('runtime_seconds', 0):.0f} s.\n",
         "\n".join(f"- {w['description']}" for w in sched["workloads"].values()) + "\n",
         results_table(sched),

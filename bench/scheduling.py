@@ -26,8 +26,8 @@ Workloads (service times log-normal per lane, median orchestrator 6 s, coder 15 
     minutes (open loop).
 (c) ``bursty``: a Poisson trickle over the three lanes (every ~20 s) plus bursts of 5-25 requests
     for one lane within 10 s, a burst every ~2 minutes, for an hour (open loop).
-(d) ``agent_batch``: three agents as in (a) beside a batch job hammering the coder lane as in (b)
-    for 20 minutes.
+(d) ``agent_batch``: three agents as in (a) for an hour, beside a batch job hammering the coder
+    lane as in (b) for the first 20 minutes.
 (e) ``light``: one agent as in (a), alone, for an hour.
 (f) ``six_lanes``: six lanes with skewed popularity (Zipf) and per-lane start costs (20-55 s),
     eight closed-loop clients each picking a lane per request, think ~15 s, for an hour.
@@ -195,7 +195,7 @@ def build(workload: str, seed: int) -> Workload:
         w = Workload(three, HOUR)
         bursty(seed, w)
     elif workload == "agent_batch":
-        w = Workload(three, HAMMER_SECONDS)
+        w = Workload(three, HOUR)  # the agents go on for an hour, the batch job lasts the first 20 minutes
         agents(seed, 3, w)
         hammer(seed, ("coder",), w, "batch", prefix="batch-")
     elif workload == "six_lanes":
@@ -262,8 +262,8 @@ WORKLOADS = {
                "+- 50 %) for 20 minutes"),
     "bursty": ("(c) bursty mixed", "(c) bursty mixed: trickle every ~20 s plus bursts of 5-25 requests for one "
                "lane, one hour"),
-    "agent_batch": ("(d) agents + batch job", "(d) 3 agents as in (a) beside a batch job hammering the coder lane "
-                    "as in (b), 20 minutes"),
+    "agent_batch": ("(d) agents + batch job", "(d) 3 agents as in (a) for an hour, beside a batch job hammering the "
+                    "coder lane as in (b) for its first 20 minutes"),
     "light": ("(e) one agent", "(e) light: a single agent as in (a), alone, one hour"),
     "six_lanes": ("(f) 6 lanes, skewed", "(f) six lanes, Zipf popularity (s = 1.2), starts 20-55 s, 8 clients "
                   "picking a lane per request, think ~15 s, one hour"),
@@ -355,6 +355,7 @@ def measures(result: SimResult, w: Workload, cap: float) -> dict:
         "task_mean": float(np.mean(task_times)) if task_times else None,
         "task_p99": _p(task_times, 99) if task_times else None,
         "tasks": len(task_times),
+        "agents": len({r.client for r in recs if r.task is not None}),
         "throughput_per_hour": finished_in_window / w.until * 3600.0,
         "switching_fraction": result.switching_seconds / end if end > 0 else 0.0,
     }
