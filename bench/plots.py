@@ -94,6 +94,7 @@ def wait_distributions(sched: dict, name: str = "waits.png") -> Path:
             ax.axvline(bound, color="grey", ls="--", lw=1)
             ax.text(bound, 0.03, " bound", color="grey", fontsize=8)
         ax.set_xscale("log")
+        ax.set_xlim(left=0.1)
         ax.set_xlabel("wait (s, log)")
         ax.set_title(sched["workloads"][workload].get("short", workload), fontsize=10)
         ax.grid(alpha=0.3)

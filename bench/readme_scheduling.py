@@ -119,6 +119,44 @@ def curve_text(sched: dict) -> str:
         + "\n".join(lines) + "\n\n" + chosen + "\n")
 
 
+def reading(sched: dict) -> str:
+    """What the tables say, from the figures."""
+    w, v = sched["workloads"], sched.get("variants", {})
+
+    def summ(table, workload, policy):
+        return table[workload]["policies"][policy]["summary"]
+
+    def runs(table, workload, policy):
+        return table[workload]["policies"][policy]["runs"]
+
+    out = []
+    d_new, d_ls = summ(w, "agent_batch", "new"), summ(w, "agent_batch", "llama_swap")
+    out.append(
+        f"On (d) the cap is a trade-off: llama-swap keeps the coder lane for the batch job while it lasts, so its "
+        f"mean wait is low ({_mean(d_ls['wait_mean'])} s) and its agents wait up to "
+        f"{_mean(d_ls.get('interactive_max'))} s; ours caps them ({_mean(d_new.get('interactive_max'))} s at B = "
+        f"{sched['acceptance']['cap']:.0f} s) for a higher mean ({_mean(d_new['wait_mean'])} s); a larger B moves "
+        "ours toward llama-swap along the curve above.")
+    b_new, b_ls = summ(w, "hammer", "new"), summ(w, "hammer", "llama_swap")
+    total = sum(r["requests"] for r in runs(w, "hammer", "new"))
+    if b_new["errors"]:
+        out.append(
+            f"The engines' finite batch costs ours something the waits do not show: a lane closed for others drains "
+            f"its engine's whole queue, and on (b) {b_new['errors']} of {total} requests "
+            f"({100 * b_new['errors'] / total:.0f} %) were still in the engine (queued or served) at `drain_timeout` "
+            f"({sched['settings']['drain_timeout']:.0f} s) and aborted (llama-swap, which never drains a busy lane: "
+            f"{b_ls['errors']}).")
+    if "agent_loop_sleep" in v and "light_sleep" in v:
+        a, a_s = summ(w, "agent_loop", "new"), summ(v, "agent_loop_sleep", "new")
+        e, e_s = summ(w, "light", "new"), summ(v, "light_sleep", "new")
+        out.append(
+            f"Sleeping lanes are where the switch cost goes: with 1-3 s wakes ours waits {_mean(a_s['wait_mean'])} s "
+            f"on average on (a) instead of {_mean(a['wait_mean'])} s, and the lone agent of (e) "
+            f"{_mean(e_s['wait_mean'])} s instead of {_mean(e['wait_mean'])} s (an agent task "
+            f"{_mean(e_s['task_mean'])} s instead of {_mean(e['task_mean'])} s), if the GPU's wake times hold.")
+    return " ".join(out) + "\n"
+
+
 def scheduling_section(sched: dict) -> str:
     st = sched["settings"]
     d = st.get("scheduler_defaults", {})
@@ -155,6 +193,7 @@ def scheduling_section(sched: dict) -> str:
         VARIANTS_INTRO,
         "\n".join(f"- {w['description']}" for w in sched.get("variants", {}).values()) + "\n",
         results_table(sched, "variants"),
+        reading(sched),
         "![the cap B on (d)](bench/results/b_tradeoff.png)\n\n"
         "![timeline, three clients hammering](bench/results/timeline_hammer.png)\n\n"
         "![timeline, agents beside a batch job](bench/results/timeline_agent_batch.png)\n\n"
