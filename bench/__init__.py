@@ -2,8 +2,11 @@
 
 Parts (select with BENCH_PARTS, comma-separated; default all):
 
-* ``scheduling``: the real Scheduler against the fcfs and llama_swap baselines of
-  bench/baselines.py, played by vllm_launcher.simulator in simulated time (no engines; deterministic, seeds fixed).
+* ``scheduling``: the launcher's Scheduler against the baselines of bench/baselines.py (our
+  hold rule before issue 13, frozen in bench/hold_scheduler.py; llama-swap's rule; fcfs), played
+  by vllm_launcher.simulator in simulated time (engines of finite batch, closed-loop clients; no
+  real engines; deterministic): the cap B chosen on seeds 1-20, the tables and the acceptance on
+  seeds 21-40 (bench/scheduling.py; a few minutes, BENCH_QUICK=1 under a minute).
 * ``overhead``: the same fake engine (tests/fake_engine.py's app: isolates the proxies) reached
   directly, through `vllm-launcher serve` and through LiteLLM's proxy (installed by the
   benchmark into bench/.work/litellm, never a dependency); issue 12's goals checked.
