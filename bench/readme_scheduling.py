@@ -146,6 +146,12 @@ def reading(sched: dict) -> str:
             f"({100 * b_new['errors'] / total:.0f} %) were still in the engine (queued or served) at `drain_timeout` "
             f"({sched['settings']['drain_timeout']:.0f} s) and aborted (llama-swap, which never drains a busy lane: "
             f"{b_ls['errors']}).")
+        if "hammer_long_drain" in v:
+            long_new, long_ls = summ(v, "hammer_long_drain", "new"), summ(v, "hammer_long_drain", "llama_swap")
+            out.append(
+                f"With `drain_timeout` 600 s ours aborts {long_new['errors']} and waits {_mean(long_new['wait_mean'])} s "
+                f"on average, {_mean(long_new['wait_p99'])} s at p99 (llama-swap {_mean(long_ls['wait_mean'])} s and "
+                f"{_mean(long_ls['wait_p99'])} s).")
     if "agent_loop_sleep" in v and "light_sleep" in v:
         a, a_s = summ(w, "agent_loop", "new"), summ(v, "agent_loop_sleep", "new")
         e, e_s = summ(w, "light", "new"), summ(v, "light_sleep", "new")

@@ -87,10 +87,11 @@ THROUGHPUT_TOLERANCE = 0.03
 FACTORIES: dict[str, Callable | str] = {"new": "scheduler", **BASELINES}  # "scheduler": the launcher's
 
 
-def settings_for(policy: str, cap: float, budget: float | None = None) -> SchedulerSettings:
+def settings_for(policy: str, cap: float, budget: float | None = None,
+                 drain_timeout: float = DRAIN_TIMEOUT) -> SchedulerSettings:
     """No rejections (compare waits): unbounded queue, no queue timeout."""
     wait = HOLD_MAX_WAIT if policy == "hold" else cap
-    return SchedulerSettings(switch_max_wait=wait, drain_timeout=DRAIN_TIMEOUT, queue_max=10**6, queue_timeout=1e9,
+    return SchedulerSettings(switch_max_wait=wait, drain_timeout=drain_timeout, queue_max=10**6, queue_timeout=1e9,
                              switch_seconds_estimate=SWITCH_SECONDS, memory_budget=budget)
 
 
@@ -114,6 +115,7 @@ class Workload:
     start_seconds: float | dict = START_SECONDS
     stop_seconds: float | dict = STOP_SECONDS
     budget: float | None = None  # memory budget (None: one lane at a time)
+    drain_timeout: float = DRAIN_TIMEOUT
     sim: dict = field(default_factory=dict)  # further simulate() arguments: sleep, wake, start failures
 
 
@@ -232,6 +234,8 @@ VARIANTS = {
     "light_sleep": ("(e) + sleeping lanes", "(e) one agent, lanes sleeping as above"),
     "agent_loop_failures": ("(a) + start failures", f"(a) with each engine start failing with probability "
                             f"{START_FAILURE:.0%} after {START_FAIL_SECONDS:.0f} s"),
+    "hammer_long_drain": ("(b) + drain_timeout 600 s", "(b) with `drain_timeout` 600 s instead of 120 s: a drain "
+                          "may empty the engine's queue instead of aborting it"),
     "six_lanes_shared": ("(f) + co-residency", "(f) with shares 0.3 and budget 0.9: three lanes fit at once "
                          "(the exclusive baselines load one)"),
 }
@@ -239,12 +243,14 @@ VARIANTS = {
 
 def variant(workload: str, seed: int) -> Workload:
     base = {"agent_loop_sleep": "agent_loop", "light_sleep": "light", "agent_loop_failures": "agent_loop",
-            "six_lanes_shared": "six_lanes"}[workload]
+            "hammer_long_drain": "hammer", "six_lanes_shared": "six_lanes"}[workload]
     w = build(base, seed)
     if workload.endswith("_sleep"):
         w.lanes = [LanePolicy(p.name, 0.6, sleep_level=1, sleep_share=0.15) for p in w.lanes]
         w.budget = 0.95
         w.sim = {"wake_seconds": WAKE, "sleep_seconds": SLEEP_SECONDS}
+    elif workload == "hammer_long_drain":
+        w.drain_timeout = 600.0
     elif workload == "agent_loop_failures":
         rng = random.Random(seed * 1000 + 7)
         w.sim = {"start_failures": lambda lane, n: rng.random() < START_FAILURE,
@@ -275,7 +281,7 @@ WORKLOADS = {
 def run_one(workload: str, seed: int, policy: str, cap: float = B_DEFAULT) -> tuple[SimResult, Workload]:
     w = build(workload, seed)
     result = simulate(w.lanes, w.arrivals, clients=w.clients, clients_until=w.until,
-                      settings=settings_for(policy, cap, w.budget), start_seconds=w.start_seconds,
+                      settings=settings_for(policy, cap, w.budget, w.drain_timeout), start_seconds=w.start_seconds,
                       stop_seconds=w.stop_seconds, batch_size=BATCH, policy=FACTORIES[policy], **w.sim)
     return result, w
 
@@ -302,7 +308,7 @@ def stated_bound(cap: float, w: Workload, k: int) -> float:
     down = STOP_SECONDS + (SLEEP_SECONDS if sleeps else 0.0)
     up = max([*starts, *(WAKE.values() if sleeps else ()), *((START_FAIL_SECONDS,) if fails else ())])
     backoff = SchedulerSettings().backoff_max if fails else 0.0
-    return cap + k * (DRAIN_TIMEOUT + down + up + backoff)
+    return cap + k * (w.drain_timeout + down + up + backoff)
 
 
 def measures(result: SimResult, w: Workload, cap: float) -> dict:
