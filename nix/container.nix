@@ -118,6 +118,13 @@ in
     }
   ];
   config = {
+    # Either role, chosen by the command, not by overloading `serve`: `serve` (the default) is
+    # the lane server; `cluster start` is this machine's Ray node in the role VLLM_CLUSTER_ROLE
+    # names (head, or worker joining VLLM_CLUSTER_ADDRESS), in the foreground as the container's
+    # PID 1 (it handles SIGTERM and reaps what Ray leaves; give `podman run --stop-timeout 60`:
+    # Ray drains for up to 30 s); `cluster head` / `cluster join ADDRESS` say the role on the command line. The
+    # node and the server on one head are two containers of this image sharing Ray's /tmp/ray
+    # (a named volume) and the host's network (docs/containers.md, "Several machines").
     Entrypoint = [ "${vllmServer}/bin/vllm-launcher" ];
     Cmd = [ "serve" ];
     User = "${toString uid}:${toString gid}";

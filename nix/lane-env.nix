@@ -14,6 +14,8 @@
 #     lanes.<name> = { <setting> = value; environment = { NAME = "value"; }; }
 #                                   # per lane -> VLLM_LANE_<NAME>_<SETTING>, VLLM_LANE_<NAME>_ENV_<VAR>
 #     defaultLane                   # null = the first lane in VLLM_LANES (alphabetical)
+#     cluster = { role; headAddress; interface; tokenFile; gpus; ... }
+#                                   # this machine's Ray node -> VLLM_CLUSTER_* (see renderCluster)
 #   }
 # Values: null = unset; booleans "true"/"false"; aliases comma-joined; extraArgs a string
 # (passed verbatim) or a list of arguments (each shell-quoted, then space-joined).
@@ -72,9 +74,38 @@ let
     { name = "attentionBackend"; setting = "ATTENTION_BACKEND"; kind = "str"; }
     { name = "distributedExecutorBackend"; setting = "DISTRIBUTED_EXECUTOR_BACKEND"; kind = "str"; }
     { name = "extraArgs"; setting = "EXTRA_ARGS"; kind = "args"; }
-    { name = "idleTimeout"; setting = "IDLE_TIMEOUT"; kind = "int"; }
+    # lane only (VLLM_LANE_<LANE>_<SETTING>; the launcher reads no global VLLM_<SETTING>)
+    { name = "idleTimeout"; setting = "IDLE_TIMEOUT"; kind = "int"; laneOnly = true; }
+    { name = "nodes"; setting = "NODES"; kind = "int"; laneOnly = true; }
   ];
   settingNames = map (s: s.name) settings;
+  laneOnlyNames = map (s: s.name) (filter (s: s.laneOnly or false) settings);
+
+  # This machine's node of a Ray cluster (launcher/vllm_launcher/settings.py CLUSTER_SETTINGS):
+  # option name -> VLLM_CLUSTER_<KEY>. Only what is set is passed; `default` repeats the
+  # launcher's default for the ports, which renderCluster needs for the firewall when a port is
+  # left unset (tests/test_nix_lane_env.py checks them against settings.py). `head`: the GCS
+  # port, listened on by the head only; `range`: the worker port range's ends.
+  cluster = [
+    { name = "role"; key = "ROLE"; kind = "str"; }
+    { name = "headAddress"; key = "ADDRESS"; kind = "str"; }
+    { name = "interface"; key = "INTERFACE"; kind = "str"; }
+    { name = "tokenFile"; key = "TOKEN_FILE"; kind = "str"; }
+    { name = "gpus"; key = "GPUS"; kind = "int"; }
+    { name = "cpus"; key = "CPUS"; kind = "int"; }
+    { name = "objectStoreMemory"; key = "OBJECT_STORE_MEMORY"; kind = "bytes"; }
+    { name = "tempDir"; key = "TEMP_DIR"; kind = "str"; }
+    { name = "port"; key = "PORT"; kind = "port"; default = 6379; head = true; }
+    { name = "nodeManagerPort"; key = "NODE_MANAGER_PORT"; kind = "port"; default = 6380; }
+    { name = "objectManagerPort"; key = "OBJECT_MANAGER_PORT"; kind = "port"; default = 6381; }
+    { name = "agentGrpcPort"; key = "AGENT_GRPC_PORT"; kind = "port"; default = 6382; }
+    { name = "agentHttpPort"; key = "AGENT_HTTP_PORT"; kind = "port"; default = 6383; }
+    { name = "runtimeEnvAgentPort"; key = "RUNTIME_ENV_AGENT_PORT"; kind = "port"; default = 6384; }
+    { name = "metricsPort"; key = "METRICS_PORT"; kind = "port"; default = 6385; }
+    { name = "minWorkerPort"; key = "MIN_WORKER_PORT"; kind = "port"; default = 10002; range = true; }
+    { name = "maxWorkerPort"; key = "MAX_WORKER_PORT"; kind = "port"; default = 10199; range = true; }
+  ];
+  clusterNames = map (s: s.name) cluster;
 
   # Server-wide settings: option name -> variable.
   server = [
@@ -137,6 +168,7 @@ let
         n: map (v: "${n}.${v}") (filter (v: !validVar v) (attrNames (lanes.${n}.environment or { })))
       ) laneNames;
       unknownDefaults = unknownKeys settingNames defaults;
+      laneOnlyDefaults = filter (k: elem k laneOnlyNames) (attrNames defaults);
       unknownLane = concatMap (
         n: map (k: "lanes.${n}.${k}") (unknownKeys (settingNames ++ [ "environment" ]) lanes.${n})
       ) laneNames;
@@ -168,6 +200,10 @@ let
           message = "${prefix}.lanes.<name>.environment: not an environment variable name: ${concatStringsSep ", " laneEnvBad}";
         }
         {
+          assertion = laneOnlyDefaults == [ ];
+          message = "${prefix}.defaults: ${concatStringsSep ", " laneOnlyDefaults} can only be set per lane (${prefix}.lanes.<name>.<setting>, VLLM_LANE_<LANE>_<SETTING>)";
+        }
+        {
           assertion = unknownDefaults == [ ] && unknownLane == [ ];
           message = "${prefix}: unknown engine setting(s) ${concatStringsSep ", " (unknownDefaults ++ unknownLane)}; known: ${concatStringsSep " " settingNames}";
         }
@@ -193,6 +229,7 @@ let
 
       environment = listToAttrs (
         serverVars
+        ++ clusterVars (cfg.cluster or { })
         ++ settingVars "VLLM_" defaults
         ++ [
           {
@@ -220,7 +257,77 @@ let
       lanes = laneNames;
       upperLanes = upperNames;
     };
+  clusterVars =
+    attrs:
+    map (s: {
+      name = "VLLM_CLUSTER_${s.key}";
+      value = render1 s.kind attrs.${s.name};
+    }) (filter (s: (attrs.${s.name} or null) != null) cluster);
+
+  # renderCluster :: cluster -> { environment; assertions; errors; firewall = { ports; ranges; }; }
+  #   cluster = { role, headAddress, interface, tokenFile, gpus, ..., <port options> }, null = unset
+  # The environment of this machine's node (`vllm-launcher cluster start`); render's `cluster`
+  # argument adds the same variables to the lane server's. firewall: the TCP ports this node
+  # listens on for the other machines (the GCS port on the head only) and the worker range.
+  renderCluster =
+    c:
+    let
+      prefix = c.optionPrefix or "services.vllm.cluster";
+      role = c.role or null;
+      portOf = s: if (c.${s.name} or null) != null then c.${s.name} else s.default;
+      fixed = filter (s: s.kind == "port" && !(s.range or false) && (role == "head" || !(s.head or false))) cluster;
+      unknown = unknownKeys (clusterNames ++ [ "optionPrefix" ]) c;
+      tokenFile = c.tokenFile or null;
+      inStore = tokenFile != null && match "/nix/store/.*" (toString tokenFile) != null;
+      assertions = [
+        {
+          assertion = role == "head" || role == "worker";
+          message = "${prefix}.role: set it to \"head\" (the machine that runs the lane server) or \"worker\" (a machine that only lends its GPU), got ${toJSON role}";
+        }
+        {
+          assertion = role != "worker" || (c.headAddress or null) != null;
+          message = "${prefix}.headAddress: a worker joins the head; set it to the head's address on the cluster link (host or host:port), e.g. \"192.168.100.1\"";
+        }
+        {
+          assertion = (c.interface or null) != null;
+          message = "${prefix}.interface: name the network interface of the private cluster link, e.g. \"enp1s0f0\" (its IPv4 address is the node's address; NCCL/RCCL and Gloo use it)";
+        }
+        {
+          assertion = tokenFile != null;
+          message = "${prefix}.tokenFile: give the file holding the cluster's token, the same on every machine and outside the Nix store (`vllm-launcher cluster new-token /etc/vllm/cluster-token` writes one)";
+        }
+        {
+          assertion = !inStore;
+          message = "${prefix}.tokenFile = \"${toString tokenFile}\" is in the Nix store, which every local user can read: keep the token outside it (e.g. /etc/vllm/cluster-token, or a sops/agenix secret)";
+        }
+        {
+          assertion = unknown == [ ];
+          message = "${prefix}: unknown setting(s) ${concatStringsSep ", " unknown}; known: ${concatStringsSep " " clusterNames}";
+        }
+      ];
+    in
+    {
+      environment = listToAttrs (clusterVars c);
+      inherit assertions;
+      errors = map (a: a.message) (filter (a: !a.assertion) assertions);
+      firewall = {
+        ports = map portOf fixed;
+        ranges = [
+          {
+            from = portOf (head (filter (s: s.name == "minWorkerPort") cluster));
+            to = portOf (head (filter (s: s.name == "maxWorkerPort") cluster));
+          }
+        ];
+      };
+    };
 in
 {
-  inherit render settings server shellQuote;
+  inherit
+    render
+    renderCluster
+    settings
+    server
+    cluster
+    shellQuote
+    ;
 }

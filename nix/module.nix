@@ -13,6 +13,7 @@
 let
   inherit (lib) mkOption types literalExpression;
   cfg = config.services.vllm;
+  ccfg = cfg.cluster;
   laneEnv = import ./lane-env.nix;
   runtimeEnvFor = import ./runtime-env.nix;
 
@@ -46,20 +47,35 @@ let
     quantization = "`--quantization` (awq, gptq, ...).";
     enforceEager = "Disable CUDA/HIP graphs (`--enforce-eager`).";
     extraArgs = "Further vLLM arguments: a list (each shell-quoted) or one shell string.";
+    distributedExecutorBackend = ''
+      `ray` (vLLM's Ray executor places its workers on the cluster) or `mp` (vLLM's own workers;
+      on several machines the launcher starts vLLM's followers on the other nodes through Ray).
+    '';
+    nodes = ''
+      Machines (Ray cluster nodes) this lane's engine spans (VLLM_LANE_<LANE>_NODES); null = as
+      many as its tensor x pipeline size needs at `cluster.gpus` each. More than one needs
+      `services.vllm.cluster` (role head) on this machine.
+    '';
+    idleTimeout = "Unload this lane after this many idle seconds (VLLM_LANE_<LANE>_IDLE_TIMEOUT).";
   };
   # One option per engine setting of lane-env.nix, null meaning "inherit / launcher default".
-  settingOptions = lib.listToAttrs (
-    map (s: {
-      inherit (s) name;
-      value = mkOption {
-        type = types.nullOr kindType.${s.kind};
-        default = null;
-        description =
-          descriptions.${s.name}
-            or "vLLM engine setting ${s.setting} (launcher variable VLLM_LANE_<LANE>_${s.setting}).";
-      };
-    }) laneEnv.settings
-  );
+  # `defaults` offers all but the lane-only ones (idleTimeout, nodes).
+  settingOptionsFor =
+    settings:
+    lib.listToAttrs (
+      map (s: {
+        inherit (s) name;
+        value = mkOption {
+          type = types.nullOr kindType.${s.kind};
+          default = null;
+          description =
+            descriptions.${s.name}
+              or "vLLM engine setting ${s.setting} (launcher variable VLLM_LANE_<LANE>_${s.setting}).";
+        };
+      }) settings
+    );
+  settingOptions = settingOptionsFor laneEnv.settings;
+  defaultsOptions = settingOptionsFor (lib.filter (s: !(s.laneOnly or false)) laneEnv.settings);
 
   laneModule = {
     options = settingOptions // {
@@ -77,19 +93,173 @@ let
   # Options -> lane-env.nix input: drop nulls and empty environments.
   clean = lib.filterAttrs (n: v: v != null && !(n == "environment" && v == { }));
 
+  # The cluster's settings as the launcher reads them; the token is a systemd credential of each
+  # unit that needs it (LoadCredential=cluster-token:<tokenFile>), so the variable names the
+  # unit's credentials directory (%d) and the file never enters the store.
+  clusterSettings = lib.filterAttrs (n: v: v != null && lib.elem n clusterNames) ccfg;
+  clusterNames = map (s: s.name) laneEnv.cluster;
+  clusterChecked = laneEnv.renderCluster clusterSettings;
+  clusterForEnv =
+    clusterSettings // lib.optionalAttrs (ccfg.tokenFile != null) { tokenFile = "%d/cluster-token"; };
+  clusterRendered = laneEnv.renderCluster clusterForEnv;
+  isHead = ccfg.enable && ccfg.role == "head";
+  # Lanes that need the cluster: NODES > 1 set explicitly (a lane whose tensor x pipeline size
+  # exceeds cluster.gpus needs it too; the launcher says so at start).
+  multiNodeLanes = lib.attrNames (lib.filterAttrs (_: lane: (lane.nodes or null) != null && lane.nodes > 1) cfg.lanes);
+
   rendered = laneEnv.render {
     inherit (cfg) host port defaultLane;
+    cluster = if ccfg.enable then clusterForEnv else { };
     inherit (cfg) logLevel logRequests logDirectory startTimeout;
     apiKeyFile = if cfg.apiKeyFile == null then null else "%d/api-key";
     defaults = clean cfg.defaults;
     lanes = lib.mapAttrs (_: clean) cfg.lanes;
   };
 
+
   runtimeEnv = runtimeEnvFor {
     hsaOverrideGfxVersion = cfg.rocmOverrideGfx;
   };
 
   cacheDir = "/var/cache/vllm";
+
+  # What both units share: the user, the directories, the models, the GPU and the hardening.
+  # On the head, vllm.service (the lane server, whose engines are Ray drivers) and
+  # vllm-cluster.service (the Ray node, whose worker processes run vLLM's workers) run as the
+  # same user: a static `user`, or the one DynamicUser named "vllm" (systemd shares a dynamic
+  # user between the units naming it, and removes its IPC objects only when the last stops).
+  baseEnvironment =
+    runtimeEnv
+    // {
+      HOME = cfg.stateDir;
+      HF_HOME = "${cfg.stateDir}/huggingface";
+      VLLM_CACHE_ROOT = "${cacheDir}/vllm";
+      TRITON_CACHE_DIR = "${cacheDir}/triton";
+    };
+  commonServiceConfig =
+    (
+      if staticUser then
+        {
+          User = cfg.user;
+          Group = cfg.group;
+          DynamicUser = false;
+        }
+      else
+        {
+          User = "vllm";
+          DynamicUser = true;
+        }
+    )
+    // {
+      WorkingDirectory = cfg.stateDir;
+      StateDirectory = lib.mkIf stateUnderVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
+      CacheDirectory = "vllm";
+      StateDirectoryMode = "0750";
+      ReadWritePaths = lib.mkIf (extraWritable != [ ]) extraWritable;
+      BindReadOnlyPaths = lib.optional (cfg.modelsDir != null) (toString cfg.modelsDir);
+      EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
+      # Every process of the unit (engines, Ray's daemons and workers) is in its cgroup:
+      # stopping the unit takes all of them.
+      KillMode = "control-group";
+      Restart = "on-failure";
+      RestartSec = "10s";
+
+      # GPU access (/dev/kfd, /dev/dri/renderD*).
+      PrivateDevices = false;
+      DevicePolicy = "closed";
+      DeviceAllow = [
+        "char-drm"
+        "char-kfd"
+      ];
+      SupplementaryGroups = [
+        "render"
+        "video"
+      ];
+
+      # Hardening as far as torch and Ray allow; `systemd-analyze security --offline=true` on
+      # each rendered unit (tests/test_nix_module.py) scores what is left, each for a reason:
+      # the GPU (PrivateDevices=false, DeviceAllow, SupplementaryGroups), Triton
+      # (MemoryDenyWriteExecute=false), /proc/meminfo and /proc/cpuinfo (ProcSubset=all),
+      # the network and a later Ray cluster (AF_INET/AF_INET6, AF_NETLINK, no PrivateNetwork,
+      # no IPAddressDeny), the engines' sockets and sd_notify (AF_UNIX), @resources (below),
+      # models under /home (ProtectHome=tmpfs), and no PrivateUsers: inside its user
+      # namespace render/video show as nogroup (systemd issue 41994); the kernel's device
+      # checks would still pass, but nothing here can prove every ROCm tool only relies on them.
+      # /dev/shm stays usable (no PrivateIPC): vLLM's shared-memory queues and Ray's object store
+      # (plasma: files in /dev/shm, mmapped, their descriptors passed over its Unix socket) need it.
+      MemoryDenyWriteExecute = false; # Triton and inductor generate and load code at run time
+      ProcSubset = "all"; # /proc/meminfo, /proc/cpuinfo
+      # Hides other users' processes in /proc (hidepid=invisible). The launcher and every
+      # engine process run as the one service user and still see each other (the launcher's
+      # /proc/<pid> checks of its engine groups, psutil in vLLM); nothing in vLLM, torch or
+      # ROCm looks at other users' processes. Ray's node (raylet, GCS, agents, workers) runs as
+      # that one user too: its memory monitor and psutil read only its own processes' /proc
+      # entries, and the agent's node statistics simply omit other users' processes.
+      ProtectProc = "invisible";
+      ProtectSystem = "strict";
+      ProtectHome = "tmpfs"; # hides /home, still allows bind-mounting modelsDir from it
+      PrivateTmp = true;
+      # Mounts made inside the service do not propagate to the host. The service already has
+      # its own mount namespace (ProtectSystem=strict, PrivateTmp) and never mounts anything
+      # (no CAP_SYS_ADMIN, @mount filtered); mounts made on the host later, such as a models
+      # disk, still propagate into it.
+      PrivateMounts = true;
+      NoNewPrivileges = true;
+      RestrictNamespaces = true;
+      RestrictRealtime = true;
+      RestrictSUIDSGID = true;
+      LockPersonality = true;
+      ProtectClock = true;
+      ProtectControlGroups = true;
+      ProtectHostname = true;
+      ProtectKernelLogs = true;
+      ProtectKernelModules = true;
+      ProtectKernelTunables = true;
+      RestrictAddressFamilies = [
+        "AF_INET"
+        "AF_INET6"
+        "AF_UNIX" # sd_notify, vLLM's ZeroMQ ipc:// sockets between API server and EngineCore
+        "AF_NETLINK" # glibc: getaddrinfo(AI_ADDRCONFIG), getifaddrs() (gloo, Ray pick interfaces)
+      ];
+      CapabilityBoundingSet = [ "" ];
+      SystemCallArchitectures = "native";
+      # @system-service already contains @resources; it is named because vLLM needs it:
+      # setrlimit (vLLM raises its RLIMIT_NOFILE soft limit), sched_setaffinity (OpenMP and
+      # vLLM's CPU thread binding), mbind/set_mempolicy (NUMA-aware allocations in the HSA
+      # runtime and torch). `~@privileged` then removes (`systemd-analyze syscall-filter
+      # @privileged`, systemd 252): @chown (chown, fchown, fchownat, lchown), @clock,
+      # @module, @raw-io, @reboot, @swap, _sysctl, acct, bpf, capset, chroot,
+      # fanotify_init/fanotify_mark, nfsservctl, open_by_handle_at, pivot_root, quotactl,
+      # sethostname/setdomainname, setfsuid, setgroups, setuid/setreuid/setresuid, vhangup.
+      # With an empty CapabilityBoundingSet these could at most give a file or the process
+      # to its own user. ROCm reaches the GPU with open/ioctl/mmap on /dev/kfd and
+      # /dev/dri (@system-service); torch, Triton and vLLM write their caches with
+      # open/rename/chmod and start engines with fork/execve/setsid/prctl (@process): none
+      # of them changes owners or identities. Ray's C++ processes (gcs_server, raylet) and its
+      # Python workers need sockets, epoll/eventfd (@io-event), fork/execve/prctl(PDEATHSIG)/
+      # setsid (@process), fallocate/mmap on /dev/shm (@file-system, @basic-io), setrlimit and
+      # sched_setaffinity (@resources): all in @system-service; they bind only unprivileged
+      # ports (above 1024: no CAP_NET_BIND_SERVICE) and never change identity. What is left out
+      # (@debug: ptrace, process_vm_readv) only matters to `ray stack`/py-spy, run by hand.
+      SystemCallFilter = [
+        "@system-service"
+        "@resources"
+        "~@privileged"
+      ];
+      # A filtered call fails with EPERM (what an unprivileged process mostly gets for these
+      # calls anyway) instead of killing the engine with SIGSYS.
+      SystemCallErrorNumber = "EPERM";
+      # One descriptor per client connection and per proxied engine connection in the
+      # front server, plus each engine's own sockets, shared-memory handles and model files:
+      # systemd's default soft limit of 1024 would refuse connections under load. Ray's
+      # raylet and GCS hold a gRPC connection per worker process too.
+      # Processes: Ray starts a worker process per CPU besides its own daemons, each with
+      # dozens of threads; systemd's default TasksMax (15 % of the smaller of kernel.pid_max,
+      # which NixOS raises to 4194304, and threads-max) leaves ample room, so none is set.
+      LimitNOFILE = 65536;
+      UMask = "0077";
+    };
+  clusterCredential = lib.optional (ccfg.enable && ccfg.tokenFile != null) "cluster-token:${ccfg.tokenFile}";
 in
 {
   options.services.vllm = {
@@ -144,7 +314,7 @@ in
       description = "Lane loaded at start (VLLM_DEFAULT_LANE); null = the first lane in alphabetical order.";
     };
     defaults = mkOption {
-      type = types.submodule { options = settingOptions; };
+      type = types.submodule { options = defaultsOptions; };
       default = { };
       example = {
         gpuMemoryUtilization = 0.45;
@@ -237,178 +407,222 @@ in
         DynamicUser (`user` = null) it must lie below /var/lib (systemd's StateDirectory=).
       '';
     };
+
+    cluster = {
+      enable = lib.mkEnableOption ''
+        this machine's node of a Ray cluster, for lanes that span several machines
+        (`vllm-launcher cluster start` in the unit vllm-cluster.service). On the head the lane
+        server (services.vllm.enable) runs beside it; a worker runs only its node'';
+      role = mkOption {
+        type = types.nullOr (types.enum [ "head" "worker" ]);
+        default = null;
+        description = ''
+          `head`: the machine that runs the lane server and the cluster's GCS; `worker`: a
+          machine that lends its GPU and runs nothing else of this module (VLLM_CLUSTER_ROLE).
+        '';
+      };
+      headAddress = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "192.168.100.1";
+        description = ''
+          The head's address on the cluster link, host or host:port (VLLM_CLUSTER_ADDRESS);
+          required on a worker. On the head null means its own interface address.
+        '';
+      };
+      interface = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "enp1s0f0";
+        description = ''
+          Network interface of the private cluster link (VLLM_CLUSTER_INTERFACE): its IPv4
+          address is the node's, and NCCL/RCCL and Gloo traffic uses it.
+        '';
+      };
+      tokenFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/etc/vllm/cluster-token";
+        description = ''
+          File holding the cluster's token (Ray token authentication), the same content on every
+          machine; outside the Nix store (root-only is fine). Passed to the units as the systemd
+          credential `cluster-token` (LoadCredential), so a DynamicUser can read it; the launcher
+          gets VLLM_CLUSTER_TOKEN_FILE=$CREDENTIALS_DIRECTORY/cluster-token.
+        '';
+      };
+      gpus = mkOption {
+        type = types.nullOr types.ints.unsigned;
+        default = null;
+        description = "GPUs this machine offers to the cluster (VLLM_CLUSTER_GPUS); null = the launcher's default, 1.";
+      };
+      cpus = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "CPUs this machine offers (VLLM_CLUSTER_CPUS); null = Ray's default, all.";
+      };
+      objectStoreMemory = mkOption {
+        type = types.nullOr (types.either types.ints.positive types.str);
+        default = null;
+        example = "8Gi";
+        description = ''
+          Size of Ray's shared-memory object store (VLLM_CLUSTER_OBJECT_STORE_MEMORY; bytes or
+          e.g. "8Gi"); null = Ray's default, 30 % of memory, taken from the same unified memory
+          as the GPU's on Strix Halo as it fills.
+        '';
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Open Ray's fixed ports (the GCS port on the head, the node ports and the worker port
+          range on every node: the launcher's defaults or the ones set here) on `interface` only.
+        '';
+      };
+      trustInterface = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Add `interface` to networking.firewall.trustedInterfaces: NCCL/RCCL and Gloo use
+          ephemeral ports between the machines, which no port list covers. The link must be
+          private (a direct cable or a switch only the cluster uses): whoever reaches Ray's
+          ports with the token runs code on every machine.
+        '';
+      };
+    }
+    // lib.listToAttrs (
+      map (s: {
+        inherit (s) name;
+        value = mkOption {
+          type = types.nullOr types.port;
+          default = null;
+          description = "VLLM_CLUSTER_${s.key}; null = the launcher's default, ${toString s.default}.";
+        };
+      }) (lib.filter (s: s.kind == "port") laneEnv.cluster)
+    );
+    # Ray's temp directory (VLLM_CLUSTER_TEMP_DIR) is no option: the node keeps Ray's /tmp/ray,
+    # in the unit's private /tmp, which the lane server's unit joins (JoinsNamespaceOf) so its
+    # engines find the node's sockets.
   };
 
-  config = lib.mkIf cfg.enable {
-    assertions = rendered.assertions ++ [
-      {
-        assertion = cfg.user != null || cfg.group == null || cfg.group == cfg.user;
-        message = "services.vllm.group needs services.vllm.user (null user = DynamicUser).";
-      }
-      {
-        assertion = lib.hasPrefix "/" cfg.stateDir;
-        message = "services.vllm.stateDir must be an absolute path, got \"${cfg.stateDir}\".";
-      }
-      {
-        # A DynamicUser's UID is allocated at start: only the directories systemd creates and
-        # chowns for it (StateDirectory= under /var/lib) are writable and keep their contents.
-        assertion = staticUser || stateUnderVarLib;
-        message = "services.vllm.stateDir = \"${cfg.stateDir}\" is outside /var/lib, which a DynamicUser (services.vllm.user = null) cannot own: use a directory below /var/lib or set services.vllm.user.";
-      }
-      {
-        assertion = staticUser || cfg.logDirectory == null || logsUnderVarLog;
-        message = "services.vllm.logDirectory = \"${toString cfg.logDirectory}\" is outside /var/log, which a DynamicUser (services.vllm.user = null) cannot write: use a directory below /var/log or set services.vllm.user.";
-      }
-    ];
+  config = lib.mkMerge [
+    (lib.mkIf (cfg.enable || ccfg.enable) {
+      assertions = [
+        {
+          assertion = cfg.user != null || cfg.group == null || cfg.group == cfg.user;
+          message = "services.vllm.group needs services.vllm.user (null user = DynamicUser).";
+        }
+        {
+          assertion = lib.hasPrefix "/" cfg.stateDir;
+          message = "services.vllm.stateDir must be an absolute path, got \"${cfg.stateDir}\".";
+        }
+        {
+          # A DynamicUser's UID is allocated at start: only the directories systemd creates and
+          # chowns for it (StateDirectory= under /var/lib) are writable and keep their contents.
+          assertion = staticUser || stateUnderVarLib;
+          message = "services.vllm.stateDir = \"${cfg.stateDir}\" is outside /var/lib, which a DynamicUser (services.vllm.user = null) cannot own: use a directory below /var/lib or set services.vllm.user.";
+        }
+      ];
 
-    users = lib.mkIf staticUser {
-      users.${cfg.user} = {
-        isSystemUser = true;
-        group = cfg.group;
-        home = cfg.stateDir;
-        extraGroups = [
-          "render"
-          "video"
-        ];
+      users = lib.mkIf staticUser {
+        users.${cfg.user} = {
+          isSystemUser = true;
+          group = cfg.group;
+          home = cfg.stateDir;
+          extraGroups = [
+            "render"
+            "video"
+          ];
+        };
+        groups.${cfg.group} = { };
       };
-      groups.${cfg.group} = { };
-    };
 
-    networking.firewall = lib.mkIf cfg.openFirewall { allowedTCPPorts = [ cfg.port ]; };
+      environment.systemPackages = [ cfg.package ];
+    })
 
-    environment.systemPackages = [ cfg.package ];
-
-    systemd.services.vllm = {
-      description = "vLLM model lanes (OpenAI-compatible endpoint)";
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
-      # Order: runtime defaults < the module's caches < lanes/settings < user's variables.
-      environment =
-        runtimeEnv
-        // {
-          HOME = cfg.stateDir;
-          HF_HOME = "${cfg.stateDir}/huggingface";
-          VLLM_CACHE_ROOT = "${cacheDir}/vllm";
-          TRITON_CACHE_DIR = "${cacheDir}/triton";
+    (lib.mkIf cfg.enable {
+      assertions = rendered.assertions ++ [
+        {
+          assertion = staticUser || cfg.logDirectory == null || logsUnderVarLog;
+          message = "services.vllm.logDirectory = \"${toString cfg.logDirectory}\" is outside /var/log, which a DynamicUser (services.vllm.user = null) cannot write: use a directory below /var/log or set services.vllm.user.";
         }
-        // rendered.environment
-        // cfg.environmentVariables;
-
-      serviceConfig =
-        lib.optionalAttrs staticUser {
-          User = cfg.user;
-          Group = cfg.group;
+        {
+          assertion = multiNodeLanes == [ ] || isHead;
+          message = "services.vllm.lanes: ${lib.concatStringsSep ", " multiNodeLanes} span several machines (nodes > 1): enable services.vllm.cluster with role = \"head\" on this machine (and role = \"worker\" on the others).";
         }
-        // {
+      ];
+
+      networking.firewall = lib.mkIf cfg.openFirewall { allowedTCPPorts = [ cfg.port ]; };
+
+      systemd.services.vllm = {
+        description = "vLLM model lanes (OpenAI-compatible endpoint)";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        # On the head the lane server starts after this machine's Ray node and shares its
+        # private /tmp, where Ray keeps the node's session (sockets of the raylet and the object
+        # store) that the engines, Ray drivers, connect to. Requires=: stopping or restarting
+        # the node (explicitly) stops or restarts the server; a node that crashes is restarted
+        # on its own while one-node lanes keep serving.
+        after = [ "network-online.target" ] ++ lib.optional isHead "vllm-cluster.service";
+        requires = lib.optional isHead "vllm-cluster.service";
+        unitConfig = lib.mkIf isHead { JoinsNamespaceOf = "vllm-cluster.service"; };
+        # Order: runtime defaults < the module's caches < lanes/settings < user's variables.
+        environment = baseEnvironment // rendered.environment // cfg.environmentVariables;
+
+        serviceConfig = commonServiceConfig // {
           # The launcher sends READY=1 (sd_notify) once it listens.
           Type = "notify";
           NotifyAccess = "main";
-          DynamicUser = !staticUser;
           ExecStart = "${cfg.package}/bin/vllm-server serve";
           # Loading a first model can take minutes; the launcher itself bounds each engine
           # start with VLLM_START_TIMEOUT.
           TimeoutStartSec = toString (cfg.startTimeout + 120);
           TimeoutStopSec = "3min"; # drain in-flight requests, then stop the engine group
-          Restart = "on-failure";
-          RestartSec = "10s";
-          # Every engine process (API server, EngineCore, workers) is in the unit's cgroup:
-          # stopping the service takes all of them.
-          KillMode = "control-group";
-
-          WorkingDirectory = cfg.stateDir;
-          StateDirectory = lib.mkIf stateUnderVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
-          CacheDirectory = "vllm";
-          StateDirectoryMode = "0750";
           LogsDirectory = lib.mkIf logsUnderVarLog (lib.removePrefix "/var/log/" cfg.logDirectory);
-          ReadWritePaths = lib.mkIf (extraWritable != [ ]) extraWritable;
-          BindReadOnlyPaths = lib.optional (cfg.modelsDir != null) (toString cfg.modelsDir);
-          LoadCredential = lib.optional (cfg.apiKeyFile != null) "api-key:${cfg.apiKeyFile}";
-          EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
-
-          # GPU access (/dev/kfd, /dev/dri/renderD*).
-          PrivateDevices = false;
-          DevicePolicy = "closed";
-          DeviceAllow = [
-            "char-drm"
-            "char-kfd"
-          ];
-          SupplementaryGroups = [
-            "render"
-            "video"
-          ];
-
-          # Hardening as far as torch allows; `systemd-analyze security --offline=true` on the
-          # rendered unit (tests/test_nix_module.py) scores what is left, each for a reason:
-          # the GPU (PrivateDevices=false, DeviceAllow, SupplementaryGroups), Triton
-          # (MemoryDenyWriteExecute=false), /proc/meminfo and /proc/cpuinfo (ProcSubset=all),
-          # the network and a later Ray cluster (AF_INET/AF_INET6, AF_NETLINK, no PrivateNetwork,
-          # no IPAddressDeny), the engines' sockets and sd_notify (AF_UNIX), @resources (below),
-          # models under /home (ProtectHome=tmpfs), and no PrivateUsers: inside its user
-          # namespace render/video show as nogroup (systemd issue 41994); the kernel's device
-          # checks would still pass, but nothing here can prove every ROCm tool only relies on them.
-          # /dev/shm stays usable (no PrivateIPC): vLLM's shared-memory queues need it.
-          MemoryDenyWriteExecute = false; # Triton and inductor generate and load code at run time
-          ProcSubset = "all"; # /proc/meminfo, /proc/cpuinfo
-          # Hides other users' processes in /proc (hidepid=invisible). The launcher and every
-          # engine process run as the one service user and still see each other (the launcher's
-          # /proc/<pid> checks of its engine groups, psutil in vLLM); nothing in vLLM, torch or
-          # ROCm looks at other users' processes.
-          ProtectProc = "invisible";
-          ProtectSystem = "strict";
-          ProtectHome = "tmpfs"; # hides /home, still allows bind-mounting modelsDir from it
-          PrivateTmp = true;
-          # Mounts made inside the service do not propagate to the host. The service already has
-          # its own mount namespace (ProtectSystem=strict, PrivateTmp) and never mounts anything
-          # (no CAP_SYS_ADMIN, @mount filtered); mounts made on the host later, such as a models
-          # disk, still propagate into it.
-          PrivateMounts = true;
-          NoNewPrivileges = true;
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          ProtectClock = true;
-          ProtectControlGroups = true;
-          ProtectHostname = true;
-          ProtectKernelLogs = true;
-          ProtectKernelModules = true;
-          ProtectKernelTunables = true;
-          RestrictAddressFamilies = [
-            "AF_INET"
-            "AF_INET6"
-            "AF_UNIX" # sd_notify, vLLM's ZeroMQ ipc:// sockets between API server and EngineCore
-            "AF_NETLINK" # glibc: getaddrinfo(AI_ADDRCONFIG), getifaddrs() (gloo, Ray pick interfaces)
-          ];
-          CapabilityBoundingSet = [ "" ];
-          SystemCallArchitectures = "native";
-          # @system-service already contains @resources; it is named because vLLM needs it:
-          # setrlimit (vLLM raises its RLIMIT_NOFILE soft limit), sched_setaffinity (OpenMP and
-          # vLLM's CPU thread binding), mbind/set_mempolicy (NUMA-aware allocations in the HSA
-          # runtime and torch). `~@privileged` then removes (`systemd-analyze syscall-filter
-          # @privileged`, systemd 252): @chown (chown, fchown, fchownat, lchown), @clock,
-          # @module, @raw-io, @reboot, @swap, _sysctl, acct, bpf, capset, chroot,
-          # fanotify_init/fanotify_mark, nfsservctl, open_by_handle_at, pivot_root, quotactl,
-          # sethostname/setdomainname, setfsuid, setgroups, setuid/setreuid/setresuid, vhangup.
-          # With an empty CapabilityBoundingSet these could at most give a file or the process
-          # to its own user. ROCm reaches the GPU with open/ioctl/mmap on /dev/kfd and
-          # /dev/dri (@system-service); torch, Triton and vLLM write their caches with
-          # open/rename/chmod and start engines with fork/execve/setsid/prctl (@process): none
-          # of them changes owners or identities.
-          SystemCallFilter = [
-            "@system-service"
-            "@resources"
-            "~@privileged"
-          ];
-          # A filtered call fails with EPERM (what an unprivileged process mostly gets for these
-          # calls anyway) instead of killing the engine with SIGSYS.
-          SystemCallErrorNumber = "EPERM";
-          # One descriptor per client connection and per proxied engine connection in the
-          # front server, plus each engine's own sockets, shared-memory handles and model files:
-          # systemd's default soft limit of 1024 would refuse connections under load.
-          LimitNOFILE = 65536;
-          UMask = "0077";
+          LoadCredential = lib.optional (cfg.apiKeyFile != null) "api-key:${cfg.apiKeyFile}" ++ clusterCredential;
         };
-    };
-  };
+      };
+    })
+
+    (lib.mkIf ccfg.enable {
+      assertions = clusterChecked.assertions ++ [
+        {
+          assertion = ccfg.role != "worker" || !cfg.enable;
+          message = "services.vllm.cluster.role = \"worker\": a worker machine runs only its cluster node (vllm-cluster.service), the head serves every lane; set services.vllm.enable = false here and define the lanes on the head.";
+        }
+      ];
+
+      networking.firewall = {
+        trustedInterfaces = lib.mkIf (ccfg.trustInterface && ccfg.interface != null) [ ccfg.interface ];
+        interfaces = lib.mkIf (ccfg.openFirewall && ccfg.interface != null) {
+          ${ccfg.interface} = {
+            allowedTCPPorts = clusterChecked.firewall.ports;
+            allowedTCPPortRanges = clusterChecked.firewall.ranges;
+          };
+        };
+      };
+
+      # This machine's Ray node: `vllm-launcher cluster start` in the role VLLM_CLUSTER_ROLE says,
+      # with the same user, GPU access, models and hardening as the lane server (Ray's worker
+      # processes here run vLLM's workers, which load the weights and use the GPU).
+      systemd.services.vllm-cluster = {
+        description = "vLLM cluster node (Ray ${if ccfg.role == null then "node" else ccfg.role})";
+        wantedBy = [ "multi-user.target" ];
+        # the interface's address must be there; a worker waits up to 60 s for the head, then
+        # exits and is restarted
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        environment = baseEnvironment // clusterRendered.environment // cfg.environmentVariables;
+        serviceConfig = commonServiceConfig // {
+          Type = "exec";
+          ExecStart = "${cfg.package}/bin/vllm-server cluster start";
+          # SIGTERM: Ray drains the node for up to 30 s, the launcher waits 45 s, then stops
+          # every process the node left.
+          TimeoutStopSec = "2min";
+          # 2: a configuration problem (the message names the variable): restarting cannot help
+          RestartPreventExitStatus = "2";
+          LoadCredential = clusterCredential;
+        };
+      };
+    })
+  ];
 }

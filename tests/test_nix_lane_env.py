@@ -82,3 +82,112 @@ def test_assertions_on_bad_configurations():
     assert render("{ }")["errors"][0].startswith("services.vllm.lanes: define at least one lane")
     assert "unknown engine setting(s) lanes.x.gpuMemoryUtilisation" in "\n".join(
         render('{ lanes.x = { model = "m"; gpuMemoryUtilisation = 0.5; }; }')["errors"])
+
+
+# --- several machines (issue 14): the module's cluster settings, as the launcher reads them -----
+
+TWO = "(import ./nix/tests/two-boxes.nix)"
+# The module passes the token as the systemd credential `cluster-token` (LoadCredential); here a
+# real file stands in for $CREDENTIALS_DIRECTORY/cluster-token.
+CLUSTER_OPTIONS_ONLY = '["enable" "openFirewall" "trustInterface"]'
+
+
+def render_head(token_file: str) -> dict:
+    """The head's lane server environment, as nix/module.nix renders it (minus the unit's own
+    variables): lanes, defaults and the cluster's settings."""
+    return render(
+        f'builtins.removeAttrs {TWO}.head ["enable" "openFirewall" "modelsDir" "cluster"] // '
+        f'{{ cluster = builtins.removeAttrs {TWO}.head.cluster {CLUSTER_OPTIONS_ONLY} '
+        f'// {{ tokenFile = "{token_file}"; }}; }}')
+
+
+def render_cluster(which: str, token_file: str, extra: str = "") -> dict:
+    return nix_eval(
+        f'(import ./nix/lane-env.nix).renderCluster (builtins.removeAttrs {TWO}.{which}.cluster '
+        f'{CLUSTER_OPTIONS_ONLY} // {{ tokenFile = "{token_file}"; {extra} }})')
+
+
+def test_lane_env_tables_are_the_launchers():
+    # lane-env.nix repeats the names of settings.py (and the ports' defaults, for the firewall):
+    # every engine and cluster setting, lane-only where the launcher reads it per lane only
+    from vllm_launcher.settings import CLUSTER_SETTINGS, ENGINE_SETTINGS
+
+    tables = nix_eval("let l = import ./nix/lane-env.nix; in { inherit (l) settings cluster; }")
+    engine = {s["setting"]: s.get("laneOnly", False) for s in tables["settings"]}
+    assert engine == {s.key: s.lane_only for s in ENGINE_SETTINGS}
+    cluster = {s["key"]: s.get("default") for s in tables["cluster"]}
+    assert set(cluster) == {s.key.upper() for s in CLUSTER_SETTINGS}
+    for setting in CLUSTER_SETTINGS:
+        if cluster[setting.key.upper()] is not None:  # the ports
+            assert cluster[setting.key.upper()] == setting.default, setting.key
+
+
+def test_two_box_head_through_the_launcher(tmp_path: Path):
+    from vllm_launcher.cluster import lane_placement
+    from vllm_launcher.config import load_config
+
+    token = tmp_path / "cluster-token"
+    token.write_text("0" * 64 + "\n")
+    token.chmod(0o600)
+    out = render_head(str(token))
+    env = out["environment"]
+    assert out["errors"] == []
+    assert env["VLLM_CLUSTER_ROLE"] == "head" and env["VLLM_CLUSTER_INTERFACE"] == "enp1s0f0"
+    assert env["VLLM_LANE_BIG_NODES"] == "2" and env["VLLM_LANE_BIG_TENSOR_PARALLEL_SIZE"] == "2"
+    assert env["VLLM_LANE_BIG_DISTRIBUTED_EXECUTOR_BACKEND"] == "mp"
+    # only what the configuration sets: the launcher's defaults are not restated
+    assert not {"VLLM_CLUSTER_PORT", "VLLM_CLUSTER_GPUS", "VLLM_CLUSTER_ADDRESS"} & set(env)
+
+    run_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    result = subprocess.run([str(LAUNCHER), "config", "--format", "json"], env=run_env,
+                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    cluster = config["cluster"]
+    assert cluster["role"] == "head" and cluster["address"] is None and cluster["interface"] == "enp1s0f0"
+    assert cluster["token_file"] == str(token) and cluster["gpus"] == 1 and cluster["port"] == 6379
+    assert set(config["lanes"]) == {"big", "coder"} and config["default_lane"] == "coder"
+    argv = config["lanes"]["big"]["argv"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "mp"
+    # the lane's NODES, read back by the launcher: two machines, one GPU each
+    lanes = load_config(run_env).lanes
+    assert lanes["big"].settings["NODES"] == 2
+    placement = lane_placement(lanes["big"], cluster["gpus"])
+    assert (placement.gpus, placement.nodes, placement.per_node) == (2, 2, 1)
+    assert lane_placement(lanes["coder"], cluster["gpus"]).nodes == 1
+
+
+def test_two_box_worker_through_the_launcher(tmp_path: Path):
+    from vllm_launcher.config import load_cluster_config
+
+    out = render_cluster("worker", str(tmp_path / "cluster-token"), "port = 7000; gpus = 1;")
+    assert out["errors"] == []
+    env = out["environment"]
+    assert env == {"VLLM_CLUSTER_ROLE": "worker", "VLLM_CLUSTER_ADDRESS": "192.168.100.1",
+                   "VLLM_CLUSTER_INTERFACE": "enp1s0f0", "VLLM_CLUSTER_TOKEN_FILE": str(tmp_path / "cluster-token"),
+                   "VLLM_CLUSTER_PORT": "7000", "VLLM_CLUSTER_GPUS": "1"}
+    cluster, _python = load_cluster_config(env)
+    assert cluster.role == "worker" and cluster.address == "192.168.100.1:7000" and cluster.port == 7000
+    # the worker's firewall: no GCS port (the head's), the node ports and the worker range
+    assert out["firewall"] == {"ports": list(cluster.fixed_ports().values())[1:],
+                               "ranges": [{"from": cluster.min_worker_port, "to": cluster.max_worker_port}]}
+    head = render_cluster("head", "/etc/vllm/cluster-token")["firewall"]
+    assert head["ports"][0] == 6379 and head["ports"][1:] == out["firewall"]["ports"]
+
+
+def test_cluster_assertions_pure():
+    def errors(settings: str) -> str:
+        return "\n".join(nix_eval(f"(import ./nix/lane-env.nix).renderCluster ({settings})")["errors"])
+
+    text = errors('{ role = "worker"; }')
+    assert "cluster.headAddress: a worker joins the head" in text
+    assert "cluster.interface: name the network interface" in text and "cluster.tokenFile: give the file" in text
+    assert 'cluster.role: set it to "head"' in errors('{ interface = "e"; tokenFile = "/t"; }')
+    assert "is in the Nix store" in errors(
+        '{ role = "head"; interface = "e"; tokenFile = "/nix/store/0000000000000000-token"; }')
+    assert "unknown setting(s) gpu" in errors('{ role = "head"; interface = "e"; tokenFile = "/t"; gpu = 1; }')
+    assert errors('{ role = "head"; interface = "e"; tokenFile = "/t"; }') == ""
+    # a lane-only setting in the defaults (the launcher would ignore VLLM_NODES)
+    assert "defaults: nodes can only be set per lane" in "\n".join(
+        render('{ defaults.nodes = 2; lanes.a.model = "m"; }')["errors"])

@@ -199,24 +199,157 @@ def systemd_analyze() -> str:
     return found
 
 
+def score(analyze: str, unit: Path) -> tuple[float, set[str], str]:
+    """systemd-analyze's overall exposure of a unit file and the items it still counts."""
+    verify = subprocess.run([analyze, "verify", "--man=false", str(unit)], capture_output=True, text=True)
+    assert not re.search(r"Unknown key|Failed to parse|Invalid", verify.stderr), verify.stderr
+    text = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    match = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", text.stdout)
+    assert match, text.stdout + text.stderr
+    items = json.loads(subprocess.run([analyze, "security", "--offline=true", "--json=short", str(unit)],
+                                      capture_output=True, text=True, timeout=60, check=True).stdout)
+    exposed = {item["name"] for item in items if item["exposure"] not in (None, "0.0")}
+    return float(match.group(1)), exposed, text.stdout
+
+
 def test_security_exposure(tmp_path: Path):
     analyze = systemd_analyze()
     out = three('apiKeyFile = "/run/secrets/key"; environmentFile = "/run/secrets/env"; modelsDir = "/srv/models";')
     unit = tmp_path / "vllm.service"
     unit.write_text(out["unitFile"])
-    verify = subprocess.run([analyze, "verify", "--man=false", str(unit)], capture_output=True, text=True)
-    assert not re.search(r"Unknown key|Failed to parse|Invalid", verify.stderr), verify.stderr
-    text = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
-                          capture_output=True, text=True, timeout=60)
-    match = re.search(r"Overall exposure level for vllm\.service: (\d+\.\d+)", text.stdout)
-    assert match, text.stdout + text.stderr
-    assert float(match.group(1)) <= EXPOSURE_MAX, text.stdout
-    items = json.loads(subprocess.run([analyze, "security", "--offline=true", "--json=short", str(unit)],
-                                      capture_output=True, text=True, timeout=60, check=True).stdout)
-    exposed = {item["name"] for item in items if item["exposure"] not in (None, "0.0")}
-    assert exposed == EXPOSED, text.stdout
+    exposure, exposed, text = score(analyze, unit)
+    assert exposure <= EXPOSURE_MAX, text
+    assert exposed == EXPOSED, text
+
+
+@pytest.mark.parametrize("box", ["head", "worker"])
+def test_security_exposure_cluster(tmp_path: Path, box: str):
+    # the Ray node's unit (and, on the head, the lane server beside it) keep the same hardening
+    # and score: Ray needs nothing the lane server does not
+    analyze = systemd_analyze()
+    out = two_boxes(box)
+    units = {"vllm-cluster.service": out["cluster"]["unitFile"]}
+    if box == "head":
+        units["vllm.service"] = out["server"]["unitFile"]
+    for name, text in units.items():
+        unit = tmp_path / name
+        unit.write_text(text)
+        exposure, exposed, report = score(analyze, unit)
+        assert exposure <= EXPOSURE_MAX, report
+        assert exposed == EXPOSED, report
 
 
 def test_disabled_module_defines_nothing():
     out = evaluate("{ enable = false; }")
     assert out["environment"] is None and out["firewall"] == []
+
+
+# --- several machines (issue 14): services.vllm.cluster --------------------------------------
+
+TWO = "(import {root}/nix/tests/two-boxes.nix).{box} // {{ {extra} }}"
+
+
+def two_boxes(box: str, extra: str = "") -> dict:
+    return evaluate(TWO.format(root=ROOT, box=box, extra=extra))
+
+
+# serviceConfig keys that differ between the lane server and the Ray node by design
+OWN_KEYS = {"Type", "NotifyAccess", "ExecStart", "TimeoutStartSec", "TimeoutStopSec", "LogsDirectory",
+            "LoadCredential", "RestartPreventExitStatus"}
+
+
+def test_cluster_head():
+    out = two_boxes("head")
+    assert out["failedAssertions"] == []
+    assert out["services"] == ["vllm", "vllm-cluster"]
+    server, node = out["server"], out["cluster"]
+    # the lane server starts after this machine's Ray node and shares its private /tmp (Ray's session)
+    assert "vllm-cluster.service" in server["after"] and server["requires"] == ["vllm-cluster.service"]
+    assert server["unitConfig"] == {"JoinsNamespaceOf": "vllm-cluster.service"}
+    assert "Requires=vllm-cluster.service" in server["unitFile"]
+    assert node["serviceConfig"]["ExecStart"].endswith("/bin/vllm-server cluster start")
+    assert node["serviceConfig"]["Type"] == "exec" and node["wantedBy"] == ["multi-user.target"]
+    # one user for both (the dynamic user "vllm"), the same GPU access, directories and hardening
+    shared = {k: v for k, v in server["serviceConfig"].items() if k not in OWN_KEYS}
+    assert {k: v for k, v in node["serviceConfig"].items() if k not in OWN_KEYS} == shared
+    assert shared["User"] == "vllm" and shared["DynamicUser"] is True
+    assert shared["BindReadOnlyPaths"] == ["/srv/models"] and shared["DeviceAllow"] == ["char-drm", "char-kfd"]
+    # the token: a credential of each unit, never in the store or the environment
+    for unit in (server, node):
+        assert unit["serviceConfig"]["LoadCredential"] == ["cluster-token:/etc/vllm/cluster-token"]
+        assert unit["environment"]["VLLM_CLUSTER_TOKEN_FILE"] == "%d/cluster-token"
+        assert unit["environment"]["VLLM_CLUSTER_ROLE"] == "head"
+        assert unit["environment"]["VLLM_CLUSTER_INTERFACE"] == "enp1s0f0"
+        assert "/etc/vllm" not in json.dumps(unit["environment"])
+        assert "VLLM_CLUSTER_PORT" not in unit["environment"]  # the launcher's default is not restated
+    env = server["environment"]
+    assert env["VLLM_LANE_BIG_NODES"] == "2" and env["VLLM_LANE_BIG_TENSOR_PARALLEL_SIZE"] == "2"
+    assert env["VLLM_LANE_BIG_DISTRIBUTED_EXECUTOR_BACKEND"] == "mp"
+    assert not any(name.startswith("VLLM_LANE") for name in node["environment"])
+    # firewall: the API port everywhere; Ray's ports on the cluster link only, which is trusted
+    assert out["firewall"] == [8000]
+    assert out["trustedInterfaces"] == ["enp1s0f0"]
+    assert out["firewallInterfaces"] == {"enp1s0f0": {
+        "allowedTCPPorts": [6379, 6380, 6381, 6382, 6383, 6384, 6385],
+        "allowedTCPPortRanges": [{"from": 10002, "to": 10199}]}}
+
+
+def test_cluster_worker():
+    out = two_boxes("worker")
+    assert out["failedAssertions"] == []
+    # a worker runs only its node: no lane server unit
+    assert out["services"] == ["vllm-cluster"] and out["server"] is None and out["environment"] is None
+    node = out["cluster"]
+    env = node["environment"]
+    assert env["VLLM_CLUSTER_ROLE"] == "worker" and env["VLLM_CLUSTER_ADDRESS"] == "192.168.100.1"
+    assert env["VLLM_ROCM_USE_AITER"] == "0" and env["HOME"] == "/var/lib/vllm"  # the runtime defaults
+    assert node["serviceConfig"]["SupplementaryGroups"] == ["render", "video"]
+    assert node["serviceConfig"]["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"]
+    assert node["requires"] == [] and node["unitConfig"] == {}
+    assert out["firewall"] == [] and out["trustedInterfaces"] == ["enp1s0f0"]
+    ports = out["firewallInterfaces"]["enp1s0f0"]["allowedTCPPorts"]
+    assert 6379 not in ports and ports == [6380, 6381, 6382, 6383, 6384, 6385]
+
+
+def test_cluster_ports_and_firewall_options():
+    out = two_boxes("head", "cluster = (import {root}/nix/tests/two-boxes.nix).head.cluster // {{ port = 7000; "
+                    "minWorkerPort = 20000; maxWorkerPort = 20063; gpus = 1; objectStoreMemory = \"8Gi\"; }};"
+                    .format(root=ROOT))
+    env = out["cluster"]["environment"]
+    assert env["VLLM_CLUSTER_PORT"] == "7000" and env["VLLM_CLUSTER_MIN_WORKER_PORT"] == "20000"
+    assert env["VLLM_CLUSTER_GPUS"] == "1" and env["VLLM_CLUSTER_OBJECT_STORE_MEMORY"] == "8Gi"
+    assert out["server"]["environment"]["VLLM_CLUSTER_PORT"] == "7000"  # the server asks the head there
+    rules = out["firewallInterfaces"]["enp1s0f0"]
+    assert rules["allowedTCPPorts"][0] == 7000 and rules["allowedTCPPortRanges"] == [{"from": 20000, "to": 20063}]
+    closed = two_boxes("worker", "cluster = (import {root}/nix/tests/two-boxes.nix).worker.cluster // "
+                       "{{ openFirewall = false; trustInterface = false; }};".format(root=ROOT))
+    assert closed["failedAssertions"] == []
+    assert closed["firewallInterfaces"] == {} and closed["trustedInterfaces"] == []
+
+
+def test_cluster_assertions():
+    def failed(services_vllm: str) -> str:
+        return "\n".join(evaluate(services_vllm)["failedAssertions"])
+
+    text = failed('{ cluster = { enable = true; role = "worker"; }; }')
+    assert "services.vllm.cluster.headAddress: a worker joins the head" in text
+    assert "services.vllm.cluster.interface: name the network interface" in text
+    assert "services.vllm.cluster.tokenFile: give the file holding the cluster's token" in text
+    assert 'services.vllm.cluster.role: set it to "head"' in failed(
+        '{ cluster = { enable = true; interface = "e"; tokenFile = "/t"; }; }')
+    assert "is in the Nix store" in failed(
+        '{ cluster = { enable = true; role = "head"; interface = "e"; tokenFile = "/nix/store/00000000-t"; }; }')
+    # a worker machine serves no lanes
+    text = failed('{ enable = true; lanes.a.model = "m"; cluster = { enable = true; role = "worker"; '
+                  'headAddress = "h"; interface = "e"; tokenFile = "/t"; }; }')
+    assert 'cluster.role = "worker": a worker machine runs only its cluster node' in text
+    # a lane across machines needs the cluster's head here
+    text = failed('{ enable = true; lanes.big = { model = "m"; tensorParallelSize = 2; nodes = 2; }; }')
+    assert "services.vllm.lanes: big span several machines (nodes > 1): enable services.vllm.cluster" in text
+    # lane-only settings are no `defaults` option
+    result = run_eval('{ services.vllm = { enable = true; lanes.a.model = "m"; defaults.nodes = 2; }; }')
+    assert result.returncode != 0 and "defaults.nodes' does not exist" in result.stderr
+    # the state directory rules hold for a worker too (it has no lane server)
+    assert "is outside /var/lib" in failed('{ stateDir = "/srv/vllm"; cluster = { enable = true; role = "worker"; '
+                                           'headAddress = "h"; interface = "e"; tokenFile = "/t"; }; }')

@@ -27,6 +27,7 @@ let
   };
   cfg = evaluated.config;
   unit = cfg.systemd.services.vllm or null;
+  clusterUnit = cfg.systemd.services.vllm-cluster or null;
 
   # The unit file as NixOS writes it (nixos/lib/systemd-lib.nix: attrsToSection, toOption and
   # serviceToUnit's Environment="NAME=value" lines): a list gives one `Key=item` line per item,
@@ -48,7 +49,8 @@ let
         ) as
       )
     );
-  unitFile =
+  unitFileOf =
+    unit:
     if unit == null then
       null
     else
@@ -57,15 +59,35 @@ let
         Description=${unit.description}
         Wants=${lib.concatStringsSep " " unit.wants}
         After=${lib.concatStringsSep " " unit.after}
-
+        ${lib.optionalString ((unit.requires or [ ]) != [ ]) "Requires=${lib.concatStringsSep " " unit.requires}"}
+        ${attrsToSection (unit.unitConfig or { })}
         [Service]
         ${lib.concatStrings (lib.mapAttrsToList (n: v: "Environment=\"${n}=${v}\"\n") unit.environment)}
         ${attrsToSection unit.serviceConfig}
         [Install]
         WantedBy=${lib.concatStringsSep " " unit.wantedBy}
       '';
+  unitFile = unitFileOf unit;
+  # the same view of a unit, for the cluster node's
+  describe =
+    unit:
+    if unit == null then
+      null
+    else
+      {
+        inherit (unit) environment serviceConfig wantedBy;
+        after = unit.after or [ ];
+        requires = unit.requires or [ ];
+        unitConfig = unit.unitConfig or { };
+        unitFile = unitFileOf unit;
+      };
 in
 {
+  services = builtins.attrNames cfg.systemd.services;
+  server = describe unit;
+  cluster = describe clusterUnit;
+  trustedInterfaces = cfg.networking.firewall.trustedInterfaces;
+  firewallInterfaces = cfg.networking.firewall.interfaces;
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
   environment = if unit == null then null else unit.environment;
   serviceConfig = if unit == null then null else unit.serviceConfig;

@@ -31,6 +31,25 @@ in
       type = types.listOf types.port;
       default = [ ];
     };
+    networking.firewall.trustedInterfaces = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+    };
+    networking.firewall.interfaces = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options.allowedTCPPorts = mkOption {
+            type = types.listOf types.port;
+            default = [ ];
+          };
+          options.allowedTCPPortRanges = mkOption {
+            type = types.listOf (types.attrsOf types.port);
+            default = [ ];
+          };
+        }
+      );
+      default = { };
+    };
     environment.systemPackages = mkOption {
       type = types.listOf types.package;
       default = [ ];
