@@ -50,3 +50,17 @@ def test_bootstrap_interval():
     ci = scheduling.bootstrap([1.0, 2.0, 3.0, 4.0])
     assert ci["mean"] == 2.5 and 1.0 <= ci["lo"] < 2.5 < ci["hi"] <= 4.0
     assert scheduling.bootstrap([-1.0, 1.0] * 5)["lo"] <= 0.0
+
+
+def test_scheduling_block_alone_is_rewritten():
+    """BENCH_PARTS=scheduling rewrites the README between the scheduling markers only, which lie
+    inside the bench section."""
+    from bench.common import ROOT
+    from bench.readme import BEGIN, END, SCHED_BEGIN, SCHED_END, replace_section
+
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    assert lines.index(BEGIN) < lines.index(SCHED_BEGIN) < lines.index(SCHED_END) < lines.index(END)
+    new = replace_section(text, "new scheduling text\n", SCHED_BEGIN, SCHED_END)
+    head, tail = text.split(SCHED_BEGIN)[0], text.split(SCHED_END)[1]
+    assert new == f"{head}{SCHED_BEGIN}\nnew scheduling text\n{SCHED_END}{tail}"
