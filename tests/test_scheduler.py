@@ -862,7 +862,7 @@ def test_policy_settings_are_checked():
         SchedulerSettings(cost_theta=0.0)
     with pytest.raises(ValueError):
         SchedulerSettings(fair_wait=-1.0)
-    assert SchedulerSettings().switch_max_wait == 180.0  # the cap B
+    assert SchedulerSettings().switch_max_wait == 120.0  # the cap B
 
 
 def test_cost_test_closes_a_busy_lane_when_the_waiters_lose_more():

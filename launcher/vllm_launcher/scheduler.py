@@ -220,7 +220,7 @@ class LanePolicy:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    switch_max_wait: float = 180.0  # the cap B (VLLM_SWITCH_MAX_WAIT): see the bench for the choice
+    switch_max_wait: float = 120.0  # the cap B (VLLM_SWITCH_MAX_WAIT), chosen by bench/scheduling.py
     drain_timeout: float = 120.0
     queue_max: int = 1024
     queue_timeout: float = 600.0
