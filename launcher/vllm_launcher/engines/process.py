@@ -36,6 +36,10 @@ log = logging.getLogger("vllm_launcher.engine")
 
 LOG_TAIL_LINES = 40
 KILL_CONFIRM_SECONDS = 30
+EXIT_POLL_SECONDS = 0.1                   # how soon an engine's exit is noticed
+# After an exit, how long its last lines may take to arrive: short, because a surviving child
+# keeps the pipe open (no EOF comes) and the requests on the engine wait for the crash report.
+DRAIN_OUTPUT_SECONDS = 0.3
 PR_SET_PDEATHSIG = 1
 _libc = None
 
@@ -240,12 +244,17 @@ class EngineProcess:
     async def drain_output(self) -> None:
         if self._reader is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+                await asyncio.wait_for(asyncio.shield(self._reader), DRAIN_OUTPUT_SECONDS)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 pass
 
     async def wait_exit(self) -> int:
-        return await self.process.wait()
+        """The engine's own exit status. Not `Process.wait()`: that also waits for the output
+        pipe to close, and a surviving child (vLLM's EngineCore) keeps it open, so a crash of
+        the API server would go unnoticed. The child watcher sets `returncode` at the exit."""
+        while self.process.returncode is None:
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+        return self.process.returncode
 
     async def stop(self, grace: float) -> float:
         """SIGTERM the group, SIGKILL it after `grace`, then confirm nothing of it is left.
