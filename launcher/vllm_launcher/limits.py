@@ -24,6 +24,7 @@ import http
 import json
 import logging
 import resource
+import time
 from dataclasses import dataclass
 
 import h11
@@ -131,7 +132,7 @@ class _Limited:
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._phase = IDLE
-        self._since = self.loop.time()
+        self._since = time.monotonic()
         self._head_bytes = 0
         self._timer = None
         shared = self.shared
@@ -156,6 +157,8 @@ class _Limited:
 
     @property
     def idle_since(self) -> float:
+        """Not the loop's clock: uvloop's advances once per loop iteration, so connections
+        accepted together would tie and the longest idle would be picked at random."""
         return self._since
 
     def evict(self) -> None:
@@ -172,7 +175,7 @@ class _Limited:
                 self._phase = TAIL
                 self._arm(self.shared.limits.body_timeout, self._tail_timeout)
             else:
-                self._phase, self._since, self._head_bytes = HEAD, self.loop.time(), 0
+                self._phase, self._since, self._head_bytes = HEAD, time.monotonic(), 0
                 self._arm(self.shared.limits.header_timeout, self._header_timeout)
         cycle = self.cycle
         super().data_received(data)
@@ -183,7 +186,7 @@ class _Limited:
             self._disarm()
         elif self._phase == TAIL:
             if not self._body_pending():        # uvicorn's keep-alive timer is gone: ours instead
-                self._phase, self._since = IDLE, self.loop.time()
+                self._phase, self._since = IDLE, time.monotonic()
                 self._arm(self.shared.limits.keepalive_timeout, self._idle_timeout)
         else:
             self._head_bytes += len(data)
@@ -202,7 +205,7 @@ class _Limited:
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.cycle is None or self.cycle.response_complete:
-            self._phase, self._since = IDLE, self.loop.time()
+            self._phase, self._since = IDLE, time.monotonic()
             self._disarm()                      # uvicorn's keep-alive timer runs now
 
     def timeout_keep_alive_handler(self) -> None:
