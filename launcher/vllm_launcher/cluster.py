@@ -298,7 +298,21 @@ def lane_placement(lane: LaneConfig, gpus_per_node: int) -> Placement:
 
 
 def fits(placement: Placement, state: ClusterState) -> bool:
-    return sum(node.gpus >= placement.per_node for node in state.alive) >= placement.nodes
+    return nodes_that_fit(placement, state) >= placement.nodes
+
+
+def nodes_that_fit(placement: Placement, state: ClusterState) -> int:
+    """Alive nodes with the GPUs one share of the lane needs."""
+    return sum(node.gpus >= placement.per_node for node in state.alive)
+
+
+def cluster_placement(config, lane_name: str) -> Placement | None:
+    """A lane that runs on the cluster: its placement; None for a lane of this machine alone
+    (no cluster configured, or it needs one node)."""
+    if config.cluster is None:
+        return None
+    placement = lane_placement(config.lane(lane_name), config.cluster.gpus)
+    return placement if placement.nodes > 1 else None
 
 
 def cluster_report(cluster: ClusterConfig, python: str, environ: Mapping[str, str],

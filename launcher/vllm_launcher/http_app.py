@@ -294,7 +294,11 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
             status = "failed"
         else:
             status = "idle"
-        return 503, {"status": status, "lanes": states}
+        body = {"status": status, "lanes": states}
+        progress = {lane: text for lane in states if (text := router.lane_progress(lane))}
+        if progress:
+            body["progress"] = progress      # e.g. {"big": "waiting for cluster (1/2 nodes)"}
+        return 503, body
 
     @app.get("/health")
     @app.get("/healthz")

@@ -238,6 +238,9 @@ class Forwarder:
         try:
             while not ticket.decided.done():
                 state = self.router.lane_state(ticket.lane).value
+                progress = self.router.lane_progress(ticket.lane)
+                if progress:
+                    state = f"{state}, {progress}"       # e.g. "starting, waiting for cluster (1/2 nodes)"
                 waited = time.monotonic() - ticket.arrived
                 await send({"type": "http.response.body", "more_body": True,
                             "body": f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()})

@@ -323,6 +323,15 @@ class Router:
     def last_error(self, lane: str) -> str | None:
         return self.supervisors[lane].last_error
 
+    def lane_progress(self, lane: str) -> str | None:
+        """What a starting lane waits for before its engine, e.g. "waiting for cluster (1/2 nodes)"."""
+        return self.supervisors[lane].progress
+
+    def cluster_unavailable(self, lane: str, cause: str) -> None:
+        """A supervisor's report (engines.Reports): a multi-node lane's cluster lacked what it
+        needs until the start timeout. Not a crash loop; the requests waiting for it end (503)."""
+        self._apply(self.scheduler.engine_start_failed(lane, self.clock(), cause, counts=False, reject_queued=True))
+
     def serving_engines(self) -> list[tuple[Engine, LaneState]]:
         """Engines that answer requests now (their lane ready or draining), with the lane state."""
         found = []
@@ -341,6 +350,7 @@ class Router:
             "state": self.scheduler.state(lane).value, "queue_depth": self.scheduler.queue_depth(lane),
             "inflight": self.scheduler.inflight(lane), "restarts": snapshot.get("restarts", 0),
             "failures": snapshot.get("failures", 0), "last_error": self.supervisors[lane].last_error,
+            "progress": self.supervisors[lane].progress,
             "last_start_seconds": timings.start_seconds, "last_start_phases": timings.start_phases,
             "last_stop_seconds": timings.stop_seconds, "last_switch_at": record.last_switch_at,
             "last_switch_seconds": record.last_switch_seconds,

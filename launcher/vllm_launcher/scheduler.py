@@ -521,9 +521,12 @@ class Scheduler:
         """The engine woke up after :class:`WakeEngine`: the lane is ready (as engine_ready)."""
         return self.engine_ready(lane, now)
 
-    def engine_start_failed(self, lane: str, now: float, cause: str, counts: bool = True) -> list[Action]:
+    def engine_start_failed(self, lane: str, now: float, cause: str, counts: bool = True,
+                            reject_queued: bool = False) -> list[Action]:
         """``counts=False``: the start failed for the server's own resources (EMFILE), not the
-        engine's; back off, but never fail the lane for it."""
+        engine's; back off, but never fail the lane for it. ``reject_queued``: the requests
+        waiting for the lane end with 503 and the cause (a multi-node lane whose cluster lacked
+        nodes until the start timeout); the lane starts again for the next request."""
         ln = self._lane(lane)
         if ln.state is LaneState.STARTING and ln.waking:
             return self.wake_failed(lane, now, cause)
@@ -531,6 +534,13 @@ class Scheduler:
         if ln.state is LaneState.STARTING:
             ln.op_since = None
             self._failure(ln, now, cause, restart=False, out=out, counts=counts)
+            if reject_queued and ln.state is LaneState.STOPPED:
+                ln.load_requested = None
+                ln.retry_at = None
+                for req in list(ln.queue.values()):
+                    self._remove_queued(req)
+                    out.append(Reject(req.request_id, ln.name, 503, "cluster_unavailable",
+                                      f"lane {ln.name} could not start: {cause}"))
         self._schedule(now, out)
         return out
 

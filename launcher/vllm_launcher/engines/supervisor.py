@@ -26,6 +26,7 @@ from typing import Protocol
 import aiohttp
 import httpx
 
+from .. import cluster as clusters
 from ..config import LauncherConfig
 from ..engine_command import build_engine_spec
 from ..metrics import Metrics
@@ -39,6 +40,16 @@ log = logging.getLogger("vllm_launcher.supervisor")
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
 UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
 TAIL_IN_ERRORS = 8
+CLUSTER_POLL = 2.0          # seconds between two questions to the cluster while a lane waits for it
+
+
+def query_cluster(config: LauncherConfig) -> clusters.ClusterState:
+    """The cluster's nodes, asked from the engines' Python with the token (blocking)."""
+    return clusters.query_cluster(config.cluster, config.engine_python, config.environ)
+
+
+class ClusterWaitFailed(Exception):
+    """The cluster did not get what a lane needs in time (or refused this machine)."""
 
 
 class Engine:
@@ -75,6 +86,8 @@ class Reports(Protocol):
 
     def engine_exited(self, engine: Engine, cause: str) -> None: ...
 
+    def cluster_unavailable(self, lane: str, cause: str) -> None: ...
+
 
 @dataclass
 class Timings:
@@ -86,7 +99,13 @@ class Timings:
 
 
 class Supervisor:
-    """One lane's engine: at most one process at a time, started, watched and stopped here."""
+    """One lane's engine: at most one process at a time, started, watched and stopped here.
+
+    A lane that runs on the cluster (clusters.cluster_placement) first waits until the cluster
+    has the nodes and GPUs it needs (`progress` says how far it is, for /lanes, /health and the
+    waiting streams); its engine gets the cluster's environment."""
+
+    cluster_query = staticmethod(query_cluster)     # (config) -> ClusterState; tests inject a fake
 
     def __init__(self, lane: str, config: LauncherConfig, vllm: VllmInfo, metrics: Metrics, reports: Reports,
                  sockets: Path, records: EngineRecords | None = None):
@@ -100,6 +119,7 @@ class Supervisor:
         self.secrets = config.secret_values()
         self.timings = Timings()
         self.last_error: str | None = None
+        self.progress: str | None = None              # e.g. "waiting for cluster (1/2 nodes)"
         self.engine: Engine | None = None             # the ready engine
         self._process: EngineProcess | None = None    # the process, from spawn to its stop
         self._starting: asyncio.Task | None = None
@@ -155,9 +175,28 @@ class Supervisor:
     async def _start(self, attempt: int) -> None:
         if self._cleanup is not None:                  # the previous engine's group is still going
             await asyncio.gather(self._cleanup, return_exceptions=True)
+        placement = clusters.cluster_placement(self.config, self.lane)
+        cluster_env: dict[str, str] = {}
+        if placement is not None:
+            self.timings.started_at = time.monotonic()
+            try:
+                await self._wait_for_cluster(placement)
+                cluster_env = clusters.engine_cluster_environment(self.config.cluster, self.config.environ)
+            except (ClusterWaitFailed, clusters.ClusterError) as error:
+                cause = mask_secrets(str(error), self.secrets)
+                log.error("lane %s: %s", self.lane, cause)
+                self.last_error = cause
+                if not self._stopping:
+                    self._starting = None
+                    # Not the engine's failure (no crash loop), but the requests waiting for it end.
+                    self.reports.cluster_unavailable(self.lane, cause)
+                return
+            finally:
+                self.progress = None
         key = secrets.token_urlsafe(32)     # per start, in the engine's environment only
         socket_path = str(self.sockets / f"{secrets.token_hex(6)}.sock")
         spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key)
+        spec.env.update(cluster_env)
         process = EngineProcess(spec, self.config.lane(self.lane).served_model_name, socket_path, key,
                                 log_line=self._engine_log)
         self._process = process
@@ -198,6 +237,35 @@ class Supervisor:
         self.engine = engine
         self._spawn(self._watch(engine))
         self.reports.engine_ready(engine)
+
+    async def _wait_for_cluster(self, placement: clusters.Placement) -> None:
+        """Until the cluster has `placement.nodes` alive nodes with `per_node` GPUs each;
+        ClusterWaitFailed after VLLM_START_TIMEOUT or when the cluster refuses the token."""
+        timeout = self.config.server.start_timeout
+        deadline = time.monotonic() + timeout
+        seen = "no answer from the cluster yet"
+        while True:
+            try:
+                state = await asyncio.to_thread(self.cluster_query, self.config)
+            except clusters.TokenRefused as error:
+                raise ClusterWaitFailed(f"lane {self.lane!r} cannot use the cluster: {error}") from None
+            except clusters.ClusterError as error:
+                seen = str(error)
+                self.progress = "waiting for cluster (head unreachable)"
+            else:
+                have = clusters.nodes_that_fit(placement, state)
+                if have >= placement.nodes:
+                    log.info("lane %s: the cluster has what it needs (%s): %s", self.lane, placement.describe(),
+                             state.describe())
+                    return
+                seen = state.describe()
+                self.progress = f"waiting for cluster ({have}/{placement.nodes} nodes)"
+            log.info("lane %s: %s", self.lane, self.progress)
+            if time.monotonic() + CLUSTER_POLL > deadline:
+                raise ClusterWaitFailed(
+                    f"lane {self.lane!r} needs {placement.describe()} of the cluster; after VLLM_START_TIMEOUT="
+                    f"{timeout:g} s it had {self.progress.removeprefix('waiting for cluster ')}: {seen}")
+            await asyncio.sleep(CLUSTER_POLL)
 
     def _record_start(self, process: EngineProcess) -> None:
         spawn_to_listen = (process.listening_at or process.ready_at) - process.started_at

@@ -1,0 +1,174 @@
+"""Multi-node lanes in the server, in-process with a fake cluster query (no Ray): a lane that
+needs more GPUs than this machine has waits for the cluster's nodes, showing it in /lanes,
+/health and the waiting streams' comments; its engine gets the cluster's environment; after
+VLLM_START_TIMEOUT the start fails with a 503 naming what was missing, which is not a crash
+loop, and the lane starts once the cluster has the nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving import fake_lanes_env
+from vllm_launcher.cluster import ClusterState, Node
+from vllm_launcher.config import load_config
+from vllm_launcher.engines import sockets_dir
+from vllm_launcher.engines import supervisor as supervisor_module
+from vllm_launcher.http_app import create_app
+from vllm_launcher.metrics import Metrics
+from vllm_launcher.router import Router
+from vllm_launcher.vllm_info import VllmInfo
+
+pytestmark = pytest.mark.engine
+
+
+class FakeCluster:
+    """What the launcher's cluster query answers: a head with 1 GPU and `workers` more nodes."""
+
+    def __init__(self, workers: int = 0):
+        self.workers = workers
+        self.questions = 0
+
+    def __call__(self, config) -> ClusterState:
+        self.questions += 1
+        nodes = [Node("127.0.0.1", True, True, 1.0, 2.0)]
+        nodes += [Node(f"127.0.0.{2 + index}", False, True, 1.0, 2.0) for index in range(self.workers)]
+        return ClusterState("127.0.0.1:6379", "2.60.0", tuple(nodes))
+
+
+def cluster_env(tmp_path: Path, fake_python: Path, **server) -> dict[str, str]:
+    token = tmp_path / "cluster-token"
+    token.write_text("0" * 64 + "\n")
+    token.chmod(0o600)
+    lanes = {"small": {}, "big": {"TENSOR_PARALLEL_SIZE": "2"}}
+    return {**fake_lanes_env(fake_python, lanes, VLLM_STOP_TIMEOUT="5", VLLM_SWITCH_MAX_WAIT="1", **server),
+            "VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": str(token),
+            "VLLM_CLUSTER_GPUS": "1", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+
+
+def run_app(tmp_path: Path, environ: dict[str, str], cluster: FakeCluster, body) -> object:
+    config = load_config(environ)
+
+    async def run():
+        metrics = Metrics()
+        router = Router(config, VllmInfo("vllm", "0.32.0"), metrics, sockets=sockets_dir(tmp_path / "run"))
+        for supervisor in router.supervisors.values():
+            supervisor.cluster_query = cluster
+        app = create_app(config, VllmInfo("vllm", "0.32.0"), router, metrics)
+        await router.start(preload=config.default_lane)      # what the app's lifespan does
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server",
+                                         timeout=60) as client:
+                return await body(client, router)
+        finally:
+            await router.close()
+
+    return asyncio.run(run())
+
+
+async def wait_for(predicate, timeout: float = 30.0):
+    for _ in range(int(timeout / 0.05)):
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def chat(model: str, stream: bool = False) -> dict:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environment(tmp_path, fake_python, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "CLUSTER_POLL", 0.1)
+    cluster = FakeCluster(workers=0)
+
+    async def body(client: httpx.AsyncClient, router: Router):
+        await wait_for(lambda: _state(client, "small", "ready"))
+        request = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("big")))
+
+        async def waiting():
+            lanes = (await client.get("/lanes")).json()["lanes"]
+            return lanes["big"] if lanes["big"]["progress"] else None
+
+        lane = await wait_for(waiting)
+        health = await wait_for(lambda: _health_progress(client))
+        assert not request.done()
+        cluster.workers = 1                                   # the worker node joins
+        answer = await asyncio.wait_for(request, 30)
+        engine = router.supervisors["big"].engine
+        environ = dict(line.split("=", 1) for line in
+                       Path(f"/proc/{engine.process.process.pid}/environ").read_text().split("\0") if "=" in line)
+        lanes_after = (await client.get("/lanes")).json()["lanes"]["big"]
+        return lane, health, answer, environ, lanes_after
+
+    lane, health, answer, environ, after = run_app(tmp_path, cluster_env(tmp_path, fake_python), cluster, body)
+    assert lane["state"] == "starting" and lane["progress"] == "waiting for cluster (1/2 nodes)", lane
+    assert health == {"big": "waiting for cluster (1/2 nodes)"}, health
+    assert answer.status_code == 200, answer.text
+    assert environ["RAY_ADDRESS"] == "127.0.0.1:6379" and environ["VLLM_HOST_IP"] == "127.0.0.1"
+    assert environ["RAY_AUTH_MODE"] == "token" and environ["RAY_AUTH_TOKEN_PATH"].endswith("cluster-token")
+    assert environ["GLOO_SOCKET_IFNAME"] == environ["NCCL_SOCKET_IFNAME"] == "lo"
+    assert after["state"] == "ready" and after["progress"] is None and after["failures"] == 0
+
+
+def test_a_cluster_short_of_nodes_fails_the_start_with_503_after_the_start_timeout_without_a_crash_loop(
+        tmp_path, fake_python, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "CLUSTER_POLL", 0.2)
+    cluster = FakeCluster(workers=0)
+
+    async def body(client: httpx.AsyncClient, router: Router):
+        await wait_for(lambda: _state(client, "small", "ready"))
+        plain = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("big")))
+        streamed = await client.post("/v1/chat/completions", json=chat("big", stream=True))
+        refused = await plain
+        lanes = (await client.get("/lanes")).json()["lanes"]["big"]
+        small_after = await client.post("/v1/chat/completions", json=chat("small"))
+        # Six more starts than VLLM_ENGINE_MAX_RESTARTS allows crash loops: still not failed.
+        for _ in range(3):
+            again = await client.post("/v1/chat/completions", json=chat("big"))
+            assert again.status_code == 503 and again.json()["error"]["code"] == "cluster_unavailable"
+        still = (await client.get("/lanes")).json()["lanes"]["big"]
+        cluster.workers = 1
+        served = await client.post("/v1/chat/completions", json=chat("big"))
+        return refused, streamed.text, lanes, small_after, still, served
+
+    environ = cluster_env(tmp_path, fake_python, VLLM_START_TIMEOUT="3", VLLM_ENGINE_MAX_RESTARTS="2")
+    refused, stream, lane, small_after, still, served = run_app(tmp_path, environ, cluster, body)
+    error = refused.json()["error"]
+    assert refused.status_code == 503 and error["code"] == "cluster_unavailable", refused.text
+    assert "needs 2 GPUs on 2 nodes (1 each) of the cluster" in error["message"], error
+    assert "VLLM_START_TIMEOUT=3 s it had (1/2 nodes)" in error["message"], error
+    assert "1 node alive" in error["message"], error
+    assert ": waiting for lane big (starting, waiting for cluster (1/2 nodes)" in stream, stream
+    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert events and events[-1]["error"]["code"] == "cluster_unavailable", stream
+    assert lane["state"] == "stopped" and lane["failures"] == 0 and lane["progress"] is None, lane
+    assert "VLLM_START_TIMEOUT" in lane["last_error"]
+    assert small_after.status_code == 200
+    assert still["state"] == "stopped" and still["failures"] == 0, still
+    assert served.status_code == 200, served.text
+
+
+async def _state(client: httpx.AsyncClient, lane: str, state: str) -> bool:
+    return (await client.get("/lanes")).json()["lanes"][lane]["state"] == state
+
+
+async def _health_progress(client: httpx.AsyncClient):
+    return (await client.get("/health")).json().get("progress")
+
+
+def test_lanes_of_one_node_never_ask_the_cluster(tmp_path, fake_python):
+    cluster = FakeCluster(workers=0)
+    environ = {**cluster_env(tmp_path, fake_python), "VLLM_LANE_BIG_NODES": "1"}
+
+    async def body(client: httpx.AsyncClient, router: Router):
+        await wait_for(lambda: _state(client, "small", "ready"))
+        return await client.post("/v1/chat/completions", json=chat("big"))
+
+    answer = run_app(tmp_path, environ, cluster, body)
+    assert answer.status_code == 200 and cluster.questions == 0
