@@ -172,3 +172,16 @@ def test_lanes_of_one_node_never_ask_the_cluster(tmp_path, fake_python):
 
     answer = run_app(tmp_path, environ, cluster, body)
     assert answer.status_code == 200 and cluster.questions == 0
+
+
+def test_the_default_cluster_query_asks_with_the_engines_python(tmp_path, fake_python, monkeypatch):
+    config = load_config(cluster_env(tmp_path, fake_python))
+    asked = {}
+
+    def query(cluster, python, environ):
+        asked.update(cluster=cluster, python=python)
+        return FakeCluster(1)(None)
+
+    monkeypatch.setattr(supervisor_module.clusters, "query_cluster", query)
+    assert len(supervisor_module.query_cluster(config).alive) == 2
+    assert asked == {"cluster": config.cluster, "python": str(fake_python)}

@@ -45,7 +45,7 @@ CLUSTER_POLL = 2.0          # seconds between two questions to the cluster while
 
 def query_cluster(config: LauncherConfig) -> clusters.ClusterState:
     """The cluster's nodes, asked from the engines' Python with the token (blocking)."""
-    return clusters.query_cluster(config.cluster, config.engine_python, config.environ)
+    return clusters.query_cluster(config.cluster, config.server.engine_python, config.environ)
 
 
 class ClusterWaitFailed(Exception):
@@ -249,8 +249,8 @@ class Supervisor:
                 state = await asyncio.to_thread(self.cluster_query, self.config)
             except clusters.TokenRefused as error:
                 raise ClusterWaitFailed(f"lane {self.lane!r} cannot use the cluster: {error}") from None
-            except clusters.ClusterError as error:
-                seen = str(error)
+            except (clusters.ClusterError, OSError, RuntimeError, ValueError, AttributeError, TypeError) as error:
+                seen = str(error) if isinstance(error, clusters.ClusterError) else f"asking the cluster failed: {error!r}"
                 self.progress = "waiting for cluster (head unreachable)"
             else:
                 have = clusters.nodes_that_fit(placement, state)
