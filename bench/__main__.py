@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
             fake = overhead.run_fake()
         fake["load"] = monitor.summary()
         stored = read_json("overhead.json") or {}
-        write_json("overhead.json", {**stored, "meta": meta, "fake": fake})
+        write_json("overhead.json", {**stored, "meta": meta, "fake": fake}, digits=7)
     if "real" in wanted:
         from . import real
 
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
         load = monitor.summary()
         real_overhead["load"] = load
         stored = read_json("overhead.json") or {}
-        write_json("overhead.json", {**stored, "meta": meta, "real": real_overhead})
+        write_json("overhead.json", {**stored, "meta": meta, "real": real_overhead}, digits=7)
         write_json("switch.json", {"meta": meta, "load": load, **switch})
     report(tuple(wanted))
     log(f"bench: done in {time.monotonic() - began:.0f} s")

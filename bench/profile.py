@@ -28,11 +28,16 @@ from .processes import free_port, lanes_env, serving, tree_cpu_seconds
 
 TOOLS = WORK / "tools"
 # innermost frame's file -> what it is; the first pattern that matches wins
-PACKAGES = [(r"\.(write|send)\w* \((?:.*/)?asyncio/selector_events", "socket send (the loopback path, in the syscall)"),
+# innermost frame -> what it is; the first pattern that matches wins.  IDLE: the event loop
+# waiting for events (asyncio's epoll, or uvloop's native loop, which py-spy sees as the frame
+# that entered it): not CPU, left out of the shares.
+IDLE = "idle: the event loop waiting (epoll)"
+PACKAGES = [(r"\((?:.*/)?selectors\.py", IDLE), (r"^Runner\.run \((?:.*/)?asyncio/runners\.py", IDLE),
+            (r"\.(write|send)\w* \((?:.*/)?asyncio/selector_events", "socket send (the loopback path, in the syscall)"),
             (r"\.(_read_ready\w*|recv\w*) \((?:.*/)?asyncio/selector_events", "socket receive"),
-            (r"\((?:.*/)?selectors\.py", "event loop: epoll"),
-            *[(rf"\((?:.*/)?{package}/", name) for package, name in (
-                ("asyncio", "event loop: asyncio's own Python code"), ("uvloop", "event loop: uvloop"),
+            (r"^RequestResponseCycle\.send \(", "uvicorn: writing the answer (socket send, loopback path)"),
+            *[(rf"\((?:.*/)?{package}{'' if package.endswith('py') else '/'}", name) for package, name in (
+                ("asyncio", "event loop: asyncio's own Python code"),
                 ("httpcore", "httpcore (upstream client: connection pool, HTTP/1.1)"),
                 ("h11", "h11 (pure-Python HTTP/1.1 for httpcore)"), ("httpx", "httpx (upstream client)"),
                 ("anyio", "anyio (httpcore's async backend)"), ("sniffio", "sniffio"),
@@ -41,8 +46,10 @@ PACKAGES = [(r"\.(write|send)\w* \((?:.*/)?asyncio/selector_events", "socket sen
                 ("starlette", "Starlette (middlewares, request, responses)"),
                 ("uvicorn", "uvicorn (HTTP server protocol)"), ("httptools", "uvicorn (HTTP server protocol)"),
                 ("prometheus_client", "prometheus_client (metrics)"), ("json", "JSON"), ("orjson", "JSON"),
-                ("msgspec", "JSON"), ("logging", "logging"), ("vllm_launcher", "launcher: our own code"),
-                ("email", "launcher: our own code"))]]
+                ("msgspec", "JSON"), ("logging", "logging"),
+                ("vllm_launcher/limits\\.py", "launcher: connection limits (limits.py)"),
+                ("vllm_launcher/(?:router|scheduler|metrics)\\.py", "launcher: router, scheduler, metrics"),
+                ("vllm_launcher", "launcher: request handler and proxy"))]]
 ENTRY_POINTS = {
     "upstream client: AsyncClient.send": r"AsyncClient\.send \(",
     "upstream client: aiohttp request": r"ClientSession\._request",
@@ -100,13 +107,17 @@ def summarize(raw: str) -> dict:
             continue
         leaf = frames[-1]
         total += n
-        self_time[next((name for pattern, name in PACKAGES if re.search(pattern, leaf)), "other")] += n
+        kind = next((name for pattern, name in PACKAGES if re.search(pattern, leaf)), "other")
+        self_time[kind] += n
+        if kind == IDLE:
+            continue
         for name, pattern in ENTRY_POINTS.items():
             if any(re.search(pattern, frame) for frame in frames):
                 inclusive[name] += n
-    return {"samples": total,
-            "self": {k: v / total for k, v in self_time.most_common()} if total else {},
-            "inclusive": {k: v / total for k, v in inclusive.most_common()} if total else {}}
+    busy = total - self_time.pop(IDLE, 0)
+    return {"samples": total, "busy_samples": busy,
+            "self": {k: v / busy for k, v in self_time.most_common()} if busy else {},
+            "inclusive": {k: v / busy for k, v in inclusive.most_common()} if busy else {}}
 
 
 def run(label: str, seconds: float, stream: bool) -> dict:
@@ -140,10 +151,19 @@ def run(label: str, seconds: float, stream: bool) -> dict:
     return result
 
 
+def resummarize(label: str) -> dict:
+    """The stored result of LABEL with its shares computed again from bench/.work/profile."""
+    path = RESULTS / f"profile-{label}.json"
+    result = json.loads(path.read_text())
+    result.update(summarize((WORK / "profile" / f"{label}.txt").read_text()))
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def show(result: dict) -> str:
     lines = [f"profile {result['label']}: {result['requests']} requests, "
-             f"{1000 * (result['cpu_per_request'] or 0):.2f} ms server CPU per request, {result['samples']} samples",
-             "self time by the innermost frame's package:"]
+             f"{1000 * (result['cpu_per_request'] or 0):.2f} ms server CPU per request, {result['samples']} samples "
+             f"({result.get('busy_samples')} busy)", "share of the busy samples by the innermost frame:"]
     lines += [f"  {100 * share:5.1f} %  {name}" for name, share in result["self"].items()]
     lines.append("inclusive:")
     lines += [f"  {100 * share:5.1f} %  {name}" for name, share in result["inclusive"].items()]
@@ -155,8 +175,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("label", nargs="?", default="c32")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--from-raw", action="store_true", help="only summarise the stored samples again")
     args = parser.parse_args(argv)
-    print(show(run(args.label, args.seconds, args.stream)))
+    print(show(resummarize(args.label) if args.from_raw else run(args.label, args.seconds, args.stream)))
     return 0
 
 
