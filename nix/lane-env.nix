@@ -73,6 +73,7 @@ let
     { name = "loadFormat"; setting = "LOAD_FORMAT"; kind = "str"; }
     { name = "attentionBackend"; setting = "ATTENTION_BACKEND"; kind = "str"; }
     { name = "distributedExecutorBackend"; setting = "DISTRIBUTED_EXECUTOR_BACKEND"; kind = "str"; }
+    { name = "sleepLevel"; setting = "SLEEP_LEVEL"; kind = "int"; }
     { name = "extraArgs"; setting = "EXTRA_ARGS"; kind = "args"; }
     # lane only (VLLM_LANE_<LANE>_<SETTING>; the launcher reads no global VLLM_<SETTING>)
     { name = "idleTimeout"; setting = "IDLE_TIMEOUT"; kind = "int"; laneOnly = true; }

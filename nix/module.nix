@@ -57,6 +57,12 @@ let
       `services.vllm.cluster` (role head) on this machine.
     '';
     idleTimeout = "Unload this lane after this many idle seconds (VLLM_LANE_<LANE>_IDLE_TIMEOUT).";
+    sleepLevel = ''
+      vLLM sleep mode (VLLM_LANE_<LANE>_SLEEP_LEVEL): 0 off (stop/start, the default), 1 (weights
+      kept in host memory) or 2 (discarded). The engine starts with `--enable-sleep-mode` and
+      VLLM_SERVER_DEV_MODE=1 and is put to sleep instead of stopped when switched out; a failed
+      sleep or wake, or an engine that refuses sleep mode, falls back to stop/start.
+    '';
   };
   # One option per engine setting of lane-env.nix, null meaning "inherit / launcher default".
   # `defaults` offers all but the lane-only ones (idleTimeout, nodes).

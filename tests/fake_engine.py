@@ -13,8 +13,17 @@ FAKE_FAIL_STARTS_AFTER=n:file  succeed n starts, fail every later one
 FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a child like EngineCore
 FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
 FAKE_CRASH_AFTER=s      exit this long after becoming ready
-FAKE_PATH_LOG=file      append every request's method and raw path (as received) to file
+FAKE_PATH_LOG=file      append every request's method and raw path (as received, ?query too) to file
 FAKE_PRINT=text         print this line at start (before any FAKE_*START* failure)
+
+Sleep mode, as vLLM 0.12 serves it (tests/test_sleep_mode.py compares the routes with vLLM's
+own router): with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, POST /sleep?level=N (default
+1; 200, empty body), POST /wake_up[?tags=..] (200, empty body), GET /is_sleeping
+({"is_sleeping": bool}); without both, those paths are 404.
+FAKE_SLEEP_FAIL=1       /sleep answers 500 like an engine that raised (and stays awake)
+FAKE_WAKE_FAIL=1        /wake_up answers 500 (and the engine stays asleep)
+FAKE_REFUSE_SLEEP_MODE=1  exit 1 at start with vLLM's error when --enable-sleep-mode is given
+FAKE_WAKE_DELAY=s       /wake_up takes this long
 
 /v1/responses, /v1/rerank and /v1/score answer with a small JSON echo; /v1/audio/transcriptions
 and /v1/audio/translations take multipart form data and answer with the form's model.
@@ -33,7 +42,7 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 VERSION = "0.0.0-fake"
@@ -47,6 +56,7 @@ def parse_args(argv):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int)
     parser.add_argument("--uds")
+    parser.add_argument("--enable-sleep-mode", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -74,11 +84,52 @@ def maybe_fail_start() -> None:
             sys.exit(3)
 
 
-def build_app(served: str, model: str) -> Starlette:
+def sleep_routes(state: dict) -> list[Route]:
+    """vLLM 0.12's dev-mode sleep endpoints (vllm/entrypoints/openai/api_server.py): /sleep reads
+    `level` from the query (default "1") and answers 200 with no body; /wake_up takes optional
+    repeated `tags` (none: every tag) and answers 200 with no body; /is_sleeping answers JSON. An
+    exception in the engine is FastAPI's plain 500 "Internal Server Error"."""
+    def internal_error():
+        return PlainTextResponse("Internal Server Error", status_code=500)
+
+    async def sleep(request: Request):
+        level = request.query_params.get("level", "1")
+        try:
+            level = int(level)
+        except ValueError:
+            return internal_error()
+        if os.environ.get("FAKE_SLEEP_FAIL"):
+            print("fake engine: sleep fails (FAKE_SLEEP_FAIL)", flush=True)
+            return internal_error()
+        state["sleeping"] = level
+        print(f"fake engine: asleep at level {level}", flush=True)
+        return Response(status_code=200)
+
+    async def wake_up(request: Request):
+        tags = request.query_params.getlist("tags") or None
+        await asyncio.sleep(env_float("FAKE_WAKE_DELAY"))
+        if os.environ.get("FAKE_WAKE_FAIL"):
+            print("fake engine: wake fails (FAKE_WAKE_FAIL)", flush=True)
+            return internal_error()
+        state["sleeping"] = 0
+        print(f"fake engine: awake (tags {tags})", flush=True)
+        return Response(status_code=200)
+
+    async def is_sleeping(request: Request):
+        return JSONResponse({"is_sleeping": bool(state["sleeping"])})
+
+    routes = [Route("/sleep", sleep, methods=["POST"]), Route("/wake_up", wake_up, methods=["POST"]),
+              Route("/is_sleeping", is_sleeping, methods=["GET"])]
+    for route in routes:
+        route.methods.discard("HEAD")          # Starlette adds HEAD to GET; FastAPI's routes have no HEAD: 405
+    return routes
+
+
+def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
     key = os.environ.get("VLLM_API_KEY")
     token_delay = env_float("FAKE_TOKEN_DELAY")
     die_after = int(os.environ.get("FAKE_DIE_AFTER_TOKENS") or 0)
-    state = {"requests": 0, "running": 0}
+    state = {"requests": 0, "running": 0, "sleeping": 0}
 
     def unauthorized(request: Request):
         if key and request.headers.get("authorization") != f"Bearer {key}":
@@ -210,6 +261,7 @@ def build_app(served: str, model: str) -> Starlette:
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         *[Route(f"/v1/{path}", echo, methods=["POST"]) for path in ("responses", "rerank", "score")],
         *[Route(f"/v1/audio/{path}", audio, methods=["POST"]) for path in ("transcriptions", "translations")],
+        *(sleep_routes(state) if sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1" else []),
     ])
     path_log = os.environ.get("FAKE_PATH_LOG")
     return record_paths(app, path_log) if path_log else app
@@ -238,8 +290,10 @@ def record_paths(app, path_log: str):
     """Every request's method and raw path, one line each, before the app sees it."""
     async def recorded(scope, receive, send):
         if scope["type"] == "http":
+            raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+            query = scope.get("query_string", b"").decode("latin-1")
             with open(path_log, "a") as log:
-                log.write(f"{scope['method']} {(scope.get('raw_path') or scope['path'].encode()).decode('latin-1')}\n")
+                log.write(f"{scope['method']} {raw}{'?' + query if query else ''}\n")
         await app(scope, receive, send)
     return recorded
 
@@ -252,6 +306,12 @@ def main(argv) -> None:
         print(os.environ["FAKE_PRINT"], flush=True)
     time.sleep(env_float("FAKE_START_DELAY"))
     maybe_fail_start()
+    if args.enable_sleep_mode and os.environ.get("FAKE_REFUSE_SLEEP_MODE"):
+        # vLLM 0.32's words on the CPU (a pydantic ValidationError of its ModelConfig)
+        print("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+              "  Value error, Sleep mode is not supported on current platform. [type=value_error, "
+              "input_value=ArgsKwargs((), {'model': '...'}), input_type=ArgsKwargs]", flush=True)
+        sys.exit(1)
     if os.environ.get("FAKE_CHILD"):
         if os.fork() == 0:                    # like VLLM::EngineCore: same group, outlives a SIGKILLed parent
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -268,7 +328,7 @@ def main(argv) -> None:
 
         threading.Timer(crash_after, crash).start()
     address = {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
-    config = uvicorn.Config(build_app(args.served_model_name, args.model), **address,
+    config = uvicorn.Config(build_app(args.served_model_name, args.model, args.enable_sleep_mode), **address,
                             log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     if os.environ.get("FAKE_HANG_ON_TERM"):

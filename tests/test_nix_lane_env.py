@@ -191,3 +191,23 @@ def test_cluster_assertions_pure():
     # a lane-only setting in the defaults (the launcher would ignore VLLM_NODES)
     assert "defaults: nodes can only be set per lane" in "\n".join(
         render('{ defaults.nodes = 2; lanes.a.model = "m"; }')["errors"])
+
+
+def test_sleep_level_through_the_launcher():
+    """sleepLevel (defaults and per lane) reaches the launcher: the engine command of a sleep
+    lane has --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; a lane set to 0 has neither."""
+    out = render('{ defaults.sleepLevel = 1; lanes = { a = { model = "org/a"; sleepLevel = 2; }; '
+                 'b.model = "org/b"; c = { model = "org/c"; sleepLevel = 0; }; }; }')
+    env = out["environment"]
+    assert out["errors"] == [] and env["VLLM_SLEEP_LEVEL"] == "1" and env["VLLM_LANE_A_SLEEP_LEVEL"] == "2"
+    run_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    result = subprocess.run([str(LAUNCHER), "config", "--format", "json"], env=run_env,
+                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lanes = json.loads(result.stdout)["lanes"]
+    for name, asleep in (("a", True), ("b", True), ("c", False)):
+        assert ("--enable-sleep-mode" in lanes[name]["argv"]) is asleep, lanes[name]["argv"]
+        assert (lanes[name]["env"].get("VLLM_SERVER_DEV_MODE") == "1") is asleep
+    bad = subprocess.run([str(LAUNCHER), "config", "--format", "json"], env={**run_env, "VLLM_LANE_A_SLEEP_LEVEL": "3"},
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert bad.returncode == 2 and "VLLM_LANE_A_SLEEP_LEVEL" in bad.stderr, bad.stderr

@@ -56,7 +56,7 @@ class ServerConfig:
     start_timeout: float = 900.0
     drain_timeout: float = 120.0
     stop_timeout: float = 20.0
-    switch_max_wait: float = 30.0
+    switch_max_wait: float = 120.0
     queue_max: int = 1024
     queue_timeout: float = 600.0
     max_body_bytes: int = 32 * 1024 * 1024
@@ -67,6 +67,7 @@ class ServerConfig:
     engine_max_restarts: int = 5
     gpu_memory_budget: float | None = None
     gpu_memory_gb: float | None = None
+    sleep_overhead_gb: float = 1.0
     metrics_require_key: bool = False
     runtime_dir: str | None = None
 

@@ -91,10 +91,14 @@ def _flag_value(value) -> str:
 
 def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
                       host: str | None = None, port: int | None = None,
-                      api_key: str | None = None, uds: str | None = None) -> EngineSpec:
+                      api_key: str | None = None, uds: str | None = None,
+                      sleep_mode: bool | None = None) -> EngineSpec:
     """argv and env for one lane. Without uds/host/port/api_key: the user's VLLM_HOST, VLLM_PORT
     and key, as `vllm-launcher engine` runs it; the server passes a Unix socket path (`--uds`,
-    then no --host/--port at all) and its internal key."""
+    then no --host/--port at all) and its internal key. `sleep_mode` (default: the lane's
+    SLEEP_LEVEL > 0) adds --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (vLLM's /sleep,
+    /wake_up, /is_sleeping; also /collective_rpc: the engine's private Unix socket keeps other
+    users out)."""
     lane = config.lane(lane_name)
     server = config.server
     host = server.host if host is None else host
@@ -106,6 +110,10 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
             "--model", lane.model, "--served-model-name", lane.served_model_name,
             *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
             *flags, *lane.settings.get("EXTRA_ARGS", [])]
+    if sleep_mode is None:
+        sleep_mode = bool(lane.settings.get("SLEEP_LEVEL"))
+    if sleep_mode:
+        argv.insert(argv.index("--served-model-name") + 2, "--enable-sleep-mode")
 
     env = passed_environment(config.environ)
     env.update(TELEMETRY_OFF)
@@ -114,6 +122,8 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
         env["HF_HUB_OFFLINE"] = "1"
     env.update(flag_env)
     env.update(lane.env)
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if api_key:
         env["VLLM_API_KEY"] = api_key      # the engine's key: in its environment, never on argv
     return EngineSpec(lane.name, argv, env, tuple(warnings))

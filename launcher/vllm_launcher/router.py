@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ from typing import Callable
 from .config import VLLM_DEFAULT_SHARE, LauncherConfig
 from .engines import Engine, EngineRecords, Supervisor
 from .errors import APIError
+from .memory_plan import memory_plan
 from .metrics import Metrics
 from .scheduler import (
     AbortInflight, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
-    SchedulerSettings, StartEngine, StopEngine, SwitchPlanned,
+    SchedulerSettings, SleepEngine, StartEngine, StopEngine, SwitchPlanned, WakeEngine,
 )
 from .vllm_info import VllmInfo
 
@@ -66,8 +68,7 @@ class Router:
         self.metrics = metrics or Metrics()
         self.clock = clock
         server = config.server
-        policies = [LanePolicy(lane.name, lane.gpu_memory_utilization or VLLM_DEFAULT_SHARE, lane.idle_timeout)
-                    for lane in config.lanes.values()]
+        policies = [lane_policy(lane, config) for lane in config.lanes.values()]
         self.scheduler = Scheduler(policies, SchedulerSettings(
             switch_max_wait=server.switch_max_wait, drain_timeout=server.drain_timeout,
             queue_max=server.queue_max, queue_timeout=server.queue_timeout,
@@ -199,10 +200,18 @@ class Router:
     def _on_StartEngine(self, action: StartEngine) -> None:
         record = self.switch_records[action.lane]
         record.switch_began = record.switch_began or self.clock()
-        self.supervisors[action.lane].start(action.attempt)
+        self.supervisors[action.lane].start(action.attempt, sleep_mode=action.sleep_mode)
 
     def _on_StopEngine(self, action: StopEngine) -> None:
         self._spawn(self._stop_engine(action.lane, action.reason))
+
+    def _on_SleepEngine(self, action: SleepEngine) -> None:
+        self._spawn(self._sleep_engine(action.lane, action.level, action.reason))
+
+    def _on_WakeEngine(self, action: WakeEngine) -> None:
+        record = self.switch_records[action.lane]
+        record.switch_began = record.switch_began or self.clock()
+        self._spawn(self._wake_engine(action.lane))
 
     def _on_AbortInflight(self, action: AbortInflight) -> None:
         error = APIError(503, f"lane {action.lane!r} was switched out before this request finished "
@@ -254,6 +263,33 @@ class Router:
         finally:
             self._apply(self.scheduler.engine_stopped(lane, self.clock()))
 
+    async def _sleep_engine(self, lane: str, level: int, reason: str) -> None:
+        log.info("lane %s: putting the engine to sleep (level %d, %s)", lane, level, reason)
+        try:
+            await self.supervisors[lane].sleep(level)
+        except Exception as error:              # noqa: BLE001 - any failure falls back to stop/start
+            cause = str(error) or type(error).__name__
+            log.warning("lane %s: sleep failed, the lane falls back to stop/start: %s", lane, cause)
+            self._apply(self.scheduler.sleep_failed(lane, self.clock(), cause))
+            return
+        self.scheduler.observe_engine_seconds(lane, "sleep", self.supervisors[lane].timings.sleep_seconds)
+        self._apply(self.scheduler.engine_slept(lane, self.clock()))
+
+    async def _wake_engine(self, lane: str) -> None:
+        log.info("lane %s: waking the engine", lane)
+        try:
+            seconds = await self.supervisors[lane].wake()
+        except Exception as error:              # noqa: BLE001 - any failure falls back to a cold start
+            cause = str(error) or type(error).__name__
+            log.warning("lane %s: wake failed, the lane falls back to a cold start: %s", lane, cause)
+            self._apply(self.scheduler.wake_failed(lane, self.clock(), cause))
+            return
+        self.scheduler.observe_engine_seconds(lane, "wake", seconds)
+        record = self.switch_records[lane]
+        switch_total = self.clock() - (record.switch_began or self.clock())
+        record.last_switch_seconds, record.last_switch_at, record.switch_began = switch_total, time.time(), None
+        self._apply(self.scheduler.engine_woke(lane, self.clock()))
+
     # The supervisors' reports (engines.Reports).
 
     def engine_ready(self, engine: Engine) -> None:
@@ -269,6 +305,14 @@ class Router:
         self._apply(self.scheduler.engine_ready(lane, self.clock()))
 
     def engine_start_failed(self, lane: str, cause: str, counts: bool) -> None:
+        if self.supervisors[lane].sleep_mode and refused_sleep_mode(cause):
+            # vLLM refuses --enable-sleep-mode on this platform (the CPU build does): sleep mode
+            # is off for the lane, and its next start is a plain one, not counted as a failure.
+            log.warning("lane %s: the engine refused sleep mode; the lane falls back to stop/start", lane)
+            said = next(line.strip() for line in cause.splitlines() if refused_sleep_mode(line))
+            said = re.sub(r"\s*\[type=value_error.*$", "", said)      # pydantic's input dump (vLLM 0.32)
+            self._apply(self.scheduler.sleep_failed(lane, self.clock(), f"engine refused sleep mode: {said}"))
+            counts = False
         self._apply(self.scheduler.engine_start_failed(lane, self.clock(), cause, counts=counts))
 
     def engine_exited(self, engine: Engine, cause: str) -> None:
@@ -354,4 +398,49 @@ class Router:
             "last_start_seconds": timings.start_seconds, "last_start_phases": timings.start_phases,
             "last_stop_seconds": timings.stop_seconds, "last_switch_at": record.last_switch_at,
             "last_switch_seconds": record.last_switch_seconds,
+            "sleep": self.sleep_status(lane), "last_wake_seconds": timings.wake_seconds,
+            "last_sleep_seconds": timings.sleep_seconds,
         }
+
+    def sleep_status(self, lane: str) -> str:
+        """`off`, `level N`, or `off (<why it fell back>)`."""
+        level = self.config.lane(lane).settings.get("SLEEP_LEVEL", 0)
+        if not level:
+            return "off"
+        off = self.scheduler.sleep_off(lane)
+        return f"off ({_first_line(off)})" if off else f"level {level}"
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+_SLEEP_REFUSED = re.compile(r"sleep mode[^\n]*not supported|cumem allocator is not supported", re.IGNORECASE)
+
+
+def refused_sleep_mode(cause: str) -> bool:
+    """An engine's start failure that says it cannot run with --enable-sleep-mode (vLLM:
+    "Sleep mode is not supported on current platform.", or its cumem allocator's "... is not
+    supported"); not any line that merely mentions sleep mode."""
+    return bool(_SLEEP_REFUSED.search(cause))
+
+
+def lane_policy(lane, config: LauncherConfig) -> LanePolicy:
+    """The lane's scheduling policy; a sleep lane's sleep_share from the memory plan: level 1
+    keeps its weights in host memory, which on a unified-memory APU is the same memory, so it
+    counts weights_bytes / device bytes (its whole share when either is unknown); level 2 counts
+    its process overhead, VLLM_SLEEP_OVERHEAD_GB (0 when the device size is unknown)."""
+    share = lane.gpu_memory_utilization or VLLM_DEFAULT_SHARE
+    level = lane.settings.get("SLEEP_LEVEL", 0) or 0
+    sleep_share = 0.0
+    if level:
+        plan = memory_plan(lane, config.server.gpu_memory_gb)
+        device = plan.get("device_bytes")
+        if level == 1:
+            weights = plan.get("weights_bytes")
+            sleep_share = weights / device if (weights and device) else share
+        elif device:
+            sleep_share = config.server.sleep_overhead_gb * 1e9 / device
+    return LanePolicy(lane.name, share, lane.idle_timeout, sleep_level=level,
+                      sleep_share=min(max(sleep_share, 0.0), share))

@@ -34,6 +34,11 @@ KV_CACHE_DTYPES = {name: name for name in (
 # 0.12 accepts these block sizes; 0.32 accepts them too.
 BLOCK_SIZES = {str(size): str(size) for size in (1, 8, 16, 32, 64, 128, 256)}
 EXECUTOR_BACKENDS = {"mp": "mp", "ray": "ray"}
+SLEEP_LEVELS = {"0": "0", "1": "1", "2": "2"}
+
+
+def _sleep_level(raw: str) -> int:
+    return int(values.choice_parser(SLEEP_LEVELS, "vLLM sleep level, 0 off")(raw))
 
 
 def _block_size(raw: str) -> int:
@@ -97,7 +102,8 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     _server("stop_timeout", ["VLLM_STOP_TIMEOUT"], values.parse_positive_float,
             "seconds between SIGTERM and SIGKILL of an engine's process group", 20.0),
     _server("switch_max_wait", ["VLLM_SWITCH_MAX_WAIT"], values.parse_positive_float,
-            "seconds a request for another lane may wait before the loaded lane stops taking new requests", 30.0),
+            "the cap B: once a request for another lane has waited this long, a busy loaded lane is closed "
+            "(drained, then put to sleep or stopped) for it (bench/results/switch_max_wait.json chose 120 s)", 120.0),
     _server("queue_max", ["VLLM_QUEUE_MAX"], values.parse_positive_int, "waiting requests in all, beyond: 503", 1024),
     _server("queue_timeout", ["VLLM_QUEUE_TIMEOUT"], values.parse_positive_float,
             "seconds a request may wait in the queue, beyond: 503", 600.0),
@@ -119,6 +125,9 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
             "share of device memory all loaded lanes may use together (default: the largest lane's share)"),
     _server("gpu_memory_gb", ["VLLM_GPU_MEMORY_GB"], values.parse_positive_float,
             "device memory in GB for the memory plan when it cannot be queried"),
+    _server("sleep_overhead_gb", ["VLLM_SLEEP_OVERHEAD_GB"], values.parse_nonnegative_float,
+            "device memory in GB a level-2 sleeping engine is counted for (its process overhead) in the "
+            "co-residency budget", 1.0),
     _server("metrics_require_key", ["VLLM_METRICS_REQUIRE_KEY"], values.parse_bool,
             "require the API key for /metrics", False),
     _server("runtime_dir", ["VLLM_RUNTIME_DIR"], _str,
@@ -181,6 +190,10 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
     _engine("DISTRIBUTED_EXECUTOR_BACKEND", values.choice_parser(EXECUTOR_BACKENDS, "executor"),
             "mp (vLLM's own worker processes; on several machines, vLLM's multi-node followers) or ray "
             "(vLLM's Ray executor)", "--distributed-executor-backend"),
+    _engine("SLEEP_LEVEL", _sleep_level,
+            "vLLM sleep mode: 0 off (stop/start); 1 or 2 start the engine with --enable-sleep-mode and "
+            "VLLM_SERVER_DEV_MODE=1 and put it to sleep at that level (1: weights kept in host memory, "
+            "2: discarded) instead of stopping it; a failed sleep or wake falls back to stop/start"),
     _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
             names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
     _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",

@@ -96,6 +96,8 @@ class Timings:
     start_phases: dict | None = None
     stop_seconds: float | None = None
     started_at: float | None = None      # monotonic: when the last start began
+    sleep_seconds: float | None = None   # the last POST /sleep (vLLM sleep mode)
+    wake_seconds: float | None = None    # the last POST /wake_up until /is_sleeping said false
 
 
 class Supervisor:
@@ -126,11 +128,52 @@ class Supervisor:
         self._cleanup: asyncio.Task | None = None     # stopping the group of an engine that exited
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        self.sleep_mode = False                       # the engine (last started) has --enable-sleep-mode
 
     # ---------------------------------------------------------------- commands
 
-    def start(self, attempt: int) -> None:
+    def start(self, attempt: int, sleep_mode: bool = False) -> None:
+        self.sleep_mode = sleep_mode
         self._starting = self._spawn(self._start(attempt))
+
+    async def sleep(self, level: int) -> None:
+        """vLLM's POST /sleep?level=N on the ready engine (it answers 200 once asleep). Raises
+        RuntimeError with the cause when the engine refuses or is gone."""
+        began = time.monotonic()
+        await self._dev_call("POST", f"/sleep?level={level}")
+        self.timings.sleep_seconds = seconds = time.monotonic() - began
+        self.metrics.switch_phase.labels(self.lane, "sleep").observe(seconds)
+        log.info("lane %s: engine asleep (level %d) in %.2f s", self.lane, level, seconds)
+
+    async def wake(self) -> float:
+        """vLLM's POST /wake_up (every tag), then GET /is_sleeping must say false; the seconds."""
+        began = time.monotonic()
+        await self._dev_call("POST", "/wake_up")
+        answer = await self._dev_call("GET", "/is_sleeping")
+        try:
+            sleeping = answer.json()["is_sleeping"]
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"/is_sleeping answered {answer.text[:200]!r}") from None
+        if sleeping is not False:
+            raise RuntimeError("the engine still says it is sleeping after /wake_up")
+        self.timings.wake_seconds = seconds = time.monotonic() - began
+        self.metrics.switch_phase.labels(self.lane, "wake").observe(seconds)
+        log.info("lane %s: engine woken in %.2f s", self.lane, seconds)
+        return seconds
+
+    async def _dev_call(self, method: str, path: str) -> httpx.Response:
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError(f"lane {self.lane!r} has no running engine")
+        timeout = self.config.server.start_timeout
+        try:
+            response = await engine.client.request(method, path, timeout=timeout)
+        except (httpx.HTTPError, RuntimeError) as error:
+            raise RuntimeError(f"{method} {path} failed: {error or type(error).__name__}") from None
+        if response.status_code != 200:
+            raise RuntimeError(f"{method} {path} answered {response.status_code}: "
+                               f"{mask_secrets(response.text[:200], self.secrets)}")
+        return response
 
     async def stop(self, reason: str) -> float:
         """Stop whatever runs (a start in progress included); the seconds it took."""
@@ -195,7 +238,8 @@ class Supervisor:
                 self.progress = None
         key = secrets.token_urlsafe(32)     # per start, in the engine's environment only
         socket_path = str(self.sockets / f"{secrets.token_hex(6)}.sock")
-        spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key)
+        spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key,
+                                 sleep_mode=self.sleep_mode)
         spec.env.update(cluster_env)
         process = EngineProcess(spec, self.config.lane(self.lane).served_model_name, socket_path, key,
                                 log_line=self._engine_log)
