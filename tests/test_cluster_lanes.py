@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from serving import fake_lanes_env
 from vllm_launcher.cluster import ClusterState, Node
 from vllm_launcher.config import load_config
