@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ from test_server_operations import metric_samples, value
 from test_server_switching import CHAT, chat_body
 from vllm_launcher.config import ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
+from vllm_launcher.proxy import PROGRESS_AFTER
 from vllm_launcher.router import lane_policy
+from vllm_launcher.scheduler import LaneState
 from vllm_launcher.vllm_info import VllmInfo
 
 TESTS = Path(__file__).resolve().parent
@@ -139,11 +142,14 @@ def test_fake_sleep_routes_match_vllm_012_router():
 @pytest.mark.engine
 def test_a_level_1_lane_is_woken_not_restarted(tmp_path, fake_python):
     paths = tmp_path / "paths.log"
-    env = one_awake_env(fake_python, tmp_path, ENV_FAKE_PATH_LOG=str(paths))
+    env = one_awake_env(fake_python, tmp_path, ENV_FAKE_PATH_LOG=str(paths), ENV_FAKE_WAKE_DELAY=str(PROGRESS_AFTER + 0.5))
     with serving(tmp_path, env) as served, served.client() as client:
-        for lane in ("a", "b", "a", "b", "a"):
-            answer = client.post(CHAT, json=chat_body(lane))
-            assert answer.status_code == 200, answer.text
+        for turn, lane in enumerate(("a", "b", "a", "b", "a")):
+            answer = client.post(CHAT, json=chat_body(lane, stream=True))
+            assert answer.status_code == 200 and "data: [DONE]" in answer.text, answer.text
+            if turn in (2, 4):                # the waiting stream's comments say the lane wakes
+                assert re.search(r": waiting for lane a \(starting, waking \(vLLM sleep mode\), \d+ s\)",
+                                 answer.text), answer.text
             if lane == "b":
                 lanes = served.lanes()
                 assert lanes["a"]["state"] == "sleeping" and lanes["a"]["sleep"] == "level 1", lanes["a"]
@@ -218,3 +224,9 @@ def test_the_budget_stops_sleepers_when_a_start_needs_the_room(tmp_path, fake_py
             assert state_gauge(client, lane, state) == 1
         assert client.post(CHAT, json=chat_body("b")).status_code == 200      # woken, not started
         assert starts(client, "b") == 1 and starts(client, "a") == 1
+        samples = metric_samples(client.get("/metrics").text)
+        for lane in "abc":                    # the gauge has a sample for every state of every lane
+            assert [value(samples, "vllm_launcher_lane_state", lane=lane, state=state.value)
+                    for state in LaneState].count(1) == 1
+            assert all(("vllm_launcher_lane_state", (("lane", lane), ("state", state.value))) in samples
+                       for state in LaneState)

@@ -148,8 +148,12 @@ class Supervisor:
     async def wake(self) -> float:
         """vLLM's POST /wake_up (every tag), then GET /is_sleeping must say false; the seconds."""
         began = time.monotonic()
-        await self._dev_call("POST", "/wake_up")
-        answer = await self._dev_call("GET", "/is_sleeping")
+        self.progress = "waking (vLLM sleep mode)"       # /lanes, /health, the waiting streams
+        try:
+            await self._dev_call("POST", "/wake_up")
+            answer = await self._dev_call("GET", "/is_sleeping")
+        finally:
+            self.progress = None
         try:
             sleeping = answer.json()["is_sleeping"]
         except (ValueError, KeyError, TypeError):
