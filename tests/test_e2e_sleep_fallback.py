@@ -18,7 +18,8 @@ from test_server_operations import metric_samples, value
 pytestmark = [pytest.mark.e2e, requires_vllm]
 
 def test_real_vllm_refusing_sleep_mode_falls_back_and_serves(tmp_path_factory, lanes_env):
-    env = {**lanes_env, "VLLM_LANES": "alpha", "VLLM_LANE_ALPHA_SLEEP_LEVEL": "1"}
+    env = {**{name: value for name, value in lanes_env.items() if not name.startswith("VLLM_LANE_BETA_")},
+           "VLLM_LANES": "alpha", "VLLM_LANE_ALPHA_SLEEP_LEVEL": "1"}
     with serving(tmp_path_factory.mktemp("e2e-sleep"), env, timeout=START_TIMEOUT) as served, \
             served.client(timeout=START_TIMEOUT) as client:
         answer = client.post("/v1/chat/completions", json={
