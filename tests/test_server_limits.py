@@ -128,6 +128,14 @@ def test_idle_slow_and_unfinished_clients_are_cut_by_the_timeouts(tmp_path, fake
         status, error, _ = answer(read_until_eof(huge, LATE)[0])
         assert status == 431 and error["code"] == "headers_too_large"
 
+        for garbage in (b"GARBAGE\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: nine\r\n\r\n"):               # not HTTP; a bad header value
+            malformed = connect(served.url)
+            malformed.sendall(garbage)
+            status, error, headers = answer(read_until_eof(malformed, LATE)[0])
+            assert status == 400 and error["code"] == "invalid_request" and headers["connection"] == "close"
+            assert set(error) == {"message", "type", "param", "code"}
+
         for reason, at_least in (("idle", 2), ("header_timeout", 2), ("body_timeout", 2), ("header_too_large", 1)):
             assert closed_by(served, reason) >= at_least, reason
         with served.client() as client:                               # and it still serves

@@ -208,6 +208,10 @@ class _Limited:
             self._phase, self._since = IDLE, time.monotonic()
             self._disarm()                      # uvicorn's keep-alive timer runs now
 
+    def send_400_response(self, msg: str) -> None:
+        """A request uvicorn cannot parse: an OpenAI error, not uvicorn's text/plain answer."""
+        self._refuse(400, f"malformed HTTP request: {msg}", "invalid_request")
+
     def timeout_keep_alive_handler(self) -> None:
         if not self.transport.is_closing():
             self.shared.count("idle")
