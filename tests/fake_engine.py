@@ -221,6 +221,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
                          "choices": [delta("", "length")]}
                 yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
+                # vLLM ends the response a moment after its last event; a client may leave first
+                await asyncio.sleep(float(os.environ.get("FAKE_LINGER_AFTER_DONE") or 0))
             finally:
                 state["running"] -= 1
 

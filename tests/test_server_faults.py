@@ -349,3 +349,22 @@ def test_chaos_crashes_and_sigkills_over_three_lanes_lose_nothing(tmp_path, fake
                 f"{unix_after_traffic} (engines up) -> {unix_after} (engines unloaded)")
         print(line)
         record(line)
+
+
+def test_a_client_leaving_after_the_last_event_was_served_in_full(tmp_path, fake_python):
+    """A client that closes its connection once it has `data: [DONE]` (before the engine ends the
+    response) is a 200 in the metrics, not a 499; one that leaves mid-stream is a 499."""
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_LINGER_AFTER_DONE": "30", "ENV_FAKE_TOKEN_DELAY": "0.05"}})
+    with serving(tmp_path, env, wait_ready_lane="a") as served:
+        for leave_at, status in ((b"data: [DONE]\n\n", "200"), (b"data: {", "499")):
+            with httpx.stream("POST", served.url + CHAT, json=chat_body("a", True, 20), timeout=60) as response:
+                received = b""
+                for chunk in response.iter_raw():
+                    received += chunk
+                    if leave_at in received:
+                        break
+            wait_metric(served, "vllm_launcher_requests_total", 1, lane="a", status=status)
+        with served.client() as client:
+            samples = metric_samples(client.get("/metrics").text)
+        assert value(samples, "vllm_launcher_requests_total", lane="a", status="200") == 1
+        assert value(samples, "vllm_launcher_requests_total", lane="a", status="499") == 1

@@ -33,6 +33,7 @@ request_log = logging.getLogger("vllm_launcher.requests")
 # with SSE comments (OpenAI clients ignore them; proxies see traffic and do not time out).
 PROGRESS_AFTER = 2.0
 PROGRESS_EVERY = 5.0
+DONE_EVENT = b"data: [DONE]\n\n"          # the last event of an OpenAI stream
 CLIENT_CLOSED = 499                     # nginx's code for "client closed request", for metrics
 CRASH_REPORT_WAIT = 1.0                 # a broken connection may be an engine crash being noticed
 EVENT_STREAM = b"text/event-stream"
@@ -180,6 +181,7 @@ class Forwarder:
         has its 200 already (a stream that waited for its lane)."""
         ticket, send = exchange.ticket, exchange.send
         error = upstream = None
+        tail = b""                          # the stream's last bytes: has the client had [DONE]?
         try:
             if ticket.aborted.done():
                 raise _Aborted
@@ -203,10 +205,12 @@ class Forwarder:
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
                     started = True
                 async for chunk in upstream.content.iter_any():
+                    tail = (tail + chunk)[-len(DONE_EVENT):]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             if exchange.stopped() == CLIENT:
-                self._close(ticket, CLIENT_CLOSED)
+                # A client that leaves once it has the stream's last event was served in full.
+                self._close(ticket, 200 if tail == DONE_EVENT else CLIENT_CLOSED)
                 return
             error = ticket.aborted.result()
         except _Aborted:
