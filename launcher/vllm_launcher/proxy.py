@@ -205,12 +205,13 @@ class Forwarder:
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
                     started = True
                 async for chunk in upstream.content.iter_any():
-                    tail = (tail + chunk)[-len(DONE_EVENT):]
+                    # a reference to the chunk, copied only when a chunk is shorter than the event
+                    tail = chunk if len(chunk) >= len(DONE_EVENT) else (tail + chunk)[-len(DONE_EVENT):]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             if exchange.stopped() == CLIENT:
                 # A client that leaves once it has the stream's last event was served in full.
-                self._close(ticket, 200 if tail == DONE_EVENT else CLIENT_CLOSED)
+                self._close(ticket, 200 if tail.endswith(DONE_EVENT) else CLIENT_CLOSED)
                 return
             error = ticket.aborted.result()
         except _Aborted:
