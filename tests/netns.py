@@ -42,6 +42,20 @@ class Machine:
         result = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True)
         return [int(pid) for pid in result.stdout.split()]
 
+    def command_lines(self, containing: str = "") -> list[str]:
+        """Command lines (arguments joined by spaces) of the processes inside the namespace that
+        contain `containing`."""
+        found = []
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as file:
+                    line = file.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue                    # gone meanwhile
+            if containing in line:
+                found.append(line)
+        return found
+
     def listeners(self) -> list[tuple[str, int, str]]:
         """(address, port, process) of every listening TCP socket inside the namespace."""
         result = subprocess.run(self.argv("ss", "-Htlnp"), capture_output=True, text=True, check=True)

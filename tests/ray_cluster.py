@@ -30,10 +30,10 @@ def new_token(path: Path) -> Path:
     return path
 
 
-def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int) -> dict[str, str]:
+def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int, python: str) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
-        "VLLM_ENGINE_PYTHON": str(CLOSURE_PYTHON), "VLLM_CLUSTER_INTERFACE": machine.interface,
+        "VLLM_ENGINE_PYTHON": python, "VLLM_CLUSTER_INTERFACE": machine.interface,
         "VLLM_CLUSTER_TOKEN_FILE": str(token), "VLLM_CLUSTER_GPUS": str(gpus), "VLLM_CLUSTER_CPUS": "1",
         "VLLM_CLUSTER_OBJECT_STORE_MEMORY": "100M",
         # Ray's socket paths must stay under 108 bytes: a short directory of its own per node
@@ -42,14 +42,16 @@ def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int) -> dict[s
 
 
 class Node:
-    """One machine's `vllm-launcher cluster head|join`, run inside its namespace."""
+    """One machine's `vllm-launcher cluster head|join`, run inside its namespace, its Ray from
+    `python` (default: the locked closure's), with `extra_env` on top (the node's workers inherit it)."""
 
-    def __init__(self, machine: Machine, work: Path, token: Path, gpus: int, *command: str):
+    def __init__(self, machine: Machine, work: Path, token: Path, gpus: int, *command: str,
+                 python: str = str(CLOSURE_PYTHON), extra_env: dict[str, str] | None = None):
         self.machine = machine
         work.mkdir(parents=True, exist_ok=True)
         (work / "home").mkdir(exist_ok=True)
         (work / "tmp").mkdir(exist_ok=True)
-        self.env = _cluster_env(machine, work, token, gpus)
+        self.env = {**_cluster_env(machine, work, token, gpus, python), **(extra_env or {})}
         self.log_path = work / "node.log"
         self.started = time.monotonic()
         with open(self.log_path, "w") as log:
@@ -94,3 +96,14 @@ def wait_for_nodes(head: Node, count: int, timeout: float = UP_TIMEOUT) -> dict:
             return status
         time.sleep(1.0)
     raise AssertionError(f"the cluster never had {count} nodes: {status}\n{head.log()[-3000:]}")
+
+
+def stop_server(server: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    """SIGTERM to a `vllm-launcher serve` (it stops its engines), SIGKILL after `timeout`."""
+    if server is not None and server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

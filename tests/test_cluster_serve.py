@@ -16,7 +16,6 @@ node). vLLM's real Ray executor refuses the CPU platform, so this is as far as R
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from closure_env import CLOSURE_PYTHON, closure_ready
 from fake_ray_engine import write_fake_ray_python
 from measurements import record
 from netns import NamespacesUnavailable, kill_all, machines, skip_or_fail
-from ray_cluster import Node, new_token, wait_for_nodes
+from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from serving import fake_lanes_env
 
 pytestmark = pytest.mark.cluster
@@ -77,16 +76,7 @@ def left_on_cluster(head: Node, env: dict) -> dict:
 
 def worker_processes(machine) -> list[str]:
     """Command lines in the worker's namespace that belong to big's engine (its actor's process)."""
-    found = []
-    for pid in machine.pids():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as file:
-                line = file.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "FakeRayWorker" in line:
-            found.append(line)
-    return found
+    return machine.command_lines("FakeRayWorker")
 
 
 def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_path):
@@ -170,12 +160,7 @@ def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_
         assert answer["status"] == 200, (answer, log_path.read_text()[-3000:])
         record(f"cluster serve: a worker back, big answers again {time.monotonic() - started:.1f} s after the kill")
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_server(server, timeout=60)
         worker.close()
         head.close()
         context.__exit__(None, None, None)

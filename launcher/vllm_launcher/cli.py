@@ -17,6 +17,7 @@ from .config import ConfigError, LauncherConfig, load_config
 from .engine_command import build_engine_spec
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
+from .placement import cluster_placement
 from .settings import (
     CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var,
 )
@@ -157,7 +158,11 @@ def engine(lane: str | None) -> None:
     when set, protects the engine through its environment (never its command line).
     """
     cfg = load_or_exit()
-    spec = build_engine_spec(cfg, _pick_lane(cfg, lane), detect(cfg.server.engine_python))
+    lane = _pick_lane(cfg, lane)
+    spec = build_engine_spec(cfg, lane, detect(cfg.server.engine_python))
+    if cluster_placement(cfg, lane) is not None:        # a multi-node lane: the cluster's environment
+        from .cluster import engine_cluster_environment
+        spec.env.update(engine_cluster_environment(cfg.cluster, cfg.environ))
     for warning in spec.warnings:
         click.echo(f"vllm-launcher: warning: {warning}", err=True)
     click.echo(f"vllm-launcher: exec {shlex.join(spec.argv)}", err=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import signal
 import socket
@@ -37,6 +36,7 @@ from typing import Callable, Mapping
 
 from .config import ClusterConfig, LaneConfig
 from .engine_command import TELEMETRY_OFF, passed_environment
+from .placement import Placement, cluster_placement, fits, lane_placement, nodes_that_fit  # noqa: F401 (re-exported)
 
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
 RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
@@ -276,43 +276,6 @@ def query_cluster(cluster: ClusterConfig, python: str, environ: Mapping[str, str
 
 # ---------------------------------------------------------------------------------------------
 # lanes on the cluster
-
-
-@dataclass(frozen=True)
-class Placement:
-    gpus: int          # tensor x pipeline
-    nodes: int
-    per_node: int      # GPUs each node gives
-
-    def describe(self) -> str:
-        return (f"{self.gpus} GPU{'s' if self.gpus != 1 else ''} on {self.nodes} node"
-                f"{'s' if self.nodes != 1 else ''} ({self.per_node} each)")
-
-
-def lane_placement(lane: LaneConfig, gpus_per_node: int) -> Placement:
-    """How many GPUs and machines a lane needs: tensor x pipeline GPUs, on NODES machines, or
-    as many as that needs at VLLM_CLUSTER_GPUS each."""
-    gpus = (lane.settings.get("TENSOR_PARALLEL_SIZE") or 1) * (lane.settings.get("PIPELINE_PARALLEL_SIZE") or 1)
-    nodes = lane.settings.get("NODES") or max(1, math.ceil(gpus / max(gpus_per_node, 1)))
-    return Placement(gpus, nodes, math.ceil(gpus / nodes))
-
-
-def fits(placement: Placement, state: ClusterState) -> bool:
-    return nodes_that_fit(placement, state) >= placement.nodes
-
-
-def nodes_that_fit(placement: Placement, state: ClusterState) -> int:
-    """Alive nodes with the GPUs one share of the lane needs."""
-    return sum(node.gpus >= placement.per_node for node in state.alive)
-
-
-def cluster_placement(config, lane_name: str) -> Placement | None:
-    """A lane that runs on the cluster: its placement; None for a lane of this machine alone
-    (no cluster configured, or it needs one node)."""
-    if config.cluster is None:
-        return None
-    placement = lane_placement(config.lane(lane_name), config.cluster.gpus)
-    return placement if placement.nodes > 1 else None
 
 
 def cluster_report(cluster: ClusterConfig, python: str, environ: Mapping[str, str],

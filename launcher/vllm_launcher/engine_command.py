@@ -8,14 +8,21 @@ with vLLM's internal port base, VLLM_API_KEY would lock the proxy out ...) never
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from .config import LaneConfig, LauncherConfig
+from .placement import Placement, cluster_placement
 from .settings import CLUSTER_SETTINGS, ENGINE_SETTINGS, LANE_PREFIX, SERVER_SETTINGS, masked
 from .vllm_info import VllmInfo
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+# A multi-node lane with the mp executor: its followers run `vllm serve --headless` (the CLI's
+# serve command; the API server module has no headless mode), started by FOLLOWERS_SCRIPT.
+FOLLOWER_MODULE = "vllm.entrypoints.cli.main"
+FOLLOWERS_SCRIPT = Path(__file__).resolve().parent / "engines" / "followers.py"
 
 PASSED_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
@@ -115,6 +122,10 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     if sleep_mode:
         argv.insert(argv.index("--served-model-name") + 2, "--enable-sleep-mode")
 
+    placement = cluster_placement(config, lane.name)
+    if placement is not None and lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND") == "mp":
+        argv = multi_node_argv(server.engine_python, lane, argv, flags, placement, sleep_mode)
+
     env = passed_environment(config.environ)
     env.update(TELEMETRY_OFF)
     env["VLLM_LOGGING_LEVEL"] = server.log_level
@@ -127,3 +138,15 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     if api_key:
         env["VLLM_API_KEY"] = api_key      # the engine's key: in its environment, never on argv
     return EngineSpec(lane.name, argv, env, tuple(warnings))
+
+
+def multi_node_argv(python: str, lane: LaneConfig, leader_argv: list[str], flags: list[str],
+                    placement: Placement, sleep_mode: bool) -> list[str]:
+    """vLLM's own multi-node executor: engines/followers.py runs the leader (this argv, rank 0)
+    here and, through Ray, a headless follower on each of the other nodes; it adds --nnodes,
+    --node-rank, --master-addr (VLLM_HOST_IP) and a free --master-port when it starts them."""
+    follower_args = ["-m", FOLLOWER_MODULE, "serve", lane.model, "--headless",
+                     *(["--enable-sleep-mode"] if sleep_mode else []),
+                     *flags, *lane.settings.get("EXTRA_ARGS", [])]
+    spec = {"nodes": placement.nodes, "gpus_per_node": placement.per_node, "follower_args": follower_args}
+    return [python, "-P", str(FOLLOWERS_SCRIPT), json.dumps(spec, separators=(",", ":")), "--", *leader_argv]

