@@ -12,7 +12,9 @@ memory broadcast). vLLM's CLI (the follower's `vllm serve --headless`) looks its
 as the real wheel has one.
 
 Checked: big (2 nodes) answers; a switch to the one-node lane small leaves no follower process
-and no follower actor on the worker; big answers again after the switch back.
+and no follower actor on the worker; big answers again after the switch back; the worker's
+machine killed while big serves: big's error names the lost node, and once a worker has
+rejoined, big answers again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 from closure_env import write_vllm_dist_info
 from measurements import record
-from netns import NamespacesUnavailable, machines, skip_or_fail
+from netns import NamespacesUnavailable, kill_all, machines, skip_or_fail
 from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from real_engine import requires_vllm, shared_demo_models
 
@@ -168,7 +170,7 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         answer = ask(head_machine, env, "small")
         assert answer["ok"] and answer["model"] == "small", (answer, log_path.read_text()[-4000:])
         assert lanes(head_machine, env)["big"]["state"] == "stopped"
-        assert "[followers] SIGTERM: stopping the leader and the followers" in log_path.read_text()
+        assert "[followers] SIGTERM: leader and followers stopped" in log_path.read_text()
         deadline = time.monotonic() + 60
         while (left := (followers_on(worker_machine), follower_actors(head, ray_env))) != ([], []):
             assert time.monotonic() < deadline, left
@@ -180,6 +182,27 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         answer = ask(head_machine, env, "big")
         assert answer["ok"] and answer["model"] == "big", (answer, log_path.read_text()[-4000:])
         record(f"cluster vLLM: back to big in {time.monotonic() - started:.1f} s")
+
+        # the worker's machine dies while big serves: the lane's error names it; back, big serves
+        started = time.monotonic()
+        worker.process.kill()
+        kill_all(worker_machine)
+        deadline = time.monotonic() + 120
+        # "the follower on ... is lost", then (a restart before Ray has marked the node dead)
+        # "cannot start the follower on ...", which ends the start as the cluster's, not a crash
+        while f"follower on {worker_machine.address}" not in (lanes(head_machine, env)["big"]["last_error"] or ""):
+            assert time.monotonic() < deadline, (lanes(head_machine, env)["big"], log_path.read_text()[-3000:])
+            time.sleep(0.5)
+        assert f"[followers] the follower on {worker_machine.address} is lost" in log_path.read_text()
+        record(f"cluster vLLM: the worker killed: big's error names the lost node after {time.monotonic() - started:.1f} s")
+        worker.close()
+        wait_for_nodes(head, 1, timeout=180)        # Ray refuses a node at a dead one's address until then
+        worker = Node(worker_machine, tmp_path / "worker2", token, 1, "join", head_machine.address,
+                      python=sys.executable, extra_env={**engine_env, "TMPDIR": str(short_tmp["w"])})
+        wait_for_nodes(head, 2)
+        answer = ask(head_machine, env, "big")
+        assert answer["ok"] and answer["model"] == "big", (answer, log_path.read_text()[-4000:])
+        record(f"cluster vLLM: a worker back, big answers again {time.monotonic() - started:.1f} s after the kill")
     finally:
         stop_server(server, timeout=90)
         worker.close()

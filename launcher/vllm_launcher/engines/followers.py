@@ -42,7 +42,11 @@ NODE_LOCAL = frozenset({
     "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES", "VLLM_API_KEY",       # the leader's key: the followers serve no HTTP
 })
+# The exit status that says "the cluster could not place the followers" (too few nodes, or a node
+# that died before Ray noticed): the supervisor reports the cluster unavailable, not a crash.
+CLUSTER_NOT_READY = 75          # EX_TEMPFAIL
 STOP_GRACE = 20.0            # seconds a follower gets after SIGTERM before SIGKILL of its group
+START_TIMEOUT = 120.0        # seconds for an actor to be placed and to start its follower
 POLL = 0.5
 
 
@@ -122,104 +126,124 @@ def main(argv: list[str]) -> int:
         say("usage: followers.py SPEC_JSON -- LEADER_ARGV...")
         return 2
     spec, leader_argv = json.loads(argv[0]), argv[2:]
-    nodes, gpus = int(spec["nodes"]), spec.get("gpus_per_node", 1)
     master = os.environ.get("VLLM_HOST_IP")
     if not master or not os.environ.get("RAY_ADDRESS"):
         say("VLLM_HOST_IP and RAY_ADDRESS must be set (the launcher sets them from VLLM_CLUSTER_*)")
         return 2
+    run = MultiNodeRun(spec, leader_argv, master)
+    code, reason = run.run()
+    say(reason)         # last, after Ray's buffered follower logs: the engine's last line says why
+    return code
 
-    stop: list[str] = []       # the signal that asks us to stop; a flag: Ray's calls swallow exceptions
 
-    def on_signal(signum, frame):
-        stop.append(signal.Signals(signum).name)
+class MultiNodeRun:
+    """The leader and its followers, from start to the stop of all of them."""
 
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def __init__(self, spec: dict, leader_argv: list[str], master: str):
+        self.spec = spec
+        self.leader_argv = leader_argv
+        self.master = master
+        self.nodes = int(spec["nodes"])
+        self.gpus = spec.get("gpus_per_node", 1)
+        self.leader: subprocess.Popen | None = None
+        self.actors: list[tuple[str, object]] = []        # (node address, actor handle)
+        self.stop: list[str] = []     # the signal that asks us to stop: a flag, as Ray's calls swallow exceptions
 
-    leader = None
-    actors: list[tuple[str, object]] = []
-    code = 1
-    try:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING")
-        # after ray.init: its core worker installs a SIGTERM handler that only logs and dies
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-        chosen = pick_nodes(ray.nodes(), master, nodes - 1, gpus)
-        if len(chosen) < nodes - 1:
-            say(f"the cluster has {len(chosen)} other node(s) with {gpus} GPU(s) free; this lane needs {nodes - 1}")
-            return 1
-        port = free_port(master)
-        shared = ["--nnodes", str(nodes), "--master-addr", master, "--master-port", str(port)]
-        Follower = ray.remote(FollowerProcess)
+    def on_signal(self, signum, frame) -> None:
+        self.stop.append(signal.Signals(signum).name)
+
+    def run(self) -> tuple[int, str]:
+        """(exit status, why)."""
+        import ray
+        from ray.exceptions import RayError
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING")
+            # after ray.init: its core worker installs a SIGTERM handler that only logs and dies
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self.on_signal)
+            return self._serve()
+        except (RayError, OSError, ConnectionError) as error:
+            return 1, f"cannot run the followers: {type(error).__name__}: {str(error).strip()[:500]}"
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)      # finish the clean-up first
+            self._stop_all()
+
+    def _serve(self) -> tuple[int, str]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+        chosen = pick_nodes(ray.nodes(), self.master, self.nodes - 1, self.gpus)
+        if len(chosen) < self.nodes - 1:
+            return CLUSTER_NOT_READY, (f"the cluster has {len(chosen)} other alive node(s) with {self.gpus:g} "
+                                       f"GPU(s); this lane needs {self.nodes - 1}")
+        port = free_port(self.master)
+        shared = ["--nnodes", str(self.nodes), "--master-addr", self.master, "--master-port", str(port)]
         waits = {}
         for rank, node in enumerate(chosen, start=1):
             address = node["NodeManagerAddress"]
-            actor = Follower.options(
-                num_cpus=0, num_gpus=gpus, max_restarts=0, max_concurrency=4,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
-            actors.append((address, actor))
-            started = ray.get(actor.start.remote([*spec["follower_args"], *shared, "--node-rank", str(rank)],
-                                                 dict(os.environ)), timeout=120)
-            say(f"follower rank {rank} on {address}: pid {started['pid']}")
-            waits[actor.wait.remote()] = address
-            if stop:
-                break
-        if stop:
-            say(f"{stop[0]}: stopping the followers")
-            return 0
-        leader = subprocess.Popen([*leader_argv, *shared, "--node-rank", "0"])
-        say(f"leader rank 0 on {master}: pid {leader.pid}, master port {port}")
-        while not stop:
-            if (status := leader.poll()) is not None:
-                say(f"the leader exited with status {status}; stopping the followers")
-                return status or 1
+            try:
+                pid = self._start_follower(node, [*self.spec["follower_args"], *shared, "--node-rank", str(rank)])
+            except (RayActorError, GetTimeoutError) as error:
+                # a node Ray still lists but that is gone (it notices within seconds): not the engine's fault
+                return CLUSTER_NOT_READY, (f"cannot start the follower on {address} "
+                                           f"({type(error).__name__}: {_first_line(error)})")
+            say(f"follower rank {rank} on {address}: pid {pid}")
+            waits[self.actors[-1][1].wait.remote()] = address
+            if self.stop:
+                return 0, f"{self.stop[0]}: stopping the followers"
+        self.leader = subprocess.Popen([*self.leader_argv, *shared, "--node-rank", "0"])
+        say(f"leader rank 0 on {self.master}: pid {self.leader.pid}, master port {port}")
+        while not self.stop:
+            if (status := self.leader.poll()) is not None:
+                return status or 1, f"the leader exited with status {status}; followers stopped"
             done, _ = ray.wait(list(waits), num_returns=1, timeout=POLL)
             for ref in done:
                 address = waits.pop(ref)
                 try:
-                    status = ray.get(ref)
-                    say(f"the follower on {address} exited with status {status}; stopping the leader")
+                    return 1, f"the follower on {address} exited with status {ray.get(ref)}; leader stopped"
                 except RayActorError as error:
-                    say(f"the follower on {address} is lost (its node or actor died: "
-                        f"{str(error).strip().splitlines()[0][:200]}); stopping the leader")
-                return 1
-        say(f"{stop[0]}: stopping the leader and the followers")
-        code = 0
-    except (RayError, GetTimeoutError, OSError, ConnectionError) as error:
-        say(f"cannot run the followers: {type(error).__name__}: {str(error).strip()[:500]}")
-        code = 1
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)      # finish the clean-up
-        _stop_all(leader, actors)
-    return code
+                    return 1, (f"the follower on {address} is lost (its node or actor died: "
+                               f"{_first_line(error)}); leader stopped")
+        return 0, f"{self.stop[0]}: leader and followers stopped"
+
+    def _start_follower(self, node: dict, args: list[str]) -> int:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        actor = ray.remote(FollowerProcess).options(
+            num_cpus=0, num_gpus=self.gpus, max_restarts=0, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        self.actors.append((node["NodeManagerAddress"], actor))
+        return ray.get(actor.start.remote(args, dict(os.environ)), timeout=START_TIMEOUT)["pid"]
+
+    def _stop_all(self) -> None:
+        import ray
+        leader = self.leader
+        if leader is not None and leader.poll() is None:
+            leader.terminate()
+        pending = []
+        for address, actor in self.actors:
+            try:
+                pending.append((address, actor, actor.stop.remote(STOP_GRACE)))
+            except Exception:       # noqa: BLE001 (a lost actor: nothing to stop)
+                pass
+        for address, actor, ref in pending:
+            try:
+                ray.get(ref, timeout=STOP_GRACE + 15)
+            except Exception as error:  # noqa: BLE001 (lost with its node: nothing left to stop)
+                say(f"the follower on {address} could not be asked to stop: {type(error).__name__}")
+            ray.kill(actor, no_restart=True)
+        if leader is not None:
+            try:
+                leader.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                leader.kill()
+                leader.wait()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
-def _stop_all(leader: subprocess.Popen | None, actors: list) -> None:
-    import ray
-    if leader is not None and leader.poll() is None:
-        leader.terminate()
-    pending = []
-    for address, actor in actors:
-        try:
-            pending.append((address, actor, actor.stop.remote(STOP_GRACE)))
-        except Exception:       # noqa: BLE001 (a lost actor: nothing to stop)
-            pass
-    for address, actor, ref in pending:
-        try:
-            ray.get(ref, timeout=STOP_GRACE + 15)
-        except Exception as error:  # noqa: BLE001
-            say(f"stopping the follower on {address}: {type(error).__name__}")
-        ray.kill(actor, no_restart=True)
-    if leader is not None:
-        try:
-            leader.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            leader.kill()
-            leader.wait()
-    if ray.is_initialized():
-        ray.shutdown()
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 if __name__ == "__main__":

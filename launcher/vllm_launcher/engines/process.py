@@ -149,10 +149,11 @@ def kill_group(pgid: int, sig: int) -> None:
 class EngineStartError(Exception):
     """A start that failed; `resource` when the server's own resources (EMFILE) were the cause."""
 
-    def __init__(self, message: str, log_tail: list[str], resource: bool = False):
+    def __init__(self, message: str, log_tail: list[str], resource: bool = False, status: int | None = None):
         super().__init__(message)
         self.log_tail = log_tail
         self.resource = resource
+        self.status = status            # the exit status, when the engine exited while starting
 
     def cause(self) -> str:
         tail = "\n".join(self.log_tail[-8:])
@@ -221,7 +222,7 @@ class EngineProcess:
                     await self.drain_output()
                     raise EngineStartError(
                         f"engine for lane {self.lane!r} exited with status {self.process.returncode} while starting",
-                        self.log_tail())
+                        self.log_tail(), status=self.process.returncode)
                 if time.monotonic() > deadline:
                     raise EngineStartError(
                         f"engine for lane {self.lane!r} not ready after {timeout:.0f} s (VLLM_START_TIMEOUT)"

@@ -32,6 +32,7 @@ from ..engine_command import build_engine_spec
 from ..metrics import Metrics
 from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
+from .followers import CLUSTER_NOT_READY
 from .process import EngineProcess, EngineStartError, engine_client, resource_error, upstream_session
 from .reaper import EngineRecords
 
@@ -268,6 +269,13 @@ class Supervisor:
                       " (the server's own limit: not counted as the lane's failure)" if resource else "")
             await self._stop_process()
             self.last_error = cause
+            if placement is not None and getattr(error, "status", None) == CLUSTER_NOT_READY:
+                # the mp executor's followers found too few nodes (one lost before Ray noticed):
+                # the cluster's state, as when waiting for it, not a crash of the lane's engine
+                if not self._stopping:
+                    self._starting = None
+                    self.reports.cluster_unavailable(self.lane, cause)
+                return
             if not resource:
                 self.metrics.engine_failures.labels(self.lane).inc()
             if not self._stopping:
