@@ -2,9 +2,9 @@
 
     python check-imports.py torch|vllm
 
-Imports the module that matters (for vLLM the one the launcher runs,
+Imports the modules that matter (for vLLM the ones the launcher runs:
 vllm.entrypoints.openai.api_server, which imports model_hosting_container_standards at the
-top) and checks every Requires-Dist of the installed distribution whose marker holds here
+top; vllm.entrypoints.cli.main, a multi-node lane's followers; ray, the cluster) and checks every Requires-Dist of the installed distribution whose marker holds here
 against what the environment has installed. pyproject.nix installs wheels with `--no-deps`,
 so this is the one place the private wheels' own METADATA meets the locked closure.
 """
@@ -17,7 +17,8 @@ import sys
 
 from packaging.requirements import Requirement
 
-MODULES = {"torch": "torch", "vllm": "vllm.entrypoints.openai.api_server"}
+MODULES = {"torch": ("torch",),
+           "vllm": ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main", "ray")}
 # The ROCm torch wheel requires pytorch-triton-rocm; with the registry-shaped uv.lock the
 # `triton` package provides the same module (nix/python-overlay.nix).
 ALIASES = {"pytorch-triton-rocm": ("pytorch-triton-rocm", "triton")}
@@ -47,8 +48,10 @@ def main(dist: str) -> int:
                 problems.append(f"{req} : {version} installed")
     for problem in problems:
         print(f"{dist}: requirement not met: {problem}", file=sys.stderr)
-    importlib.import_module(MODULES[dist])
-    print(f"{dist} {md.version(dist)}: {MODULES[dist]} imports; {len(md.requires(dist) or [])} requirements checked")
+    for module in MODULES[dist]:
+        importlib.import_module(module)
+    print(f"{dist} {md.version(dist)}: {', '.join(MODULES[dist])} import; "
+          f"{len(md.requires(dist) or [])} requirements checked")
     return 1 if problems else 0
 
 
