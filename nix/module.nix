@@ -50,6 +50,7 @@ let
     distributedExecutorBackend = ''
       `ray` (vLLM's Ray executor places its workers on the cluster) or `mp` (vLLM's own workers;
       on several machines the launcher starts vLLM's followers on the other nodes through Ray).
+      null: vLLM's choice on one machine, `ray` for a lane on several.
     '';
     nodes = ''
       Machines (Ray cluster nodes) this lane's engine spans (VLLM_LANE_<LANE>_NODES); null = as

@@ -23,6 +23,9 @@ ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # serve command; the API server module has no headless mode), started by FOLLOWERS_SCRIPT.
 FOLLOWER_MODULE = "vllm.entrypoints.cli.main"
 FOLLOWERS_SCRIPT = Path(__file__).resolve().parent / "engines" / "followers.py"
+# A lane on several machines without DISTRIBUTED_EXECUTOR_BACKEND: vLLM's Ray executor, the way
+# vLLM's own multi-node guide and the public Strix Halo two-node guide run it.
+MULTI_NODE_DEFAULT_EXECUTOR = "ray"
 
 PASSED_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
@@ -113,6 +116,10 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     api_key = server.api_key if api_key is None else api_key
 
     flags, flag_env, warnings = engine_flags(lane, vllm)
+    placement = cluster_placement(config, lane.name)
+    if placement is not None and lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND") is None:
+        # Unset, vLLM would pick its one-machine mp executor and find too few GPUs here.
+        flags += ["--distributed-executor-backend", MULTI_NODE_DEFAULT_EXECUTOR]
     argv = [server.engine_python, "-m", ENGINE_MODULE,
             "--model", lane.model, "--served-model-name", lane.served_model_name,
             *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
@@ -122,7 +129,6 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     if sleep_mode:
         argv.insert(argv.index("--served-model-name") + 2, "--enable-sleep-mode")
 
-    placement = cluster_placement(config, lane.name)
     if placement is not None and lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND") == "mp":
         argv = multi_node_argv(server.engine_python, lane, argv, flags, placement, sleep_mode)
 

@@ -189,7 +189,8 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
             "attention backend (flag on new vLLM, VLLM_ATTENTION_BACKEND on 0.12)", "--attention-backend"),
     _engine("DISTRIBUTED_EXECUTOR_BACKEND", values.choice_parser(EXECUTOR_BACKENDS, "executor"),
             "mp (vLLM's own worker processes; on several machines, vLLM's multi-node followers) or ray "
-            "(vLLM's Ray executor)", "--distributed-executor-backend"),
+            "(vLLM's Ray executor); unset: vLLM's choice on one machine, ray for a lane on several",
+            "--distributed-executor-backend"),
     _engine("SLEEP_LEVEL", _sleep_level,
             "vLLM sleep mode: 0 off (stop/start); 1 or 2 start the engine with --enable-sleep-mode and "
             "VLLM_SERVER_DEV_MODE=1 and put it to sleep at that level (1: weights kept in host memory, "
