@@ -58,6 +58,9 @@ def follower_environment(own: dict[str, str], lane: dict[str, str]) -> dict[str,
     """The follower's environment: its node's (the Ray worker's: address, interfaces, token,
     visible GPUs), with the lane's other settings from the leader's environment on top."""
     env = dict(own)
+    if "OMP_NUM_THREADS" not in lane:
+        # Ray sets OMP_NUM_THREADS=1 in a zero-CPU actor; the follower threads as the leader does
+        env.pop("OMP_NUM_THREADS", None)
     env.update({name: value for name, value in lane.items()
                 if name not in NODE_LOCAL and not name.startswith("RAY_")})
     return env
@@ -73,8 +76,12 @@ class FollowerProcess:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
 
+        actor_pid = os.getpid()
+
         def die_with_actor() -> None:                 # PR_SET_PDEATHSIG: SIGTERM when the actor dies
             libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != actor_pid:             # it died before prctl
+                os.kill(os.getpid(), signal.SIGTERM)
 
         env = follower_environment(dict(os.environ), lane_env)
         self.process = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True,
