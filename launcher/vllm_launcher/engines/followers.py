@@ -121,7 +121,10 @@ def free_port(address: str) -> int:
 
 
 def pick_nodes(nodes: list[dict], own_address: str, count: int, gpus: float) -> list[dict]:
-    """`count` alive nodes other than this one with `gpus` GPUs available, by address."""
+    """`count` alive nodes other than this one with `gpus` GPUs, by address. Their total, not what
+    is free now (Ray's per-node availability needs its dashboard, which the nodes run without): a
+    node whose GPUs another lane holds makes the actor wait, and the start ends after
+    START_TIMEOUT as the cluster's (exit CLUSTER_NOT_READY)."""
     found = [node for node in nodes
              if node.get("Alive") and node.get("NodeManagerAddress") != own_address
              and node.get("Resources", {}).get("GPU", 0) >= gpus]
