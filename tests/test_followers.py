@@ -26,7 +26,7 @@ from test_cluster_lanes import FakeCluster, chat, cluster_env, run_app, wait_for
 from vllm_launcher.config import load_config
 from vllm_launcher.engine_command import ENGINE_MODULE, FOLLOWER_MODULE, build_engine_spec
 from vllm_launcher.engines import followers
-from vllm_launcher.engines.followers import FollowerProcess, follower_environment, pick_nodes
+from vllm_launcher.engines.followers import FollowerProcess, follower_environment, lane_settings, pick_nodes
 from vllm_launcher.vllm_info import VllmInfo
 
 VLLM = VllmInfo("vllm", "0.32.0")
@@ -67,6 +67,11 @@ def test_a_node_without_its_own_names_gets_none_of_the_leaders():
     env = follower_environment({"PATH": "/node/bin"}, {**LEADER_OWN, **LANE_SETTINGS})
     assert env == {"PATH": "/node/bin", **LANE_SETTINGS}, env
     assert "VLLM_API_KEY" not in env                              # the leader's key stays with the leader
+
+
+def test_the_leaders_key_and_node_names_are_not_even_sent_to_the_other_nodes():
+    sent = lane_settings({**LEADER_OWN, **LANE_SETTINGS})
+    assert sent == LANE_SETTINGS, sent
 
 
 def test_a_follower_threads_as_the_leader_does_not_as_rays_zero_cpu_actor():

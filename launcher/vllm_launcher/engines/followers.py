@@ -54,6 +54,12 @@ def say(message: str) -> None:
     print(f"[followers] {message}", file=sys.stderr, flush=True)
 
 
+def lane_settings(leader: dict[str, str]) -> dict[str, str]:
+    """What of the leader's environment the followers share: neither its node's names nor its
+    key, which are not even sent to the other nodes."""
+    return {name: value for name, value in leader.items() if name not in NODE_LOCAL and not name.startswith("RAY_")}
+
+
 def follower_environment(own: dict[str, str], lane: dict[str, str]) -> dict[str, str]:
     """The follower's environment: its node's (the Ray worker's: address, interfaces, token,
     visible GPUs), with the lane's other settings from the leader's environment on top."""
@@ -61,8 +67,7 @@ def follower_environment(own: dict[str, str], lane: dict[str, str]) -> dict[str,
     if "OMP_NUM_THREADS" not in lane:
         # Ray sets OMP_NUM_THREADS=1 in a zero-CPU actor; the follower threads as the leader does
         env.pop("OMP_NUM_THREADS", None)
-    env.update({name: value for name, value in lane.items()
-                if name not in NODE_LOCAL and not name.startswith("RAY_")})
+    env.update(lane_settings(lane))
     return env
 
 
@@ -223,7 +228,7 @@ class MultiNodeRun:
             num_cpus=0, num_gpus=self.gpus, max_restarts=0, max_concurrency=4,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
         self.actors.append((node["NodeManagerAddress"], actor))
-        return ray.get(actor.start.remote(args, dict(os.environ)), timeout=START_TIMEOUT)["pid"]
+        return ray.get(actor.start.remote(args, lane_settings(dict(os.environ))), timeout=START_TIMEOUT)["pid"]
 
     def _stop_all(self) -> None:
         import ray
