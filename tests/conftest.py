@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from netns import machines_or_skip
 from serving import processes_with_tmpdir, write_fake_python
 
 
@@ -37,3 +38,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured")
         for line in MEASURED:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def two_machines():
+    """Two network namespaces (tests/netns.py) for one test: (head, worker) machines, removed
+    with every process inside after it; skipped without root, failed under CI."""
+    with machines_or_skip(2) as made:
+        yield made

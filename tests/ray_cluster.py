@@ -31,13 +31,16 @@ def new_token(path: Path) -> Path:
 
 
 def _cluster_env(machine: Machine, work: Path, token: Path, gpus: int, python: str) -> dict[str, str]:
+    # Ray's and vLLM's Unix socket paths must stay under 108 bytes: a short directory per node,
+    # Ray's session directory and the node's TMPDIR (where its engines and followers keep theirs)
+    short = tempfile.mkdtemp(prefix="vlc", dir="/tmp")
+    os.mkdir(os.path.join(short, "tmp"))
     return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
-        "VLLM_ENGINE_PYTHON": python, "VLLM_CLUSTER_INTERFACE": machine.interface,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work / "home"),
+        "TMPDIR": os.path.join(short, "tmp"), "VLLM_ENGINE_PYTHON": python,
+        "VLLM_CLUSTER_INTERFACE": machine.interface,
         "VLLM_CLUSTER_TOKEN_FILE": str(token), "VLLM_CLUSTER_GPUS": str(gpus), "VLLM_CLUSTER_CPUS": "1",
-        "VLLM_CLUSTER_OBJECT_STORE_MEMORY": "100M",
-        # Ray's socket paths must stay under 108 bytes: a short directory of its own per node
-        "VLLM_CLUSTER_TEMP_DIR": tempfile.mkdtemp(prefix="vlc", dir="/tmp"),
+        "VLLM_CLUSTER_OBJECT_STORE_MEMORY": "100M", "VLLM_CLUSTER_TEMP_DIR": short,
     }
 
 
@@ -50,7 +53,6 @@ class Node:
         self.machine = machine
         work.mkdir(parents=True, exist_ok=True)
         (work / "home").mkdir(exist_ok=True)
-        (work / "tmp").mkdir(exist_ok=True)
         self.env = {**_cluster_env(machine, work, token, gpus, python), **(extra_env or {})}
         self.log_path = work / "node.log"
         self.started = time.monotonic()
@@ -58,6 +60,11 @@ class Node:
             self.process = subprocess.Popen(
                 machine.argv(sys.executable, "-m", "vllm_launcher", "cluster", *command),
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def driver_env(self) -> dict[str, str]:
+        """The environment of a Ray driver on this node that talks to the cluster with the token."""
+        return {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.env["VLLM_CLUSTER_TOKEN_FILE"],
+                "RAY_USAGE_STATS_ENABLED": "0"}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -25,7 +25,7 @@ import pytest
 from closure_env import CLOSURE_PYTHON, closure_ready
 from launcher_cli import config_json, run_launcher
 from measurements import record
-from netns import NamespacesUnavailable, machines, skip_or_fail
+from netns import machines_or_skip, skip_or_fail
 from ray_cluster import Node, cluster_status, launcher_in, new_token, wait_for_nodes
 
 from vllm_launcher.cluster import (
@@ -77,19 +77,14 @@ def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster")
     token = new_token(work / "token")
     assert token.stat().st_mode & 0o777 == 0o600
-    try:
-        context = machines(2)
-        head_machine, worker_machine = context.__enter__()
-    except NamespacesUnavailable as error:
-        skip_or_fail(str(error))
-    head = Node(head_machine, work / "head", token, HEAD_GPUS, "head")
-    try:
-        wait_for_nodes(head, 1)
-        record(f"cluster: head node up (status answers, 1 node) in {time.monotonic() - head.started:.1f} s")
-        yield {"head": head, "worker_machine": worker_machine, "work": work, "token": token}
-    finally:
-        head.close()
-        context.__exit__(None, None, None)
+    with machines_or_skip(2) as (head_machine, worker_machine):
+        head = Node(head_machine, work / "head", token, HEAD_GPUS, "head")
+        try:
+            wait_for_nodes(head, 1)
+            record(f"cluster: head node up (status answers, 1 node) in {time.monotonic() - head.started:.1f} s")
+            yield {"head": head, "worker_machine": worker_machine, "work": work, "token": token}
+        finally:
+            head.close()
 
 
 @pytest.mark.cluster
@@ -129,8 +124,7 @@ def test_head_and_worker_join_with_the_token(cluster):
         assert "the head at 10.231.0.1:6379 accepted this machine's token" in worker.log()
 
         # work runs on both machines, through the token-protected cluster
-        env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster["token"]),
-               "RAY_USAGE_STATS_ENABLED": "0"}
+        env = head.driver_env()
         started = time.monotonic()
         driver = subprocess.Popen(head.machine.argv(str(CLOSURE_PYTHON), "-P", "-c", DRIVER,
                                                     f"{head.machine.address}:6379"),

@@ -24,7 +24,7 @@ import pytest
 from closure_env import CLOSURE_PYTHON, closure_ready
 from fake_ray_engine import write_fake_ray_python
 from measurements import record
-from netns import NamespacesUnavailable, kill_all, machines, skip_or_fail
+from netns import kill_all, skip_or_fail
 from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from serving import fake_lanes_env
 
@@ -79,21 +79,17 @@ def worker_processes(machine) -> list[str]:
     return machine.command_lines("FakeRayWorker")
 
 
-def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_path):
+def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_path, two_machines):
     if not closure_ready():
         skip_or_fail(f"{CLOSURE_PYTHON} (the engines' locked closure, with Ray) is missing: run `make closure`")
     token = new_token(tmp_path / "token")
     fake_python = write_fake_ray_python(tmp_path, CLOSURE_PYTHON)
-    try:
-        context = machines(2)
-        head_machine, worker_machine = context.__enter__()
-    except NamespacesUnavailable as error:
-        skip_or_fail(str(error))
+    head_machine, worker_machine = two_machines
     began = time.monotonic()
     head = Node(head_machine, tmp_path / "head", token, 1, "head")
     worker = Node(worker_machine, tmp_path / "worker", token, 1, "join", head_machine.address)
     server = None
-    ray_env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_env = head.driver_env()
     try:
         wait_for_nodes(head, 2)
         record(f"cluster serve: head and worker up in {time.monotonic() - began:.1f} s")
@@ -163,4 +159,3 @@ def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_
         stop_server(server, timeout=60)
         worker.close()
         head.close()
-        context.__exit__(None, None, None)

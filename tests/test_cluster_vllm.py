@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from closure_env import write_vllm_dist_info
 from measurements import record
-from netns import NamespacesUnavailable, kill_all, machines, skip_or_fail
+from netns import kill_all, skip_or_fail
 from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from real_engine import requires_vllm, shared_demo_models
 
@@ -105,7 +102,7 @@ def follower_actors(head: Node, env: dict) -> list[str]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_path, tmp_path_factory):
+def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_path, tmp_path_factory, two_machines):
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -119,20 +116,13 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
     # What every node's engines need (the nodes' Ray workers, and so the follower, inherit it).
     engine_env = {"PYTHONPATH": str(dist), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                   "VLLM_CACHE_ROOT": str(cache)}
-    # vLLM's ZeroMQ sockets live in TMPDIR and their paths must stay under 108 bytes: short ones
-    short_tmp = {role: Path(tempfile.mkdtemp(prefix=f"vlt{role}", dir="/tmp")) for role in ("h", "w")}
-    try:
-        context = machines(2)
-        head_machine, worker_machine = context.__enter__()
-    except NamespacesUnavailable as error:
-        skip_or_fail(str(error))
+    head_machine, worker_machine = two_machines
     began = time.monotonic()
-    head = Node(head_machine, tmp_path / "head", token, 1, "head", python=sys.executable,
-                extra_env={**engine_env, "TMPDIR": str(short_tmp["h"])})
+    head = Node(head_machine, tmp_path / "head", token, 1, "head", python=sys.executable, extra_env=engine_env)
     worker = Node(worker_machine, tmp_path / "worker", token, 1, "join", head_machine.address,
-                  python=sys.executable, extra_env={**engine_env, "TMPDIR": str(short_tmp["w"])})
+                  python=sys.executable, extra_env=engine_env)
     server = None
-    ray_env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_env = head.driver_env()
     log_path = tmp_path / "server.log"
     try:
         wait_for_nodes(head, 2)
@@ -198,7 +188,7 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         worker.close()
         wait_for_nodes(head, 1, timeout=180)        # Ray refuses a node at a dead one's address until then
         worker = Node(worker_machine, tmp_path / "worker2", token, 1, "join", head_machine.address,
-                      python=sys.executable, extra_env={**engine_env, "TMPDIR": str(short_tmp["w"])})
+                      python=sys.executable, extra_env=engine_env)
         wait_for_nodes(head, 2)
         answer = ask(head_machine, env, "big")
         assert answer["ok"] and answer["model"] == "big", (answer, log_path.read_text()[-4000:])
@@ -207,6 +197,3 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         stop_server(server, timeout=90)
         worker.close()
         head.close()
-        context.__exit__(None, None, None)
-        for directory in short_tmp.values():
-            shutil.rmtree(directory, ignore_errors=True)

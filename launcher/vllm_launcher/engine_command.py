@@ -117,7 +117,8 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
 
     flags, flag_env, warnings = engine_flags(lane, vllm)
     placement = cluster_placement(config, lane.name)
-    if placement is not None and lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND") is None:
+    executor = lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND")
+    if placement is not None and executor is None:
         # Unset, vLLM would pick its one-machine mp executor and find too few GPUs here.
         flags += ["--distributed-executor-backend", MULTI_NODE_DEFAULT_EXECUTOR]
     argv = [server.engine_python, "-m", ENGINE_MODULE,
@@ -129,7 +130,7 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
     if sleep_mode:
         argv.insert(argv.index("--served-model-name") + 2, "--enable-sleep-mode")
 
-    if placement is not None and lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND") == "mp":
+    if placement is not None and executor == "mp":
         argv = multi_node_argv(server.engine_python, lane, argv, flags, placement, sleep_mode)
 
     env = passed_environment(config.environ)

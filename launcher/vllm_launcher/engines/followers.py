@@ -28,6 +28,7 @@ and no follower process on any node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,21 +102,15 @@ class FollowerProcess:
         process = self.process
         if process is None:
             return None
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-                if sig == signal.SIGTERM:
-                    # vLLM's own workers leave with their parent; whatever lingers goes now
-                    os.killpg(process.pid, signal.SIGKILL)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+        # the follower after the grace, or what it left (vLLM's own workers leave with it)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10.0)
         return process.poll()
 
 
