@@ -235,7 +235,9 @@ time.sleep(120)
 NOTES_SIGTERM = """
 import os, signal, sys, time
 def on_term(signum, frame):
-    open(sys.argv[1], "w").write(signal.Signals(signum).name)
+    with open(sys.argv[1] + ".tmp", "w") as note:       # renamed when written: never read half-made
+        note.write(signal.Signals(signum).name)
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
     os._exit(0)
 signal.signal(signal.SIGTERM, on_term)
 open(sys.argv[1] + ".ready", "w").write("ready")
