@@ -36,6 +36,10 @@ let
 
   addCommand = filename: "nix-store --add-fixed sha256 /path/to/${filename}";
 
+  # nixpkgs' requireFile prints this through an unquoted heredoc in its builder
+  # (pkgs/build-support/trivial-builders/default.nix: `cat <<_EOF_ ... ${msg} ... _EOF_`), so
+  # the shell expands it: a backtick, `$` or backslash here would run or eat part of the text.
+  # Commands stand on lines of their own instead (tests/test_nix_eval.py checks it in bash).
   message =
     entry:
     ''
@@ -49,7 +53,10 @@ let
         nix run .#artifacts -- add DIR      (or: vllm-launcher artifacts add DIR)
 
       A different file under that name means a different hash: run
-      `vllm-launcher artifacts lock DIR` again and commit the lock.
+
+        vllm-launcher artifacts lock DIR
+
+      again and commit the lock.
     '';
 
   checkEntry =

@@ -108,6 +108,24 @@ def test_lock_to_source_specs():
     assert specs["pytorch-triton-rocm"]["fetcher"] == "fetchurl"
 
 
+def requirefile_prints(message: str) -> str:
+    """What nixpkgs' requireFile shows for `message`: its builder is `cat <<_EOF_` (unquoted,
+    so bash expands $, backticks and backslashes) around ***, the message and *** (issue 18)."""
+    script = f"cat <<_EOF_\n\n***\n{message}\n***\n\n_EOF_\n"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env={})
+    return result.stdout
+
+
+def test_requirefile_message_is_printed_verbatim():
+    # the harness is a real shell: a backtick in a message runs a command
+    assert requirefile_prints("run `echo ran` now").strip() == "***\nrun ran now\n***"
+    for name, spec in nix_eval(lock_expr(LOCKED, "specs")).items():
+        message = spec["message"]
+        assert not re.search(r"[`$\\]", message), f"{name}: {message}"
+        assert requirefile_prints(message) == f"\n***\n{message}\n***\n\n", name
+        assert "vllm-launcher artifacts lock DIR" in message and spec["filename"] in message
+
+
 def test_sources_use_requirefile_and_fetchurl():
     # Stand-ins record the arguments nixpkgs' requireFile / fetchurl would get.
     expr = lock_expr(LOCKED, "sources") + (
