@@ -15,6 +15,7 @@ let
   cfg = config.services.vllm;
   ccfg = cfg.cluster;
   laneEnv = import ./lane-env.nix;
+  unitLimits = import ./unit-limits.nix cfg.limits;
   runtimeEnvFor = import ./runtime-env.nix;
 
   staticUser = cfg.user != null;
@@ -168,8 +169,14 @@ let
       # Every process of the unit (engines, Ray's daemons and workers) is in its cgroup:
       # stopping the unit takes all of them.
       KillMode = "control-group";
+      # on-failure, not seed 001's `always`: both restart after a crash, a signal (the OOM
+      # killer's too), a timeout or a non-zero exit; `always` also restarts a clean exit 0, which
+      # the launcher makes only when told to stop. Exit status 2 is a configuration error whose
+      # message names the variable: restarting cannot fix it, so it stops instead of looping
+      # every RestartSec.
       Restart = "on-failure";
       RestartSec = "10s";
+      RestartPreventExitStatus = "2";
 
       # GPU access (/dev/kfd, /dev/dri/renderD*).
       PrivateDevices = false;
@@ -246,8 +253,12 @@ let
       # Python workers need sockets, epoll/eventfd (@io-event), fork/execve/prctl(PDEATHSIG)/
       # setsid (@process), fallocate/mmap on /dev/shm (@file-system, @basic-io), setrlimit and
       # sched_setaffinity (@resources): all in @system-service; they bind only unprivileged
-      # ports (above 1024: no CAP_NET_BIND_SERVICE) and never change identity. What is left out
-      # (@debug: ptrace, process_vm_readv) only matters to `ray stack`/py-spy, run by hand.
+      # ports (above 1024: no CAP_NET_BIND_SERVICE) and never change identity. What is left out,
+      # @debug (ptrace, perf_event_open, pidfd_getfd), only matters to py-spy/`ray stack` run by
+      # hand: they stop the target with ptrace. process_vm_readv/writev are no part of @debug
+      # but of @ipc, which @system-service includes (systemd's seccomp-util.c; systemd-analyze
+      # syscall-filter @ipc): the filter allows them, and the kernel's ptrace access check
+      # (same user, Yama) is what limits them.
       SystemCallFilter = [
         "@system-service"
         "@resources"
@@ -265,7 +276,9 @@ let
       # which NixOS raises to 4194304, and threads-max) leaves ample room, so none is set.
       LimitNOFILE = 65536;
       UMask = "0077";
-    };
+    }
+    # MemoryMax=/CPUQuota= from services.vllm.limits, only those set (./unit-limits.nix).
+    // unitLimits.serviceConfig;
   clusterCredential = lib.optional (ccfg.enable && ccfg.tokenFile != null) "cluster-token:${ccfg.tokenFile}";
 in
 {
@@ -415,6 +428,36 @@ in
       '';
     };
 
+    limits = {
+      memoryMax = mkOption {
+        type = types.nullOr (types.either types.str types.ints.positive);
+        default = null;
+        example = "64G";
+        description = ''
+          MemoryMax= of each unit (the lane server's, and the cluster node's where it runs): bytes
+          or a size such as "64G" (seed 001's MemoryLimit=64G), a percentage of the host's memory,
+          or "infinity"; null = no limit. On Strix Halo the GPU's memory is the same RAM:
+          whether its allocations (amdgpu GTT) count against this limit depends on the kernel.
+          Mainline does not charge them to the memory cgroup (patches that would were still under
+          review in 2026), so the limit then bounds the CPU side only (Python, Ray, the page cache
+          of the model files) and the OOM killer does not see the model; on a kernel that charges
+          them, the limit must also leave room for gpuMemoryUtilization x the GPU's memory.
+          Not verified on the target: compare `systemctl show vllm -p MemoryCurrent` with the
+          GTT in use after a model has loaded (docs/containers.md, "Resource limits").
+        '';
+      };
+      cpuQuota = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "2400%";
+        description = ''
+          CPUQuota= of each unit; null = no limit. A percentage of ONE CPU (systemd's meaning),
+          so "2400%" is 24 CPUs' worth: seed 001's "80%" would give the whole service, engines and
+          Ray included, 0.8 of one core; 80 % of a 32-thread Strix Halo is "2560%".
+        '';
+      };
+    };
+
     cluster = {
       enable = lib.mkEnableOption ''
         this machine's node of a Ray cluster, for lanes that span several machines
@@ -513,7 +556,7 @@ in
 
   config = lib.mkMerge [
     (lib.mkIf (cfg.enable || ccfg.enable) {
-      assertions = [
+      assertions = unitLimits.assertions ++ [
         {
           assertion = cfg.user != null || cfg.group == null || cfg.group == cfg.user;
           message = "services.vllm.group needs services.vllm.user (null user = DynamicUser).";
@@ -625,8 +668,6 @@ in
           # SIGTERM: Ray drains the node for up to 30 s, the launcher waits 45 s, then stops
           # every process the node left.
           TimeoutStopSec = "2min";
-          # 2: a configuration problem (the message names the variable): restarting cannot help
-          RestartPreventExitStatus = "2";
           LoadCredential = clusterCredential;
         };
       };

@@ -353,3 +353,37 @@ def test_cluster_assertions():
     # the state directory rules hold for a worker too (it has no lane server)
     assert "is outside /var/lib" in failed('{ stateDir = "/srv/vllm"; cluster = { enable = true; role = "worker"; '
                                            'headAddress = "h"; interface = "e"; tokenFile = "/t"; }; }')
+
+
+# --- resource limits and restart policy (issue 18) -----------------------------------------------
+
+def test_limits_only_when_set(tmp_path: Path):
+    svc = evaluate('{ enable = true; lanes.a.model = "m"; }')["serviceConfig"]
+    assert "MemoryMax" not in svc and "CPUQuota" not in svc and "MemoryLimit" not in svc
+    # seed 001's MemoryLimit=64G as MemoryMax=, on both units of the head
+    out = two_boxes("head", 'limits = { memoryMax = "64G"; cpuQuota = "2560%"; };')
+    assert out["failedAssertions"] == []
+    for unit in (out["server"], out["cluster"]):
+        assert unit["serviceConfig"]["MemoryMax"] == "64G" and unit["serviceConfig"]["CPUQuota"] == "2560%"
+    assert "MemoryMax=64G\n" in out["server"]["unitFile"] and "CPUQuota=2560%\n" in out["server"]["unitFile"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze:  # the rendered unit parses (no "Invalid ..., ignoring")
+        unit = tmp_path / "vllm.service"
+        unit.write_text(out["server"]["unitFile"])
+        verify = subprocess.run([analyze, "verify", "--man=false", str(unit)], capture_output=True, text=True)
+        assert not re.search(r"Unknown key|Failed to parse|Invalid|ignoring", verify.stderr), verify.stderr
+
+
+def test_bad_limits_fail_with_the_option_named():
+    text = "\n".join(evaluate('{ enable = true; lanes.a.model = "m"; limits = { memoryMax = "64GB"; '
+                              'cpuQuota = "80"; }; }')["failedAssertions"])
+    assert 'services.vllm.limits.memoryMax = "64GB" is not a size' in text
+    assert 'services.vllm.limits.cpuQuota = "80" is not a CPUQuota= value' in text
+
+
+def test_restart_policy_of_both_units():
+    out = two_boxes("head")
+    for unit in (out["server"], out["cluster"]):
+        svc = unit["serviceConfig"]
+        # on-failure (not seed 001's always) and no restart loop on a configuration error (exit 2)
+        assert svc["Restart"] == "on-failure" and svc["RestartPreventExitStatus"] == "2"
