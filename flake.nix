@@ -2,8 +2,10 @@
   description = "vLLM lanes behind one OpenAI endpoint on AMD Strix Halo (gfx1151, ROCm 7.1), from pinned private wheels";
 
   inputs = {
-    # Pinned in flake.lock to a nixos-unstable revision of 2026-02-04 whose rocmPackages are
-    # 7.1.x (the wheels were built for ROCm 7.1.1); see docs/nix.md "Which nixpkgs".
+    # Pinned in flake.lock to a nixos-unstable revision of 2026-02-04, chosen for rocmPackages
+    # 7.1.x (the wheels were built for ROCm 7.1.1). Not verified that it has them (no nixpkgs
+    # here): nix/packages.nix refuses any other rocmPackages.clr.version at evaluation; docs/nix.md
+    # "Which nixpkgs" says how to check and what to do.
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
     nix2container = {
       url = "github:nlewo/nix2container";
