@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 import uvicorn
 
+from .cli import CONFIG_EXIT
 from .config import LauncherConfig
 from .limits import BodyTimeout, Connections, Limits, connection_cap, protocol_class, raise_open_file_limit
 from .logs import setup_logging
 from .metrics import Metrics
 from .notify import sd_notify
 from .engines import EngineRecords, default_runtime_dir, sockets_dir
+from .engines.process import UnsafeDirectory
 from .http_app import create_app
 from .router import Router
 from .vllm_info import detect
@@ -47,7 +50,9 @@ class _Server(uvicorn.Server):
 
 async def _serve(config: LauncherConfig) -> int:
     server_cfg = config.server
-    records = EngineRecords(default_runtime_dir(server_cfg.runtime_dir))
+    runtime_dir = default_runtime_dir(server_cfg.runtime_dir)
+    sockets = sockets_dir(runtime_dir)         # both directories checked before anything is read from them
+    records = EngineRecords(runtime_dir)
     reaped = records.reap_orphans()
     if reaped:
         log.warning("stopped %d engine group(s) left behind by a previous server: %s", len(reaped), reaped)
@@ -55,7 +60,7 @@ async def _serve(config: LauncherConfig) -> int:
     log.info("vllm-launcher serving lanes %s (default %s) with %s on %s:%d", ", ".join(config.lanes),
              config.default_lane, vllm.describe(), server_cfg.host, server_cfg.port)
     metrics = Metrics()
-    router = Router(config, vllm, metrics, records, sockets=sockets_dir(records.directory))
+    router = Router(config, vllm, metrics, records, sockets=sockets)
     router.state_listeners.append(lambda lane, state, reason: sd_notify(f"STATUS=lane {lane}: {state} ({reason})"))
     connections = Connections(_limits(config), metrics.registry)
     app = BodyTimeout(create_app(config, vllm, router, metrics), connections)
@@ -105,4 +110,9 @@ def run_server(config: LauncherConfig) -> int:
     setup_logging(config.server.log_level, config.server.log_format, config.server.log_directory,
                   config.secret_values())
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve(config))
+        try:
+            return runner.run(_serve(config))
+        except UnsafeDirectory as error:
+            print(f"vllm-launcher: the runtime directory (VLLM_RUNTIME_DIR) is refused: {error}; nothing started",
+                  file=sys.stderr, flush=True)
+            return CONFIG_EXIT          # as for a configuration error: the operator fixes it first

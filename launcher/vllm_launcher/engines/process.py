@@ -31,6 +31,7 @@ import aiohttp
 import httpx
 
 from ..engine_command import EngineSpec
+from ..settings import mask_secrets
 
 log = logging.getLogger("vllm_launcher.engine")
 
@@ -73,20 +74,47 @@ def upstream_session(socket_path: str, key: str) -> aiohttp.ClientSession:
                                  skip_auto_headers=("Accept-Encoding", "User-Agent"))
 
 
+class UnsafeDirectory(OSError):
+    """The runtime directory or its sockets/ may be changed by another user: refused."""
+
+
+def private_directory(directory: Path) -> Path:
+    """DIRECTORY created 0700 if absent, else refused (UnsafeDirectory) unless it is a real
+    directory (not a symbolic link) of this user that group and others cannot write: as OpenSSH
+    and tmux check theirs, before anything in it is read or created. Another user able to write
+    it could plant engine records (the reaper would signal their groups) or swap sockets/."""
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = directory.lstat()
+    uid = os.getuid()
+    accepted = (f"accepted: a directory owned by this user (uid {uid}) that group and others cannot write "
+                f"(chmod 700 {directory}), or a path that does not exist yet (created 0700)")
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectory(f"{directory} is {'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a directory'}; "
+                              + accepted)
+    if info.st_uid != uid:
+        raise UnsafeDirectory(f"{directory} is owned by uid {info.st_uid}, not this user; {accepted}")
+    if info.st_mode & 0o022:
+        raise UnsafeDirectory(f"{directory} is writable by {'group and others' if info.st_mode & 0o002 else 'its group'} "
+                              f"(mode {stat.S_IMODE(info.st_mode):o}); {accepted}")
+    return directory
+
+
 def sockets_dir(runtime_dir: Path) -> Path:
-    """The directory of the engines' sockets: created 0700, and refused when another user owns
-    it or it is open to others (a socket's own mode is not a guarantee: vLLM creates it with
-    the umask's)."""
+    """The directory of the engines' sockets, sockets/ of the runtime directory: both checked by
+    private_directory, and sockets/ closed to others (a socket's own mode is not a guarantee:
+    vLLM creates it with the umask's)."""
+    private_directory(runtime_dir)
     directory = runtime_dir / "sockets"
     if len(str(directory)) + SOCKET_NAME_LENGTH > SOCKET_PATH_MAX:     # too long for sun_path
         fallback = Path(tempfile.mkdtemp(prefix="vllm-launcher-"))      # 0700, ours
         log.warning("%s is too long for Unix socket paths; engine sockets go to %s", directory, fallback)
         return fallback
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise OSError(f"{directory} is not a directory of this user")
-    if stat.S_IMODE(info.st_mode) != 0o700:
+    private_directory(directory)
+    if stat.S_IMODE(directory.lstat().st_mode) != 0o700:
         os.chmod(directory, 0o700)
     return directory
 
@@ -167,12 +195,20 @@ class EngineProcess:
     socket_path: str
     api_key: str
     log_line: Callable[[str, str], None] = lambda lane, line: log.info("[%s] %s", lane, line)
+    secrets: list[str] = field(default_factory=list)   # masked in its output, with its own key
     process: asyncio.subprocess.Process | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
     started_at: float = 0.0
     listening_at: float | None = None
     ready_at: float | None = None
     _reader: asyncio.Task | None = None
+
+    def __post_init__(self):
+        self._masked = sorted({s for s in (self.api_key, *self.secrets) if s and len(s) >= 4}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        """TEXT with the configuration's secrets and this engine's key masked."""
+        return mask_secrets(text, self._masked)
 
     @property
     def lane(self) -> str:
@@ -199,7 +235,8 @@ class EngineProcess:
                 raw = await stream.read(65536)
             if not raw:
                 return
-            line = raw.decode(errors="replace").rstrip()
+            # masked at the source: the tail goes into /lanes, 503s and the log
+            line = self.mask(raw.decode(errors="replace").rstrip())
             self.tail.append(line)
             self.log_line(self.lane, line)
 

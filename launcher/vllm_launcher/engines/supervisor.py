@@ -33,8 +33,10 @@ from ..metrics import Metrics
 from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
 from .followers import CLUSTER_NOT_READY
-from .process import EngineProcess, EngineStartError, engine_client, resource_error, upstream_session
-from .reaper import EngineRecords
+from .process import (
+    EngineProcess, EngineStartError, engine_client, private_directory, resource_error, upstream_session,
+)
+from .reaper import ENGINE_ID_VARIABLE, EngineRecords, new_engine_id
 
 log = logging.getLogger("vllm_launcher.supervisor")
 
@@ -177,7 +179,7 @@ class Supervisor:
             raise RuntimeError(f"{method} {path} failed: {error or type(error).__name__}") from None
         if response.status_code != 200:
             raise RuntimeError(f"{method} {path} answered {response.status_code}: "
-                               f"{mask_secrets(response.text[:200], self.secrets)}")
+                               f"{engine.process.mask(response.text[:200])}")
         return response
 
     async def stop(self, reason: str) -> float:
@@ -246,8 +248,10 @@ class Supervisor:
         spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key,
                                  sleep_mode=self.sleep_mode)
         spec.env.update(cluster_env)
+        engine_id = spec.env[ENGINE_ID_VARIABLE] = new_engine_id()     # how the reaper knows its group
+        # its output is masked with its own key too, wherever it is shown (log, /lanes, 503s)
         process = EngineProcess(spec, self.config.lane(self.lane).served_model_name, socket_path, key,
-                                log_line=self._engine_log)
+                                log_line=self._engine_log, secrets=self.secrets)
         self._process = process
         self.timings.started_at = time.monotonic()
         self.metrics.engine_starts.labels(self.lane).inc()
@@ -255,16 +259,17 @@ class Supervisor:
             self.metrics.engine_restarts.labels(self.lane).inc()
         log.info("lane %s: starting engine (attempt %d) on %s", self.lane, attempt, socket_path)
         try:
+            private_directory(self.sockets)          # still this user's alone, before a socket is made in it
             await process.start()
             if self.records:
-                self.records.record(self.lane, process.pgid)
+                self.records.record(self.lane, process.pgid, engine_id)
             await process.wait_ready(self.config.server.start_timeout)
         except (EngineStartError, OSError) as error:
             if isinstance(error, EngineStartError):
                 cause, resource = error.cause(), error.resource
             else:
                 cause, resource = f"cannot start the engine: {error}", resource_error(error)
-            cause = mask_secrets(cause, self.secrets)      # the engine's output goes into errors
+            cause = process.mask(cause)      # the engine's output goes into errors
             log.error("lane %s: %s%s", self.lane, cause,
                       " (the server's own limit: not counted as the lane's failure)" if resource else "")
             await self._stop_process()
@@ -339,7 +344,7 @@ class Supervisor:
             return
         await engine.process.drain_output()
         cause = f"engine for lane {self.lane!r} exited with status {code}"
-        tail = mask_secrets("\n".join(engine.process.log_tail()[-TAIL_IN_ERRORS:]), self.secrets)
+        tail = engine.process.mask("\n".join(engine.process.log_tail()[-TAIL_IN_ERRORS:]))
         log.error("lane %s: %s; last lines:\n%s", self.lane, cause, tail)
         engine.ended = cause
         self.engine = None
