@@ -11,7 +11,11 @@ dist-info:
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -47,6 +51,150 @@ SWAPS = {
 # that runs on the CPU) installed WITH its own requirements: it loads its nvidia-* libraries at
 # import even without a GPU. Those are the only distributions the lock does not list.
 EXTRA_PREFIXES = ("nvidia-",)
+
+
+# --- what the target machine cannot load (tests/test_closure_cuda_free.py) ----------------------
+# On the target, torch is the user's ROCm wheel: no CUDA runtime, no libtorch_cuda/libc10_cuda.
+# Here the CPU twin is PyPI's CUDA build, beside which every CUDA-linked extension loads, so the
+# tests read each native library's DT_NEEDED and model the target's difference.
+ARTIFACTS_LOCK = ROOT / "artifacts.lock.json"
+# The sonames (base name: before the first "." or an auditwheel "-hash") of CUDA's libraries and
+# of torch's CUDA parts; none exists beside a ROCm torch.
+CUDA_LIBRARY = re.compile(
+    r"lib(cuda|cudart|cublas(Lt)?|cudnn\w*|nvrtc(-builtins)?|nvJitLink|nvToolsExt|nvjpeg|nccl|cusparse(Lt)?"
+    r"|cufftw?|curand|cusolver(Mg)?|cupti|cufile(_rdma)?|nvshmem\w*|nvidia-ml|c10_cuda|torch_cuda\w*|caffe2_nvrtc)")
+# torch's own libraries: an extension linking them was built against one torch build (its ABI,
+# its device), so only an artifact built against the user's torch may (ALLOWED aside).
+TORCH_LIBRARY = re.compile(r"lib(c10|torch|shm|caffe2)(_\w+)?")
+# Packages whose native libraries may link CUDA or torch although they are no artifact: {name:
+# why that is harmless on the target}. Empty: the locked closure has none (keep it short).
+ALLOWED: dict[str, str] = {}
+
+
+def soname_base(soname: str) -> str:
+    """'libcudart.e8e8b82a.so.12' / 'libcudart-1a2b3c4d.so.12' / 'libcudart.so.12' -> 'libcudart'."""
+    return re.split(r"\.|-(?=[0-9a-f]{8}\b)", soname, maxsplit=1)[0]
+
+
+def artifact_names() -> set[str]:
+    """The projects of artifacts.lock.json (the user's wheels: built against their ROCm torch)."""
+    return {normalise(a["name"]) for a in json.loads(ARTIFACTS_LOCK.read_text())["artifacts"]}
+
+
+def dt_needed(path: Path) -> list[str] | None:
+    """An ELF file's DT_NEEDED entries; None when the file is no ELF."""
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as file:
+        if file.read(4) != b"\x7fELF":
+            return None
+        file.seek(0)
+        elf = ELFFile(file)
+        return [tag.needed for section in elf.iter_sections() if isinstance(section, DynamicSection)
+                for tag in section.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+
+
+def native_libraries(site_dirs: list[Path]) -> dict[str, dict[Path, list[str]]]:
+    """{normalised distribution name: {file: DT_NEEDED}} of every ELF shared library (`*.so`,
+    `*.so.N`) a distribution installed in `site_dirs` lists in its RECORD."""
+    import importlib.metadata as metadata
+
+    found: dict[str, dict[Path, list[str]]] = {}
+    for dist in metadata.distributions(path=[str(d) for d in site_dirs]):
+        libraries = found.setdefault(normalise(dist.metadata["Name"]), {})
+        for file in dist.files or []:
+            if not re.search(r"\.so(\.|$)", file.name):
+                continue
+            path = Path(file.locate())
+            needed = dt_needed(path) if path.is_file() else None
+            if needed is not None:
+                libraries[path] = needed
+    return found
+
+
+def link_problems(needed: list[str]) -> list[str]:
+    """What in one DT_NEEDED list cannot be beside the user's ROCm torch."""
+    cuda = [n for n in needed if CUDA_LIBRARY.fullmatch(soname_base(n))]
+    torch = [n for n in needed if TORCH_LIBRARY.fullmatch(soname_base(n)) and n not in cuda]
+    return ([f"CUDA {', '.join(cuda)}"] if cuda else []) + ([f"torch's own {', '.join(torch)}"] if torch else [])
+
+
+def scan(libraries: dict[str, dict[Path, list[str]]], packages: set[str], site_dirs: list[Path]) -> list[str]:
+    """One line per native library of `packages` linking CUDA or torch, artifacts and ALLOWED aside."""
+    exempt = artifact_names() | set(ALLOWED)
+    problems = []
+    for name in sorted(packages - exempt):
+        for path, needed in sorted(libraries.get(name, {}).items()):
+            if found := link_problems(needed):
+                where = next((path.relative_to(d) for d in site_dirs if path.is_relative_to(d)), path)
+                problems.append(f"{name}: {where} needs {'; '.join(found)}")
+    return problems
+
+
+def unloadable_on_target(libraries: dict[str, dict[Path, list[str]]]) -> dict[str, str]:
+    """{real path: the loader's error there} of every library that needs a CUDA library, directly
+    or through another such library (by its file name); not the twin torch's nor its nvidia-*."""
+    files = {path: needed for name, found in libraries.items() if name != "torch" and not name.startswith(EXTRA_PREFIXES)
+             for path, needed in found.items()}
+    missing = {}
+    changed = True
+    while changed:
+        changed = False
+        for path, needed in files.items():
+            key = os.path.realpath(path)
+            if key in missing:
+                continue
+            absent = [n for n in needed if CUDA_LIBRARY.fullmatch(soname_base(n))
+                      or any(Path(other).name == n for other in missing)]
+            if absent:
+                missing[key] = f"{absent[0]}: cannot open shared object file: No such file or directory"
+                changed = True
+    return missing
+
+
+# Run first in the closure's Python (argv[1]: a JSON file of unloadable_on_target()): loading any
+# of those files, as an extension module or with ctypes (torch.ops.load_library), fails as the
+# dynamic loader fails on the target.
+TARGET_LOADER = r"""
+import ctypes, importlib.machinery, json, os, sys
+_missing = json.load(open(sys.argv.pop(1)))
+_dlopen = ctypes._dlopen
+def _target_dlopen(name, *args):
+    if name and os.path.realpath(name) in _missing:
+        raise OSError(_missing[os.path.realpath(name)])
+    return _dlopen(name, *args)
+ctypes._dlopen = _target_dlopen
+_create_module = importlib.machinery.ExtensionFileLoader.create_module
+def _target_create_module(self, spec):
+    if spec.origin and os.path.realpath(spec.origin) in _missing:
+        raise ImportError(_missing[os.path.realpath(spec.origin)], name=spec.name, path=spec.origin)
+    return _create_module(self, spec)
+importlib.machinery.ExtensionFileLoader.create_module = _target_create_module
+"""
+
+
+API_SERVER = "vllm.entrypoints.openai.api_server"    # what the launcher runs in every engine
+UV = shutil.which("uv") or str(ROOT / ".venv" / "bin" / "uv")
+
+
+def closure_environ(tmp_path) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+            "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+
+
+def run_closure(tmp_path, *args: str, timeout: float = 300, stdin: str | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The closure's Python in tmp_path with a small, explicit environment."""
+    return subprocess.run([str(CLOSURE_PYTHON), *args], env={**closure_environ(tmp_path), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, input=stdin)
+
+
+def site_packages(environment: Path = CLOSURE_DIR) -> Path:
+    found = sorted(environment.glob("lib/python3*/site-packages"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{environment}: expected one lib/python3*/site-packages, found {found}")
+    return found[0]
 
 
 def locked_versions() -> dict[str, str]:

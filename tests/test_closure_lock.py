@@ -158,6 +158,10 @@ def test_lock_relocks_the_closure_with_the_wheels_hashes(repo: Path, tmp_path: P
     assert "changed vllm 0.12.0 -> 0.12.0+rocm711" in output
     assert f"changed torch 2.9.1: PyPI -> wheels/{TORCH}" in output
     old, new = versions(old_lock), versions(lock_text)
+    # the wheel's METADATA lists timm (rocm.txt) as the real one does; the overrides keep it and
+    # PyPI's CUDA torchvision out without a torchvision artifact (tests/test_closure_cuda_free.py)
+    assert any(r.startswith("timm") for r in stand_in_metadata()["vllm"]["requires-dist"])
+    assert not {"timm", "torchvision"} & set(new)
     for name in ("torch", "vllm", "triton", "pytorch-triton-rocm"):
         old.pop(name, None), new.pop(name, None)
     assert new == old
