@@ -7,20 +7,27 @@ nix-store fails these tests rather than skipping them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
+from elf_wheels import build_library, gcc
+from elf_wheels import rocm_wheels as rocm_wheel_pair
 from vllm_launcher.artifacts import (
     DEFAULT_LOCK,
     artifacts,
     fixed_output_store_path,
     validate_lock,
 )
+from vllm_launcher.wheel_libraries import read_elf_dynamic
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TORCH = "torch-2.9.1-cp311-cp311-linux_x86_64.whl"
 VLLM = "vllm-0.12.0+rocm711-cp311-cp311-linux_x86_64.whl"
@@ -59,7 +66,7 @@ def lock(wheels: Path, lock_file: Path):
 
 
 def test_committed_lock_is_valid_and_unhashed():
-    data = json.loads((Path(__file__).parent.parent / "artifacts.lock.json").read_text())
+    data = json.loads((ROOT / "artifacts.lock.json").read_text())
     assert validate_lock(data, "artifacts.lock.json") == []
     assert [e["filename"] for e in data["artifacts"]] == [TORCH, VLLM]
     # The repository cannot know the hashes of private wheels: never a made-up one.
@@ -214,3 +221,75 @@ def test_add_with_real_nix_store(wheels: Path, tmp_path: Path):
                               capture_output=True, text=True).stdout.strip()
         assert int(size) > entry["size"]  # NAR size: the file plus NAR framing
         assert Path(store_path).read_bytes() == (wheels / entry["filename"]).read_bytes()
+
+
+# --- the wheels' native libraries (issue 18, What 3) ------------------------------------------
+
+
+@pytest.fixture()
+def rocm_wheels(tmp_path: Path) -> Path:
+    directory = tmp_path / "rocm-wheels"
+    directory.mkdir()
+    rocm_wheel_pair(directory, tmp_path / "elf", TORCH, VLLM)
+    return directory
+
+
+def test_lock_records_the_sonames_each_wheel_needs_from_outside(rocm_wheels: Path, tmp_path: Path):
+    result = run("lock", str(rocm_wheels), "--lock-file", str(tmp_path / "l.json"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "l.json").read_text())
+    torch, vllm = data["artifacts"]
+    # Not libc10.so / libtorch.so (its own DT_SONAMEs), not the GPU code object's entry.
+    assert torch["needs"] == {
+        "libMIOpen.so.1": "torch/lib/libtorch.so",
+        "libamdhip64.so.7": "torch/lib/libc10.so",
+        "libc.so.6": "torch/_C.cpython-311-x86_64-linux-gnu.so",
+        "libhipblas.so.3": "torch/lib/libtorch.so",
+        "libstdc++.so.6": "torch/lib/libtorch.so",
+    }
+    assert torch["provides"] == {"libc10.so": "torch/lib", "libtorch.so": "torch/lib"}
+    # vLLM bundles none of torch's libraries: it needs them (Nix finds them in torch's entry).
+    assert vllm["needs"] == {name: "vllm/_C.abi3.so" for name in
+                             ("libamdhip64.so.7", "libc.so.6", "libc10.so", "libtorch.so")}
+    assert vllm["provides"] == {}
+    assert "torch: 4 ELF files" not in result.output  # the GPU code object is no host library
+    assert "torch: 3 ELF files, 2 libraries of its own; needs from outside: libMIOpen.so.1" in result.output
+    assert validate_lock(data, "lock") == []
+    jsonschema.validate(data, json.loads((ROOT / "nix/artifacts.schema.json").read_text()))
+
+
+def test_reader_agrees_with_readelf(tmp_path: Path):
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf (binutils, beside gcc) not found"
+    libraries = [
+        build_library(tmp_path, "libx.so.2", ["libamdhip64.so.7", "libz.so.1"], "libx.so.2"),
+        build_library(tmp_path, None, [], "plain.so"),
+        Path(subprocess.run([gcc(), "-print-file-name=libgcc_s.so.1"], capture_output=True, text=True,
+                            check=True).stdout.strip()),
+    ]
+    for library in libraries:
+        shown = subprocess.run([readelf, "-dW", str(library)], capture_output=True, text=True, check=True).stdout
+        with library.open("rb") as handle:
+            elf = read_elf_dynamic(handle)
+        assert elf.needed == re.findall(r"\(NEEDED\)\s+Shared library: \[(.*?)\]", shown), library
+        assert [elf.soname] if elf.soname else [] == re.findall(r"\(SONAME\)\s+Library soname: \[(.*?)\]", shown)
+    with (tmp_path / "empty.c").open("rb") as handle:
+        assert read_elf_dynamic(handle) is None  # not an ELF file
+
+
+def test_lock_names_a_broken_elf_file_and_leaves_the_lock(rocm_wheels: Path, tmp_path: Path):
+    torch = rocm_wheels / TORCH
+    library = (tmp_path / "elf" / "built" / "libtorch.so").read_bytes()
+    with zipfile.ZipFile(torch, "a") as wheel:  # cut inside the dynamic section
+        wheel.writestr("torch/lib/libbroken.so", library[: len(library) // 2])
+    lock_file = tmp_path / "l.json"
+    result = run("lock", str(rocm_wheels), "--lock-file", str(lock_file), "--no-progress")
+    assert result.exit_code == 1
+    assert "torch/lib/libbroken.so" in result.output and "truncated" in result.output
+    assert not lock_file.exists()
+
+
+def test_validate_lock_rejects_malformed_library_maps():
+    data = json.loads(json.dumps(DEFAULT_LOCK))
+    data["artifacts"][0]["needs"] = ["libamdhip64.so.7"]
+    assert any("needs must map library names" in p for p in validate_lock(data, "lock"))

@@ -7,6 +7,11 @@ into the Nix store with `nix-store --add-fixed sha256` (what nixpkgs' `requireFi
 The lock format (schema version 1) is described by nix/artifacts.schema.json and read by
 nix/lock.nix.
 
+`lock DIR` also reads each wheel's ELF files (wheel_libraries.py) and records per artifact the
+sonames it needs and does not bundle (`needs`) and the libraries it bundles (`provides`):
+nix/native-libraries.nix maps those sonames to nixpkgs packages, so the wheels themselves, not
+a hand list, decide which ROCm libraries Nix links them against and the image carries.
+
 `lock DIR` also re-locks the engines' Python closure, `python-env/uv.lock` next to the lock file
 (`--python-env DIR` names another, `--no-relock` skips it), against the wheels' own METADATA:
 the committed python-env/pyproject.toml describes the private wheels with
@@ -52,10 +57,15 @@ from pathlib import Path
 
 import click
 
+from .wheel_libraries import ElfError, scan_wheel
+
 LOCK_VERSION = 1
 DEFAULT_LOCK_FILE = "artifacts.lock.json"
 LOCK_ENV = "VLLM_ARTIFACTS_LOCK"
 CHUNK = 1 << 20
+# Written by `lock` from each wheel's ELF files (wheel_libraries.py), read by
+# nix/native-libraries.nix: `needs` soname -> first file needing it, `provides` name -> directory.
+LIBRARY_KEYS = ("needs", "provides")
 # Files at least this large get a progress bar (the torch wheel is 544 MB).
 PROGRESS_MIN_BYTES = 8 << 20
 
@@ -129,7 +139,7 @@ def validate_lock(data: object, source: str) -> list[str]:
         name = entry.get("name")
         if isinstance(name, str):
             where = f"{where} ({name})"
-        unknown = set(entry) - {"name", "version", "filename", "sha256", "size", "url"}
+        unknown = set(entry) - {"name", "version", "filename", "sha256", "size", "url", *LIBRARY_KEYS}
         if unknown:
             problems.append(f"{where}: unknown keys {sorted(unknown)}")
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -159,6 +169,14 @@ def validate_lock(data: object, source: str) -> list[str]:
             problems.append(f"{where}: size={size!r}: must be a byte count or null")
         if sha and size is None:
             problems.append(f"{where}: a locked entry (sha256 set) needs its size")
+        for key in LIBRARY_KEYS:
+            value = entry.get(key)
+            if value is not None and not (
+                isinstance(value, dict)
+                and all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items())
+            ):
+                problems.append(f"{where}: {key} must map library names to paths in the wheel "
+                                "(written by `vllm-launcher artifacts lock DIR`)")
         url = entry.get("url")
         if url is not None and (not isinstance(url, str) or not re.match(r"^(https?|file)://", url)):
             problems.append(f"{where}: url={url!r}: must be an http(s):// or file:// URL")
@@ -587,6 +605,24 @@ def relock_closure(env_dir: Path, wheels: dict[str, Path], uv: list[str]) -> tup
         return pyproject, (work / "uv.lock").read_text()
 
 
+# --- the wheels' native libraries ------------------------------------------------------------
+
+
+def record_libraries(entry: dict, wheel: Path) -> None:
+    """Write the libraries the wheel needs from outside itself (and those it provides) into its
+    lock entry; nix/native-libraries.nix maps each needed soname to a nixpkgs package."""
+    click.echo(f"{entry['name']}: reading the ELF files of {wheel.name}", err=True)
+    try:
+        found = scan_wheel(wheel)
+    except (ElfError, zipfile.BadZipFile, OSError) as exc:
+        raise click.ClickException(f"{wheel}: cannot read its native libraries: {exc}") from exc
+    entry["needs"] = found.needs
+    entry["provides"] = found.provides
+    names = ", ".join(found.needs) or "none"
+    click.echo(f"{entry['name']}: {found.elf_files} ELF files, {len(found.provides)} libraries of "
+               f"its own; needs from outside: {names}")
+
+
 # --- commands --------------------------------------------------------------------------------
 
 _lock_option = click.option(
@@ -633,7 +669,9 @@ def lock_command(
     Without a lock file, one naming the torch 2.9.1 and vLLM 0.12.0+rocm711 wheels is created.
     A wheel found under another file name of the same project updates filename and version.
     When torch's METADATA requires pytorch-triton-rocm, its wheel must be in DIRECTORY too (it
-    joins the lock). The re-lock prints each package added, removed or changed.
+    joins the lock). Each wheel's ELF files are read: the sonames it needs from outside itself
+    are written to its entry (`needs`), for Nix to map to packages. The re-lock prints each
+    package added, removed or changed.
     """
     path = lock_file or default_lock_path()
     data = read_lock(path, missing_ok=True)
@@ -670,6 +708,7 @@ def lock_command(
         entry["size"] = wheel.stat().st_size
         entry["sha256"] = sha256_file(wheel, progress=progress)
         click.echo(f"{entry['name']}: {wheel.name} {entry['size']} bytes sha256 {entry['sha256']}")
+        record_libraries(entry, wheel)
     if env_dir is None:
         write_lock(path, data)
         click.echo(f"wrote {path}")
