@@ -3,7 +3,9 @@
 # tarball: load it with `nix run .#vllm-container.copyToPodman` (docs/containers.md).
 #
 # Layers, heaviest and most stable first, each passed to the next so nothing is duplicated:
-#   1. ROCm runtime libraries     (change with the nixpkgs pin)
+#   1. native libraries           (ROCm, glibc, gcc's runtime: exactly the packages the wheels'
+#                                  recorded sonames and the run-time loaded libraries map to,
+#                                  nix/native-libraries.nix; change with the pin or a wheel)
 #   2. torch                      (changes with the torch wheel)
 #   3. the engines' environment   (vllm-engine-env: vLLM and the whole locked closure, without
 #                                  the launcher; changes with uv.lock or the vLLM wheel)
@@ -55,7 +57,9 @@ let
     ];
   };
 
-  rocmLayer = nix2container.buildLayer { deps = torch.rocmLibraries or [ ]; };
+  # The packages nix/native-libraries.nix maps the artifacts' `needs` and the dlopen'ed
+  # libraries to (nix/python-overlay.nix puts them on torch's passthru), with their closures.
+  rocmLayer = nix2container.buildLayer { deps = torch.imageLibraries; };
   torchLayer = nix2container.buildLayer {
     deps = [ torch ];
     layers = [ rocmLayer ];
@@ -153,7 +157,7 @@ in
   # For tests and `nix eval .#vllm-container.layerInputs`: what each layer is built from.
   layerInputs = {
     inherit tag;
-    rocm = torch.rocmLibraries or [ ];
+    rocm = torch.imageLibraries;
     torch = [ torch ];
     engine = [ vllmServer.engineEnv ];
     launcher = [ vllmServer ];

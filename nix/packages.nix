@@ -3,7 +3,7 @@
 # calls it with a stubbed `pkgs` and the uv2nix / pyproject.nix sources.
 #
 # From nixpkgs only: python311 (the interpreter), stdenv, autoPatchelfHook, requireFile/fetchurl,
-# rocmPackages and a few C libraries (nix/python-overlay.nix names each one's file). No nixpkgs
+# rocmPackages and the C libraries the wheels link (nix/native-libraries.nix). No nixpkgs
 # Python package set: every Python package comes from uv.lock through uv2nix.
 {
   pkgs,
@@ -44,6 +44,9 @@ let
     rocmPackages = checkedRocm;
     inherit (locked) specs;
     inherit sources;
+    # each wheel's recorded `needs`/`provides`, for nix/native-libraries.nix
+    inherit (locked.lock) artifacts;
+    lockName = if lockFile == null then "artifacts.lock.json" else baseNameOf (toString lockFile);
   };
 
   python = pkgs.callPackage ./python.nix {

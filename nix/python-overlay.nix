@@ -14,75 +14,47 @@
 #    saeedece/uv2nix-cuda-overrides: `prev.torch.overrideAttrs` with a new src and the GPU
 #    libraries in buildInputs; packages built on torch get `addAutoPatchelfSearchPath
 #    <torch>/torch/lib`).
-# 2. ROCm: torch and vLLM link ROCm 7.1 by soname; autoPatchelf (already in nativeBuildInputs of
-#    every uv2nix wheel: uv2nix lib/build.nix `remote`) relinks them against rocmPackages.
-# 3. Wheels needing more than the manylinux libraries: numba (libtbb.so.12, libgomp), amdsmi
-#    (dlopens libamd_smi.so), PyPI's torchvision (a CUDA build).
+# 2. Their native libraries come from the wheels themselves: `artifacts lock` recorded the
+#    sonames each wheel needs and does not bundle, nix/native-libraries.nix maps them to
+#    packages (ROCm, glibc, gcc's runtime, ...) or to another artifact's directory (vLLM ->
+#    torch/lib), and autoPatchelf (already in nativeBuildInputs of every uv2nix wheel: uv2nix
+#    lib/build.nix `remote`) links against exactly those. An unmapped soname stops evaluation;
+#    nothing is ignored.
+# 3. PyPI wheels that need more than the manylinux libraries, through the same table: numba
+#    (libtbb.so.12, libgomp.so.1), amdsmi (loads libamd_smi.so at run time: the table's
+#    `dlopened`).
 #
-# Attribute sources (read at or near the pinned nixpkgs 00c21e4c with the search tool, repo
-# NixOS/nixpkgs): rocmPackages.* in pkgs/development/rocm-modules/default.nix (amdsmi: its
-# default.nix, version 7.1.1, installs lib/libamd_smi.so with CMAKE_INSTALL_LIBDIR=lib); onetbb in
-# pkgs/by-name/on/onetbb/package.nix (oneTBB 2022.x, soname libtbb.so.12); libgomp in gcc's `lib`
-# output (`lib.getLib stdenv.cc.cc`, also what pythonManylinuxPackages.manylinux2014 uses for
-# libstdc++: pkgs/development/interpreters/python/manylinux/default.nix); libdrm, numactl,
-# elfutils, zstd, autoPatchelfHook, pythonManylinuxPackages top-level (uv2nix's lib/build.nix
-# uses the last two for every wheel). From pyproject.nix: `final.pyprojectWheelHook`,
-# `final.python` (build/packages.nix mkPythonSet). From uv2nix: `passthru.package`, the parsed
-# uv.lock entry with `source` and `wheels` (lib/build.nix `remote`, lib/lock1.nix parsePackage).
+# From pyproject.nix: `final.pyprojectWheelHook`, `final.python` (build/packages.nix
+# mkPythonSet). From uv2nix: `passthru.package`, the parsed uv.lock entry with `source` and
+# `wheels` (lib/build.nix `remote`, lib/lock1.nix parsePackage).
 {
   lib,
-  stdenv,
+  pkgs,
   autoPatchelfHook,
+  # pkgs.rocmPackages after nix/packages.nix checked its version against the wheels'
   rocmPackages,
-  onetbb,
-  libdrm,
-  numactl,
-  elfutils,
-  zstd,
-  pythonManylinuxPackages,
   # nix/lock.nix: `specs` (plain data) and `sources` (fixed-output derivations), by artifact name
   specs,
   sources,
+  # the lock's `artifacts` list as written (with each wheel's `needs` and `provides`)
+  artifacts,
+  lockName ? "artifacts.lock.json",
 }:
 final: prev:
 let
   inherit (final.python) sitePackages;
 
-  # The ROCm runtime libraries torch's HIP build links (libamdhip64, libhipblas, libMIOpen, ...).
-  # When a build stops with "auto-patchelf: could not satisfy dependency libX.so.N", see
-  # docs/nix.md section 6.
-  rocmLibraries = with rocmPackages; [
-    clr # libamdhip64, libhiprtc
-    rocm-runtime # libhsa-runtime64
-    rocm-comgr
-    rocblas
-    hipblas
-    hipblas-common
-    hipblaslt
-    miopen # libMIOpen
-    rocrand
-    hiprand
-    rocfft
-    hipfft
-    rocsparse
-    hipsparse
-    rocsolver
-    hipsolver
-    rccl
-    roctracer # libroctracer64, libroctx64
-    rocprofiler-register
-    rocm-smi # librocm_smi64
-    amdsmi # libamd_smi
-  ];
-  nativeLibraries = [
-    libdrm
-    numactl
-    elfutils
-    zstd
-  ]
-  ++ pythonManylinuxPackages.manylinux2014;
-
-  torchLib = "${final.torch}/${sitePackages}/torch/lib";
+  # What each artifact needs, from the lock; and the libraries loaded at run time by packages
+  # of this set. Lazy: an artifact's unmapped soname stops evaluation when that artifact (or the
+  # image, which takes them all) is evaluated.
+  native = (import ./native-libraries.nix).resolve {
+    pkgs = pkgs // {
+      inherit rocmPackages;
+    };
+    inherit artifacts;
+    where = lockName;
+    loaders = builtins.attrNames prev;
+  };
 
   # Which package of the set an artifact replaces.
   slotOf =
@@ -116,68 +88,47 @@ let
   # uv2nix chose for the placeholder.
   fromArtifact =
     slot:
-    {
-      extraBuildInputs ? [ ],
-      searchTorchLib ? false,
-      attrs ? { },
-    }:
     let
       name = artifactFor slot;
       old = prev.${slot};
+      needs = native.artifacts.${name};
+      # Libraries of another artifact (vLLM's libtorch.so: torch's torch/lib). The wheel's own
+      # (torch's libc10.so) autoPatchelf finds in $out itself (auto-patchelf.py, add_existing).
+      searchPaths = lib.concatMapStrings (d: ''
+        addAutoPatchelfSearchPath "${final.${slotOf d.artifact}}/${sitePackages}/${d.dir}"
+      '') needs.searchDirs;
     in
     assert checkAgreement name old.passthru.package;
-    old.overrideAttrs (
-      prevAttrs:
-      {
-        src = sources.${name};
-        version = specs.${name}.version;
-        nativeBuildInputs = [
-          final.pyprojectWheelHook
-          autoPatchelfHook
-        ];
-        buildInputs = nativeLibraries ++ extraBuildInputs;
-        # Stripping these wheels breaks their ELF alignment (as in nixpkgs'
-        # pkgs/development/python-modules/torch/bin/default.nix).
-        dontStrip = true;
-        passthru = prevAttrs.passthru // {
-          artifact = specs.${name};
-        };
-      }
-      // lib.optionalAttrs searchTorchLib {
-        preFixup = ''
-          addAutoPatchelfSearchPath "${torchLib}"
-        '';
-      }
-      // attrs
-    );
-
-  torch = fromArtifact "torch" {
-    extraBuildInputs = rocmLibraries;
-    attrs = {
-      # Narrow on purpose, each with its reason; never "*".
-      autoPatchelfIgnoreMissingDeps = [
-        # hipSPARSELt: sparse matmul kernels only built for MI300 (gfx942); not packaged in
-        # nixpkgs and never loaded on gfx1151.
-        "libhipsparselt.so.0"
+    old.overrideAttrs (prevAttrs: {
+      src = sources.${name};
+      version = specs.${name}.version;
+      nativeBuildInputs = [
+        final.pyprojectWheelHook
+        autoPatchelfHook
       ];
-      postFixup = ''
-        addAutoPatchelfSearchPath "$out/${sitePackages}/torch/lib"
-      '';
-      passthru = prev.torch.passthru // {
-        inherit rocmLibraries;
-        artifact = specs.${artifactFor "torch"};
+      buildInputs = needs.packages;
+      # Stripping these wheels breaks their ELF alignment (as in nixpkgs'
+      # pkgs/development/python-modules/torch/bin/default.nix).
+      dontStrip = true;
+      preFixup = searchPaths;
+      passthru = prevAttrs.passthru // {
+        artifact = specs.${name};
+        # soname -> what gives it ("rocmPackages.clr", "artifact torch (torch/lib)", ...)
+        inherit (needs) sonames;
+        nativeLibraries = needs.packages;
       };
+    });
+
+  torch = (fromArtifact "torch").overrideAttrs (prevAttrs: {
+    passthru = prevAttrs.passthru // {
+      # Every package the artifacts need and the run-time loaded libraries of this set, once:
+      # the image's native-library layer (nix/container.nix).
+      imageLibraries = native.packages;
     };
-  };
-
-  # vLLM's _C, _rocm_C and _moe_C extensions link libtorch*, libc10* (torch/lib) and ROCm.
-  vllm = fromArtifact "vllm" {
-    extraBuildInputs = rocmLibraries;
-    searchTorchLib = true;
-  };
-
-  triton = fromArtifact "triton" { };
-  pytorch-triton-rocm = fromArtifact "pytorch-triton-rocm" { };
+  });
+  vllm = fromArtifact "vllm";
+  triton = fromArtifact "triton";
+  pytorch-triton-rocm = fromArtifact "pytorch-triton-rocm";
 in
 lib.optionalAttrs (isSwapped "torch") { inherit torch; }
 // lib.optionalAttrs (isSwapped "vllm") { inherit vllm; }
@@ -187,45 +138,36 @@ lib.optionalAttrs (isSwapped "torch") { inherit torch; }
   # numba/np/ufunc/tbbpool links libtbb.so.12 and omppool links libgomp.so.1.0.0 (readelf -d
   # of numba-0.61.2-cp311-...-manylinux2014_x86_64.whl).
   numba = prev.numba.overrideAttrs (prevAttrs: {
-    buildInputs = (prevAttrs.buildInputs or [ ]) ++ [
-      onetbb
-      (lib.getLib stdenv.cc.cc)
-    ];
+    buildInputs =
+      (prevAttrs.buildInputs or [ ])
+      ++ map native.library [
+        "libtbb.so.12"
+        "libgomp.so.1"
+      ];
   });
 }
-// lib.optionalAttrs (prev ? amdsmi) {
-  # vLLM picks its ROCm platform by importing amdsmi. PyPI's amdsmi is ctypes only:
-  # amdsmi/amdsmi_wrapper.py find_smi_library() tries $ROCM_HOME/lib, $ROCM_PATH/lib, the
-  # linker's path, then the file beside itself. ROCM_PATH is clr here (nix/runtime-env.nix), so
-  # the library goes beside the wrapper, from the same rocmPackages as torch.
+// lib.optionalAttrs (prev ? amdsmi && native.dlopened ? "libamd_smi.so") {
+  # vLLM picks its ROCm platform by importing amdsmi, whose ctypes wrapper looks for
+  # libamd_smi.so beside itself among other places (nix/native-libraries.nix `dlopened`).
+  # ROCM_PATH is clr here (nix/runtime-env.nix), so the library goes beside the wrapper.
   amdsmi = prev.amdsmi.overrideAttrs (prevAttrs: {
     postInstall = (prevAttrs.postInstall or "") + ''
-      ln -s ${rocmPackages.amdsmi}/lib/libamd_smi.so $out/${sitePackages}/amdsmi/libamd_smi.so
+      ln -s ${native.dlopened."libamd_smi.so"}/lib/libamd_smi.so $out/${sitePackages}/amdsmi/libamd_smi.so
     '';
   });
 }
 // lib.optionalAttrs (prev ? torchvision) {
-  # PyPI's torchvision is a CUDA build: torchvision/_C.so and image.so link libtorch_cuda.so,
-  # libc10_cuda.so and libcudart.so.12, which a ROCm torch does not have. Those two extensions
-  # stay unloadable (torchvision catches it: extension.py _has_ops() is False, io warns), so the
-  # compiled ops (torchvision.ops.nms, roi_align, deform_conv2d) and torchvision.io's JPEG/PNG
-  # decoding fail; transforms and models, which vLLM and timm use, are pure Python and work.
-  # A ROCm torchvision wheel as an artifact named `torchvision` replaces it (fromArtifact).
+  # Only as an artifact: a torchvision wheel built for the same ROCm torch (its needs then name
+  # torch's libraries and ROCm's, resolved as any artifact's). PyPI's is a CUDA build whose _C.so
+  # links libcudart and libtorch_cuda; beside a ROCm torch `import torchvision` fails, and with it
+  # transformers and vLLM's API server. python-env keeps it out of the closure (issue 18).
   torchvision =
     if isSwapped "torchvision" then
-      fromArtifact "torchvision" {
-        extraBuildInputs = rocmLibraries;
-        searchTorchLib = true;
-      }
+      fromArtifact "torchvision"
     else
-      prev.torchvision.overrideAttrs (prevAttrs: {
-        preFixup = (prevAttrs.preFixup or "") + ''
-          addAutoPatchelfSearchPath "${torchLib}"
-        '';
-        autoPatchelfIgnoreMissingDeps = [
-          "libtorch_cuda.so"
-          "libc10_cuda.so"
-          "libcudart.so.12"
-        ];
-      });
+      throw ''
+        vllm-strix: the Python closure (uv.lock) has PyPI's torchvision, a CUDA build that cannot
+        load beside a ROCm torch (and with it no engine starts). Take it out of the closure
+        (python-env/pyproject.toml's override-dependencies keep it out), or add a ROCm torchvision
+        wheel built for your torch to the artifacts lock and run `vllm-launcher artifacts lock DIR`.'';
 }

@@ -37,6 +37,25 @@ VLLM_FILE = "vllm-0.12.0+rocm711-cp311-cp311-linux_x86_64.whl"
 TRITON_FILE = "pytorch_triton_rocm-3.5.1-cp311-cp311-linux_x86_64.whl"
 HASHES = {"torch": "a" * 64, "vllm": "b" * 64, "pytorch-triton-rocm": "c" * 64}
 
+# What `vllm-launcher artifacts lock` records for ROCm 7.1 builds (the shape of its `needs` and
+# `provides`; tests/test_artifacts.py checks the recording itself on real ELF files).
+TORCH_NEEDS = {
+    "libamdhip64.so.7": "torch/lib/libc10_hip.so", "libhipblas.so.3": "torch/lib/libtorch_hip.so",
+    "libhipblaslt.so.1": "torch/lib/libtorch_hip.so", "libMIOpen.so.1": "torch/lib/libtorch_hip.so",
+    "librocblas.so.5": "torch/lib/libtorch_hip.so", "libhsa-runtime64.so.1": "torch/lib/libtorch_hip.so",
+    "libroctx64.so.4": "torch/lib/libtorch_hip.so", "libc.so.6": "torch/lib/libc10.so",
+    "libstdc++.so.6": "torch/lib/libc10.so", "libgcc_s.so.1": "torch/lib/libc10.so",
+    "libnuma.so.1": "torch/lib/libtorch_hip.so",
+}
+TORCH_PROVIDES = {"libc10.so": "torch/lib", "libc10_hip.so": "torch/lib", "libtorch.so": "torch/lib",
+                  "libtorch_cpu.so": "torch/lib", "libtorch_hip.so": "torch/lib"}
+VLLM_NEEDS = {"libamdhip64.so.7": "vllm/_C.abi3.so", "libc10.so": "vllm/_C.abi3.so",
+              "libc10_hip.so": "vllm/_C.abi3.so", "libtorch.so": "vllm/_C.abi3.so",
+              "libc.so.6": "vllm/_C.abi3.so", "libstdc++.so.6": "vllm/_C.abi3.so"}
+# nix/native-libraries.nix's table, as the stub packages are named.
+TORCH_PACKAGES = {"clr-7.1.1", "hipblas-7.1.1", "hipblaslt-7.1.1", "miopen-7.1.1", "rocblas-7.1.1",
+                  "rocm-runtime-7.1.1", "roctracer-7.1.1", "glibc", "gcc-14-lib", "numactl"}
+
 # Packages that exist only for NVIDIA GPUs: none may be left in a ROCm set.
 CUDA_ONLY = re.compile(r"^(nvidia-.*|cupy-cuda.*|.*-cu1[0-9]+|.*[-_]cuda[0-9]*x?|pynvml|nvidia-ml-py|"
                        r"flashinfer-python|xformers|cuda-python|cuda-bindings)$")
@@ -69,14 +88,17 @@ def sources() -> dict[str, Path]:
     }
 
 
-def artifacts_lock(triton: bool = False) -> dict:
+def artifacts_lock(triton: bool = False, torch_needs: dict | None = None) -> dict:
     entries = [
-        {"name": "torch", "version": "2.9.1", "filename": TORCH_FILE, "sha256": HASHES["torch"], "size": 1},
-        {"name": "vllm", "version": "0.12.0+rocm711", "filename": VLLM_FILE, "sha256": HASHES["vllm"], "size": 2},
+        {"name": "torch", "version": "2.9.1", "filename": TORCH_FILE, "sha256": HASHES["torch"], "size": 1,
+         "needs": TORCH_NEEDS if torch_needs is None else torch_needs, "provides": TORCH_PROVIDES},
+        {"name": "vllm", "version": "0.12.0+rocm711", "filename": VLLM_FILE, "sha256": HASHES["vllm"], "size": 2,
+         "needs": VLLM_NEEDS, "provides": {}},
     ]
     if triton:
         entries.append({"name": "pytorch-triton-rocm", "version": "3.5.1", "filename": TRITON_FILE,
-                        "sha256": HASHES["pytorch-triton-rocm"], "size": 3})
+                        "sha256": HASHES["pytorch-triton-rocm"], "size": 3,
+                        "needs": {"libc.so.6": "triton/_C/libtriton.so"}, "provides": {}})
     return {"version": 1, "artifacts": entries}
 
 
@@ -109,7 +131,7 @@ def path_shaped(lock: dict, hashes: dict[str, str] | None = None, triton: bool =
 
 
 def evaluate(sources: dict[str, Path], tmp_path: Path, lock: dict, uvlock: dict | None = None,
-             ok: bool = True):
+             ok: bool = True, extra_pkgs: str | None = None):
     lock_file = tmp_path / "artifacts.lock.json"
     lock_file.write_text(json.dumps(lock))
     args = ["--arg", "lib", f"import {sources['lib']}",
@@ -121,6 +143,8 @@ def evaluate(sources: dict[str, Path], tmp_path: Path, lock: dict, uvlock: dict 
         uv_file = tmp_path / "uv.lock.json"
         uv_file.write_text(json.dumps(uvlock))
         args += ["--arg", "uvLock", f"builtins.fromJSON (builtins.readFile {uv_file})"]
+    if extra_pkgs is not None:
+        args += ["--arg", "extraPkgs", extra_pkgs]
     started = time.monotonic()
     result = subprocess.run(
         [nix_instantiate(), "--eval", "--strict", "--json", "nix/tests/python-set.nix", *args],
@@ -145,25 +169,33 @@ def check_set(out: dict) -> dict:
     packages = set(out["packages"])
     described = out["described"]
     # torch and vLLM: the private wheels, by requireFile with the artifacts lock's hashes, relinked
-    # against ROCm; vLLM also searches torch/lib.
+    # against exactly the packages their recorded sonames map to; vLLM searches torch/lib for
+    # torch's libraries; nothing is ignored.
     for name, filename in (("torch", TORCH_FILE), ("vllm", VLLM_FILE)):
         src = described[name]["src"]
         assert src == {"name": filename, "fetcher": "requireFile", "sha256": HASHES[name]}, (name, src)
-        assert "clr-7.1.1" in described[name]["buildInputs"]
         assert "auto-patchelf-hook" in described[name]["nativeBuildInputs"]
+        assert described[name]["ignoreMissing"] == []
+    assert set(described["torch"]["buildInputs"]) == TORCH_PACKAGES
+    assert set(described["vllm"]["buildInputs"]) == {"clr-7.1.1", "glibc", "gcc-14-lib"}
+    assert described["vllm"]["sonames"]["libtorch.so"] == "artifact torch (torch/lib)"
     assert described["vllm"]["version"] == "0.12.0+rocm711"
-    assert "torch/lib" in described["vllm"]["preFixup"]
-    assert described["torch"]["ignoreMissing"] == ["libhipsparselt.so.0"]
+    assert re.search(r'addAutoPatchelfSearchPath "/nix/store/\w+-torch-2\.9\.1/lib/python3\.11/site-packages/torch/lib"',
+                     described["vllm"]["preFixup"]), described["vllm"]["preFixup"]
     # Every other package is a PyPI file of the lock (or the launcher's own directory).
     others = {n: d["src"] for n, d in described.items() if n not in ("torch", "vllm")}
     assert all(s is None or s["fetcher"] in ("fetchurl", "path") for s in others.values()), others
     # The wheels that need more than manylinux.
     assert {"onetbb-2022.3.0", "gcc-14-lib"} <= set(described["numba"]["buildInputs"])
     assert "libamd_smi.so" in described["amdsmi"]["postInstall"]
-    assert set(described["torchvision"]["ignoreMissing"]) == {"libtorch_cuda.so", "libc10_cuda.so", "libcudart.so.12"}
-    # Every requirement of the vLLM wheel that holds on linux x86_64 / CPython 3.11 resolves.
+    assert "torchvision" not in packages  # PyPI's is a CUDA build; only a ROCm artifact may add it
+    # Every requirement of the vLLM wheel that holds on linux x86_64 / CPython 3.11 resolves,
+    # but those python-env's override-dependencies keep out (`; sys_platform == 'never'`).
+    overrides = tomllib.loads((ROOT / "python-env/pyproject.toml").read_text())["tool"]["uv"]
+    never = {canonicalize_name(Requirement(o).name) for o in overrides.get("override-dependencies", [])
+             if "sys_platform == 'never'" in o}
     wanted = {canonicalize_name(r.name) for r in vllm_requires_dist()
-              if r.marker is None or r.marker.evaluate(ENVIRONMENT)}
+              if r.marker is None or r.marker.evaluate(ENVIRONMENT)} - never
     assert wanted - packages == set()
     assert wanted <= set(described["vllm"]["dependencies"])
     cuda = sorted(p for p in packages if CUDA_ONLY.match(p))
@@ -232,6 +264,49 @@ def test_image_layers_and_tag(sources, tmp_path):
     # The engines' environment (the big layer) has no launcher; the wrapper runs vllm-env.
     assert "vllm-env/bin/vllm-launcher" in out["server"]["script"]
     assert "VLLM_ENGINE_PYTHON /nix/store/" in out["server"]["script"]
+
+
+def test_rocm_packages_come_from_the_recorded_sonames(sources, tmp_path):
+    """torch's libraries and the image's native layer follow the sonames the lock records: one
+    soname more (librccl.so.1) adds rccl, and nothing the wheels do not name (rocm-smi,
+    hipsparse, rocfft, ...) is linked or shipped."""
+    out, _ = evaluate(sources, tmp_path, artifacts_lock())
+    layer = set(out["container"]["layers"]["rocm"])
+    # The artifacts' packages, and amdsmi for the libamd_smi.so PyPI's amdsmi loads at run time.
+    assert layer == TORCH_PACKAGES | {"amdsmi-7.1.1"}, layer
+    assert out["described"]["torch"]["sonames"]["libMIOpen.so.1"] == "rocmPackages.miopen"
+    more = dict(TORCH_NEEDS, **{"librccl.so.1": "torch/lib/libtorch_hip.so"})
+    out2, _ = evaluate(sources, tmp_path, artifacts_lock(torch_needs=more))
+    assert set(out2["described"]["torch"]["buildInputs"]) == TORCH_PACKAGES | {"rccl-7.1.1"}
+    assert set(out2["container"]["layers"]["rocm"]) == layer | {"rccl-7.1.1"}
+    record(f"nix package set: torch's libraries from its {len(TORCH_NEEDS)} recorded sonames -> "
+           f"{len(TORCH_PACKAGES)} packages; image layer {sorted(layer)}")
+
+
+def test_a_library_nixpkgs_lacks_stops_evaluation_until_the_user_supplies_it(sources, tmp_path):
+    needs = dict(TORCH_NEEDS, **{"libhipsparselt.so.0": "torch/lib/libtorch_hip.so"})
+    err = evaluate(sources, tmp_path, artifacts_lock(torch_needs=needs), ok=False)
+    assert "libhipsparselt.so.0" in err and TORCH_FILE in err and "torch/lib/libtorch_hip.so" in err
+    assert "rocmPackages.hipsparselt" in err and "vllmStrixLibraries" in err
+    # The user's overlay adds it: linked, and shipped in the image.
+    mine = ('{ vllmStrixLibraries."libhipsparselt.so" = { type = "derivation"; name = "hipsparselt-mine"; '
+            'outPath = "/nix/store/00000000000000000000000000000000-hipsparselt-mine"; }; }')
+    out, _ = evaluate(sources, tmp_path, artifacts_lock(torch_needs=needs), extra_pkgs=mine)
+    assert "hipsparselt-mine" in out["described"]["torch"]["buildInputs"]
+    assert "hipsparselt-mine" in out["container"]["layers"]["rocm"]
+
+
+def test_an_unknown_soname_stops_evaluation(sources, tmp_path):
+    needs = dict(TORCH_NEEDS, **{"libfrobnicate.so.3": "torch/lib/libtorch_hip.so"})
+    err = evaluate(sources, tmp_path, artifacts_lock(torch_needs=needs), ok=False)
+    assert "libfrobnicate.so.3" in err and TORCH_FILE in err and "maps it to no package" in err
+
+
+def test_a_lock_without_needs_asks_for_a_new_lock(sources, tmp_path):
+    lock = artifacts_lock()
+    del lock["artifacts"][0]["needs"]
+    err = evaluate(sources, tmp_path, lock, ok=False)
+    assert "has no `needs`" in err and "vllm-launcher artifacts lock DIR" in err
 
 
 def test_flake_outputs_keep_their_names(sources, tmp_path):

@@ -13,6 +13,8 @@
   pythonEnvDir,
   # builtins.fromJSON of a uv.lock turned into JSON (tests), or null for pythonEnvDir/uv.lock
   uvLock ? null,
+  # merged into the stubbed pkgs: what a user's overlay adds (vllmStrixLibraries, ...)
+  extraPkgs ? { },
 }:
 let
   pyproject-nix = import pyproject-nix-src { inherit lib; };
@@ -128,10 +130,15 @@ let
     "rocm-smi"
     "amdsmi"
     "rocm-device-libs"
+    "rocm-core"
+    "aotriton"
+    "rocprofiler-sdk"
+    # no hipsparselt: nixpkgs has it only from ROCm 7.2 (nix/native-libraries.nix `absent`)
   ];
 
   pkgs = {
     inherit lib stdenv python311 pkgs;
+    zlib = drv "zlib" { };
     callPackage = lib.callPackageWith pkgs;
     newScope = extra: lib.callPackageWith (pkgs // extra);
     buildPackages = pkgs;
@@ -178,7 +185,8 @@ let
         inherit (args) sha256;
       };
     rocmPackages = lib.genAttrs rocmNames (n: drv "${n}-7.1.1" { version = "7.1.1"; });
-  };
+  }
+  // extraPkgs;
 
   nix2container = {
     buildLayer = args: drv "layers.json" { inherit args; };
@@ -230,6 +238,7 @@ let
     postFixup = p.postFixup or "";
     postInstall = p.postInstall or "";
     dependencies = builtins.attrNames (p.passthru.dependencies or { });
+    sonames = p.passthru.sonames or null;
   };
   closure = built.python.closure;
 in
