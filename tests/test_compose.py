@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -208,3 +209,69 @@ def test_podman_compose_rootful(tmp_path: Path):
     argv = podman_compose_create(tmp_path, ops, COMPOSE_FILE.name, GIDS.name)
     assert group_adds(argv) == ["44", "993"]
     assert "LOG_DIRECTORY=/var/lib/vllm/logs" in argv
+
+
+# --- the same arguments given to a real podman (root), with a device only a group may open -----
+# Runs where podman can start a container as root (here: Debian's podman 4.3 with runc after
+# `apt-get install podman runc busybox-static`); .ci/run installs none of them, so CI skips it.
+# Rootless keep-groups needs crun, which cannot run in these machines' cgroup setup: not run here.
+
+RUN_FLAGS = [[], ["--runtime", "runc", "--cgroup-manager=cgroupfs", "--network", "none",
+                  "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]]
+IMAGE = "localhost/vllm-strix-grouptest:1"
+
+
+@pytest.fixture(scope="module")
+def podman_run(tmp_path_factory):
+    """`podman run` with flags that work here, on an image whose /etc/group has only root and
+    vllm and whose user is 1000, as the real image's."""
+    podman, busybox = shutil.which("podman"), Path("/bin/busybox")
+    if os.geteuid() != 0 or not podman or not busybox.exists():
+        pytest.skip("needs root, podman and a static /bin/busybox (apt-get install podman runc busybox-static)")
+    root = tmp_path_factory.mktemp("image")
+    for name in ("bin", "etc", "tmp"):
+        (root / name).mkdir()
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "id", "true"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nvllm:x:1000:1000::/tmp:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\nvllm:x:1000:\n")
+    tar = root.parent / "image.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    subprocess.run([podman, "import", "--change", "USER=1000:1000", str(tar), IMAGE], check=True,
+                   capture_output=True, timeout=120)
+    errors = []
+    try:
+        for flags in RUN_FLAGS:
+            probe = subprocess.run([podman, "run", "--rm", *flags, IMAGE, "true"], capture_output=True,
+                                   text=True, timeout=120)
+            if probe.returncode == 0:
+                yield lambda *args: subprocess.run([podman, "run", "--rm", *flags, *args], capture_output=True,
+                                                   text=True, timeout=120)
+                break
+            errors.append(probe.stderr.strip())
+        else:
+            pytest.skip(f"podman cannot start a container here: {errors}")
+    finally:
+        subprocess.run([podman, "rmi", "-f", IMAGE], capture_output=True, timeout=120)
+
+
+def test_rootful_podman_opens_the_device_with_the_compose_groups(tmp_path: Path, podman_run):
+    # a char device (1,3 is /dev/null's) that only group 4242, unknown to the image, may open,
+    # standing in for /dev/kfd (root:render 0660 on the host)
+    device = tmp_path / "kfd"
+    os.mknod(device, 0o660 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chown(device, 0, 4242)
+    os.chmod(device, 0o660)
+    ops = copy_ops(tmp_path, env_file="VIDEO_GID=44\nRENDER_GID=4242\n")
+    groups = [arg for group in group_adds(podman_compose_create(tmp_path, ops, COMPOSE_FILE.name, GIDS.name))
+              for arg in ("--group-add", group)]
+    write = ["sh", "-c", "id -G; echo probe > /dev/kfd && echo wrote"]
+    done = podman_run("--device", f"{device}:/dev/kfd", *groups, IMAGE, *write)
+    assert done.returncode == 0 and "wrote" in done.stdout, done.stdout + done.stderr
+    assert {"1000", "44", "4242"} <= set(done.stdout.split()), done.stdout
+    # without the groups the same device is closed, and a group by name is not found in the image
+    denied = podman_run("--device", f"{device}:/dev/kfd", IMAGE, *write)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr + denied.stdout
+    named = podman_run("--group-add", "video", IMAGE, "true")
+    assert named.returncode != 0 and "Unable to find group video" in named.stderr
