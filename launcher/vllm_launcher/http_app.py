@@ -13,7 +13,9 @@ through the router's read API (lane_state(s), lane_status, serving_engines, ...)
 from __future__ import annotations
 
 import contextlib
+import email.errors
 import email.policy
+import email.utils
 import hmac
 import json
 import logging
@@ -131,15 +133,30 @@ def _wait_parameter(request: Request) -> bool:
 
 
 def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, str, bytes]]:
-    """A multipart/form-data body as (name, filename, content type, value) per field."""
+    """A multipart/form-data body as (name, filename, content type, value) per field; 400 for
+    anything else (a part without a name, a nested multipart, a header the parser refuses)."""
     if "boundary=" not in content_type:
         raise APIError(400, "multipart/form-data needs a boundary", "invalid_form")
-    message = BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart() or message.defects:
-        raise APIError(400, "the request body is not valid multipart/form-data", "invalid_form")
-    return [(part.get_param("name", header="content-disposition"), part.get_filename(), part.get_content_type(),
-             part.get_payload(decode=True) or b"") for part in message.iter_parts()]
+    try:
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n" + body)
+        if not message.is_multipart() or message.defects:
+            raise APIError(400, "the request body is not valid multipart/form-data", "invalid_form")
+        fields = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if isinstance(name, tuple):                     # RFC 2231: name*=utf-8''...
+                name = email.utils.collapse_rfc2231_value(name)
+            if part.get_content_disposition() != "form-data" or not isinstance(name, str) or not name \
+                    or part.is_multipart():
+                raise APIError(400, "every part of a multipart/form-data body must be a form field: "
+                                    "Content-Disposition: form-data; name=\"...\"", "invalid_form")
+            fields.append((name, part.get_filename(), part.get_content_type(), part.get_payload(decode=True) or b""))
+    except (ValueError, TypeError, LookupError, email.errors.MessageError) as error:
+        # the stdlib parser's way of refusing some malformed headers (not a server error)
+        raise APIError(400, f"the request body is not valid multipart/form-data ({type(error).__name__})",
+                       "invalid_form") from None
+    return fields
 
 
 def _form_body(fields, model: str) -> tuple[bytes, str]:
@@ -149,8 +166,26 @@ def _form_body(fields, model: str) -> tuple[bytes, str]:
         if filename is None and name != "model":
             data.setdefault(name, []).append(value.decode(errors="replace"))
     files = [(name, (filename, value, kind)) for name, filename, kind, value in fields if filename is not None]
-    rebuilt = httpx.Request("POST", "http://engine", data=data, files=files)
-    return rebuilt.read(), rebuilt.headers["content-type"]
+    try:
+        rebuilt = httpx.Request("POST", "http://engine", data=data, files=files)
+        return rebuilt.read(), rebuilt.headers["content-type"]
+    except (ValueError, TypeError) as error:
+        raise APIError(400, f"the form cannot be forwarded: {str(error)[:200]}", "invalid_form") from None
+
+
+def check_key(headers: list[tuple[bytes, bytes]], key: bytes | None) -> None:
+    """The one check of the API key, for every route that needs it: exactly one
+    `Authorization: Bearer <key>` (two are refused, not read first or last: a proxy in front
+    may read the other one)."""
+    if key is None:
+        return
+    given = [value for name, value in headers if name == b"authorization"]
+    if len(given) > 1:
+        raise APIError(400, f"{len(given)} Authorization headers: send exactly one, 'Authorization: Bearer <key>'",
+                       "invalid_authorization")
+    scheme, _, token = (given[0] if given else b"").partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
 
 def _shown_path(raw_path: bytes) -> str:
@@ -170,16 +205,15 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
         yield
         await router.close()
 
+    # redirect_slashes off: Starlette's redirect of /lanes/a/ to /lanes/a is built from the client's
+    # Host and answered before the key check; a trailing slash is an unknown path (404) instead
     app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, redirect_slashes=False)
+
+    key_bytes = api_key.encode() if api_key else None
 
     def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        check_key(request.scope["headers"], key_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -208,25 +242,18 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
 
     served_names = {name: lane.served_model_name for name, lane in config.lanes.items()}
     max_body = config.server.max_body_bytes
-    key_bytes = api_key.encode() if api_key else None
 
     async def openai_post(scope, receive, send) -> None:
         """POST /v1/<route>: checked, parsed once and forwarded, in plain ASGI (no FastAPI
         dependency solving or middlewares on the path every request takes)."""
-        authorization = content_type = declared = None
+        content_type = declared = None
         for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"content-type":
+            if name == b"content-type":
                 content_type = value
             elif name == b"content-length":
                 declared = value
         try:
-            if key_bytes is not None:
-                scheme, _, token = (authorization or b"").partition(b" ")
-                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key_bytes):
-                    raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                   "invalid_api_key")
+            check_key(scope["headers"], key_bytes)
             raw_path = scope.get("raw_path") or scope["path"].encode()
             route = forwarded_route(raw_path)
             if route is None:
@@ -265,6 +292,10 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
         models = [value.decode(errors="replace") for name, filename, _, value in fields
                   if name == "model" and filename is None]
         lane = _lane_of(config, routes, {"model": models[0]} if models else {})
+        if not any(filename is not None for _, filename, _, _ in fields):
+            # the audio routes take a file; and a form without one would be rebuilt url-encoded
+            raise APIError(400, "the form has no file: send the audio as a part with a filename",
+                           "missing_file", param="file")
         served = served_names[lane]
         if models[0] != served:                 # the engine knows only its served name
             body, content_type = _form_body(fields, served)
