@@ -21,8 +21,9 @@
 # nix/packages.nix checks against the wheels' (7.1) before anything here is used.
 #
 # `dlopened`: libraries loaded at run time, not linked, so no DT_NEEDED names them: each with
-# the Python packages that load it and why. They join the image (and the overlay gives them to
-# their loader) when one of those packages is in the Python set, unless an artifact bundles them.
+# the Python packages that load it and why. They join the image when one of those packages is
+# in the Python set, unless an artifact bundles them (torch's own libamdhip64: two copies must
+# never load); nix/python-overlay.nix puts libamd_smi.so beside amdsmi's wrapper.
 let
   inherit (builtins)
     any
