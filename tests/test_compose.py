@@ -213,7 +213,7 @@ def test_podman_compose_rootful(tmp_path: Path):
 
 # --- the same arguments given to a real podman (root), with a device only a group may open -----
 # Runs where podman can start a container as root (here: Debian's podman 4.3 with runc after
-# `apt-get install podman runc busybox-static`); .ci/run installs none of them, so CI skips it.
+# `apt-get install podman runc busybox-static`, which .ci/run does); skipped without root or them.
 # Rootless keep-groups needs crun, which cannot run in these machines' cgroup setup: not run here.
 
 RUN_FLAGS = [[], ["--runtime", "runc", "--cgroup-manager=cgroupfs", "--network", "none",
