@@ -58,22 +58,13 @@ EXTRA_PREFIXES = ("nvidia-",)
 # Here the CPU twin is PyPI's CUDA build, beside which every CUDA-linked extension loads, so the
 # tests read each native library's DT_NEEDED and model the target's difference.
 ARTIFACTS_LOCK = ROOT / "artifacts.lock.json"
-# The sonames (base name: before the first "." or an auditwheel "-hash") of CUDA's libraries and
-# of torch's CUDA parts; none exists beside a ROCm torch.
-CUDA_LIBRARY = re.compile(
-    r"lib(cuda|cudart|cublas(Lt)?|cudnn\w*|nvrtc(-builtins)?|nvJitLink|nvToolsExt|nvjpeg|nccl|cusparse(Lt)?"
-    r"|cufftw?|curand|cusolver(Mg)?|cupti|cufile(_rdma)?|nvshmem\w*|nvidia-ml|c10_cuda|torch_cuda\w*|caffe2_nvrtc)")
-# torch's own libraries: an extension linking them was built against one torch build (its ABI,
-# its device), so only an artifact built against the user's torch may (ALLOWED aside).
-TORCH_LIBRARY = re.compile(r"lib(c10|torch|shm|caffe2)(_\w+)?")
+# Which sonames are CUDA's and torch's (or HIP's): vllm_launcher.artifacts.CUDA_SONAME and
+# TORCH_SONAME, the lists `artifacts lock` refuses a torchvision wheel by. An extension linking
+# torch's libraries was built against one torch build (its ABI, its device), so only an artifact
+# built against the user's torch may (ALLOWED aside).
 # Packages whose native libraries may link CUDA or torch although they are no artifact: {name:
 # why that is harmless on the target}. Empty: the locked closure has none (keep it short).
 ALLOWED: dict[str, str] = {}
-
-
-def soname_base(soname: str) -> str:
-    """'libcudart.e8e8b82a.so.12' / 'libcudart-1a2b3c4d.so.12' / 'libcudart.so.12' -> 'libcudart'."""
-    return re.split(r"\.|-(?=[0-9a-f]{8}\b)", soname, maxsplit=1)[0]
 
 
 def artifact_names() -> set[str]:
@@ -115,9 +106,11 @@ def native_libraries(site_dirs: list[Path]) -> dict[str, dict[Path, list[str]]]:
 
 def link_problems(needed: list[str]) -> list[str]:
     """What in one DT_NEEDED list cannot be beside the user's ROCm torch."""
-    cuda = [n for n in needed if CUDA_LIBRARY.fullmatch(soname_base(n))]
-    torch = [n for n in needed if TORCH_LIBRARY.fullmatch(soname_base(n)) and n not in cuda]
-    return ([f"CUDA {', '.join(cuda)}"] if cuda else []) + ([f"torch's own {', '.join(torch)}"] if torch else [])
+    from vllm_launcher.artifacts import CUDA_SONAME, TORCH_SONAME
+
+    cuda = [n for n in needed if CUDA_SONAME.fullmatch(n)]
+    torch = [n for n in needed if TORCH_SONAME.fullmatch(n) and n not in cuda]
+    return ([f"CUDA {', '.join(cuda)}"] if cuda else []) + ([f"torch/HIP {', '.join(torch)}"] if torch else [])
 
 
 def scan(libraries: dict[str, dict[Path, list[str]]], packages: set[str], site_dirs: list[Path]) -> list[str]:
@@ -135,8 +128,10 @@ def scan(libraries: dict[str, dict[Path, list[str]]], packages: set[str], site_d
 def unloadable_on_target(libraries: dict[str, dict[Path, list[str]]]) -> dict[str, str]:
     """{real path: the loader's error there} of every library that needs a CUDA library, directly
     or through another such library (by its file name); not the twin torch's nor its nvidia-*."""
-    files = {path: needed for name, found in libraries.items() if name != "torch" and not name.startswith(EXTRA_PREFIXES)
-             for path, needed in found.items()}
+    from vllm_launcher.artifacts import CUDA_SONAME
+
+    files = {path: needed for name, found in libraries.items()
+             if name != "torch" and not name.startswith(EXTRA_PREFIXES) for path, needed in found.items()}
     missing = {}
     changed = True
     while changed:
@@ -145,7 +140,7 @@ def unloadable_on_target(libraries: dict[str, dict[Path, list[str]]]) -> dict[st
             key = os.path.realpath(path)
             if key in missing:
                 continue
-            absent = [n for n in needed if CUDA_LIBRARY.fullmatch(soname_base(n))
+            absent = [n for n in needed if CUDA_SONAME.fullmatch(n)
                       or any(Path(other).name == n for other in missing)]
             if absent:
                 missing[key] = f"{absent[0]}: cannot open shared object file: No such file or directory"

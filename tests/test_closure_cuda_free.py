@@ -5,8 +5,8 @@ every CUDA-linked extension loads: importing the closure here proves nothing abo
 So these tests read the ELF DT_NEEDED of every native library of the locked packages (`uv export`
 of python-env/uv.lock, as installed in .venv-closure; the artifacts of artifacts.lock.json, which
 the user's wheels replace, aside) and
-- fail on a link to a CUDA library or to torch's own libraries (closure_env.CUDA_LIBRARY,
-  TORCH_LIBRARY) unless the package is on closure_env.ALLOWED with its reason;
+- fail on a link to a CUDA library or to torch's own libraries or HIP's (the lists `artifacts lock`
+  refuses a torchvision wheel by) unless the package is on closure_env.ALLOWED with its reason;
 - import the API server as on the target: every library but torch's own that needs a CUDA
   library fails to load (closure_env.TARGET_LOADER), as the dynamic loader fails there.
 The negative tests take the lock before issue 18 (PyPI's torchvision 0.24.1, a CUDA build, pinned
@@ -100,7 +100,7 @@ def test_the_scan_names_the_cuda_torchvision(locked_packages, closure_site, cuda
     assert all(line.startswith("torchvision: ") for line in problems), problems
     c_so = next(line for line in problems if line.startswith("torchvision: torchvision/_C.so needs "))
     assert "CUDA libcudart.so.12, libc10_cuda.so, libtorch_cuda.so" in c_so, c_so
-    assert "torch's own libc10.so, libtorch.so, libtorch_cpu.so, libtorch_python.so" in c_so, c_so
+    assert "torch/HIP libc10.so, libtorch.so, libtorch_cpu.so, libtorch_python.so" in c_so, c_so
     # on the allow-list (with a reason) it passes: the list is what exempts a package
     monkeypatch.setitem(ALLOWED, "torchvision", "test")
     assert scan(libraries, locked_packages | {"torchvision"}, sites) == []

@@ -252,3 +252,72 @@ def test_without_uv_the_error_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(artifacts_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(Exception, match="uv is needed to re-lock python-env/uv.lock: pip install uv"):
         uv_command()
+
+
+# --- torchvision as an optional artifact (issue 18, What 1) ----------------------------------
+
+VISION = "torchvision-0.24.1+rocm7.1-cp311-cp311-linux_x86_64.whl"
+
+
+def test_rewrite_pyproject_with_torchvision_drops_its_overrides():
+    text = (PYTHON_ENV / "pyproject.toml").read_text()
+    original = tomllib.loads(text)["tool"]["uv"]["override-dependencies"]
+    assert {"torchvision; sys_platform == 'never'", "timm; sys_platform == 'never'"} <= set(original)
+    once = rewrite_pyproject(text, {"torch": TORCH, "vllm": VLLM, "torchvision": VISION})
+    data = tomllib.loads(once)
+    assert data["tool"]["uv"]["override-dependencies"] == [
+        o for o in original if not o.startswith(("torchvision", "timm"))]
+    assert data["tool"]["uv"]["sources"]["torchvision"] == {"path": f"wheels/{VISION}"}
+    assert "torchvision" in data["project"]["dependencies"]
+    assert "PyPI's torchvision is a CUDA build" not in once        # its comment went with it
+    assert rewrite_pyproject(once, {"torch": TORCH, "vllm": VLLM, "torchvision": VISION}) == once
+
+
+@needs_uv
+def test_a_torchvision_wheel_joins_the_lock_and_brings_timm_back(repo: Path, tmp_path: Path):
+    wheels = make_rocm_wheels(tmp_path / "wheels", triton=None)
+    make_wheel(wheels / VISION, ["numpy", "pillow", "torch==2.9.1"], ">=3.10")
+    result = run_lock(repo, wheels)
+    assert result.exit_code == 0, result.output
+    names = [e["name"] for e in json.loads((repo / "artifacts.lock.json").read_text())["artifacts"]]
+    assert names == ["torch", "vllm", "torchvision"]
+    lock = tomllib.loads((repo / "python-env" / "uv.lock").read_text())
+    packages = {normalize_name(p["name"]): p for p in lock["package"]}
+    assert packages["torchvision"]["source"] == {"path": f"wheels/{VISION}"}
+    assert "timm" in packages and {"name": "torchvision"} in packages["timm"]["dependencies"]
+    assert f"added   torchvision 0.24.1+rocm7.1 (wheels/{VISION})" in result.output
+    assert "added   timm " in result.output
+
+
+def elf_torchvision(directory: Path, work: Path, needed: list[str]) -> Path:
+    from elf_wheels import build_library, write_wheel
+
+    extension = build_library(work, None, needed, "_C.so")
+    return write_wheel(directory / VISION, {"torchvision/_C.so": extension})
+
+
+@pytest.mark.parametrize("needed, refused", [
+    (["libc10.so", "libtorch.so", "libamdhip64.so.7"], None),
+    (["libc10.so", "libtorch.so", "libamdhip64.so.6"], "libamdhip64.so.6 (needed by torchvision/_C.so): not in "),
+    (["libc10.so", "libtorch_cuda.so", "libcudart.so.12"], "libcudart.so.12 (needed by torchvision/_C.so): a CUDA"),
+], ids=["same-torch", "other-rocm", "cuda"])
+def test_a_torchvision_not_built_for_the_users_torch_is_refused(repo: Path, tmp_path: Path, needed, refused):
+    """The torch stand-in (tests/elf_wheels.py) bundles libc10.so and libtorch.so and needs
+    libamdhip64.so.7: a torchvision must link those, not another ROCm's or CUDA's."""
+    from elf_wheels import rocm_wheels
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    rocm_wheels(wheels, tmp_path / "elf", TORCH, VLLM)
+    elf_torchvision(wheels, tmp_path / "elf", needed)
+    before = (repo / "artifacts.lock.json").read_bytes()
+    result = run_lock(repo, wheels, "--no-relock")
+    if refused is None:
+        assert result.exit_code == 0, result.output
+        entry = json.loads((repo / "artifacts.lock.json").read_text())["artifacts"][-1]
+        assert entry["name"] == "torchvision" and set(entry["needs"]) >= set(needed)
+        return
+    assert result.exit_code == 1, result.output
+    assert f"{VISION} is not built for your torch wheel, refused:" in result.output
+    assert refused in result.output, result.output
+    assert (repo / "artifacts.lock.json").read_bytes() == before

@@ -338,6 +338,17 @@ TRITON_OVERRIDE_COMMENT = (
     "  # pytorch-triton-rocm (artifacts.lock.json) provides the `triton` module: "
     "no PyPI triton beside it."
 )
+# Overridden out of the closure while no ROCm torchvision is an artifact (PyPI's is a CUDA build,
+# timm requires it); with one, `lock` drops these overrides and timm comes back.
+TORCHVISION = "torchvision"
+TORCHVISION_OVERRIDES = ("torchvision", "timm")
+# Sonames a torchvision extension shares with torch: torch's own libraries and the HIP runtime.
+# A ROCm torchvision must find each in the user's torch wheel (bundled, or needed by it).
+TORCH_SONAME = re.compile(r"lib(c10|torch|caffe2|shm)(_\w+)?\.so.*|libamdhip64\.so.*|libhiprtc\.so.*")
+CUDA_SONAME = re.compile(
+    r"lib(cuda|cudart|cublas(Lt)?|cudnn\w*|nvrtc(-builtins)?|nvJitLink|nvToolsExt|nvjpeg|nccl|cusparse(Lt)?"
+    r"|cufftw?|curand|cusolver(Mg)?|cupti|cufile(_rdma)?|nvshmem\w*|nvidia-ml|c10_cuda|torch_cuda\w*|caffe2_nvrtc)"
+    r"([.-].*)?\.so.*")
 _HEADER_RE = re.compile(r"^\[\[?\s*([A-Za-z0-9_.\-]+)\s*\]\]?\s*(#.*)?$")
 _KEY_RE = re.compile(r'^\s*"?([A-Za-z0-9][A-Za-z0-9._-]*)"?\s*=')
 
@@ -436,6 +447,49 @@ def _requirement_name(requirement: str) -> str:
     return normalize_name(re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0])
 
 
+def _drop_overrides(body: list[str], projects: tuple[str, ...]) -> None:
+    """Remove the override-dependencies entries of `projects` and the comment run above them."""
+    kept: list[str] = []
+    for line in body:
+        if line.strip().startswith('"') and _requirement_name(line.strip().strip('",')) in projects:
+            while kept and kept[-1].strip().startswith("#"):
+                kept.pop()
+            continue
+        kept.append(line)
+    body[:] = kept
+
+
+def check_torchvision(entries: list[dict]) -> None:
+    """A torchvision artifact must be built for the user's torch: every torch or HIP runtime
+    soname its ELF files need is one the torch wheel bundles or needs itself, and no CUDA one
+    (PyTorch's own ROCm index builds against PyTorch's ROCm torch, not necessarily yours)."""
+    by_name = {normalize_name(e["name"]): e for e in entries}
+    vision, torch = by_name.get(TORCHVISION), by_name.get("torch")
+    if vision is None or torch is None:
+        return
+    torch_has = set(torch.get("needs", {})) | set(torch.get("provides", {}))
+    cuda = [s for s in vision.get("needs", {}) if CUDA_SONAME.fullmatch(s)]
+    other = [s for s in vision.get("needs", {}) if TORCH_SONAME.fullmatch(s) and s not in torch_has and s not in cuda]
+    if cuda or other:
+        lines = [f"{s} (needed by {vision['needs'][s]}): a CUDA library" for s in cuda]
+        lines += [f"{s} (needed by {vision['needs'][s]}): not in {torch['filename']}, which has "
+                  f"{', '.join(sorted(n for n in torch_has if TORCH_SONAME.fullmatch(n))) or 'none of these'}"
+                  for s in other]
+        raise click.ClickException(
+            f"{vision['filename']} is not built for your torch wheel, refused:\n  " + "\n  ".join(lines)
+            + "\nUse a torchvision built against this torch and ROCm, or remove it from the directory "
+            "(without it the closure has no torchvision; docs/nix.md, torchvision).")
+
+
+def find_torchvision(directory: Path, data: dict) -> None:
+    """A torchvision wheel in DIRECTORY joins the lock as an optional artifact."""
+    if any(normalize_name(e["name"]) == TORCHVISION for e in data["artifacts"]):
+        return
+    entry = {"name": TORCHVISION, "version": "", "filename": "torchvision.whl", "sha256": "", "size": None}
+    if find_wheel(directory, entry) is not None:
+        data["artifacts"].append(entry)
+
+
 def rewrite_pyproject(text: str, wheels: dict[str, str]) -> str:
     """python-env/pyproject.toml with the artifacts as path sources `wheels/<file>`.
 
@@ -465,7 +519,9 @@ def rewrite_pyproject(text: str, wheels: dict[str, str]) -> str:
                 "  # Private wheels of ../artifacts.lock.json (torch's METADATA requires",
                 "  # pytorch-triton-rocm): uv applies path sources to direct dependencies only.",
             ] + [f'  "{name}",' for name in wheels if normalize_name(name) not in dependencies])
-        elif table == "tool.uv" and TRITON_ROCM in names and not any(
+        if table == "tool.uv" and TORCHVISION in names:
+            _drop_overrides(body, TORCHVISION_OVERRIDES)
+        if table == "tool.uv" and TRITON_ROCM in names and not any(
             _requirement_name(o) == "triton" for o in overrides
         ):
             if not overrides:
@@ -684,6 +740,7 @@ def lock_command(
             env_dir = None
     missing = []
     found: dict[str, Path] = {}
+    find_torchvision(directory, data)
     for entry in data["artifacts"]:
         wheel = find_wheel(directory, entry)
         if wheel is None:
@@ -709,6 +766,7 @@ def lock_command(
         entry["sha256"] = sha256_file(wheel, progress=progress)
         click.echo(f"{entry['name']}: {wheel.name} {entry['size']} bytes sha256 {entry['sha256']}")
         record_libraries(entry, wheel)
+    check_torchvision(data["artifacts"])
     if env_dir is None:
         write_lock(path, data)
         click.echo(f"wrote {path}")
