@@ -7,7 +7,6 @@ against GPU_MEMORY_UTILIZATION x device memory. Reads only files; never imports 
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,28 @@ VLLM_DEFAULT_UTILIZATION = 0.9
 GIB = 1024**3
 
 
+def amdgpu_memory(root: Path | str = "/") -> list[tuple[str, int, int]]:
+    """(card, VRAM bytes, GTT bytes) of every amdgpu card, from its sysfs mem_info_*_total under
+    root ("/" on the host; a fake tree in tests/test_host_checks.py)."""
+    cards = []
+    for device in sorted(Path(root, "sys/class/drm").glob("card*/device")):
+        if not device.parent.name[4:].isdigit():       # card0-DP-1 and the like: connectors
+            continue
+        values = []
+        for name in ("mem_info_vram_total", "mem_info_gtt_total"):
+            try:
+                values.append(int(Path(device, name).read_text()))
+            except (OSError, ValueError):
+                values.append(None)
+        if values[1] is not None:
+            cards.append((device.parent.name, values[0] or 0, values[1]))
+    return cards
+
+
 def device_memory_bytes(gpu_memory_gb: float | None) -> tuple[int | None, str]:
     """Device memory and where the number came from: amdgpu sysfs (VRAM + GTT on an APU such
     as Strix Halo, whose GPU memory is mostly GTT), else VLLM_GPU_MEMORY_GB, else unknown."""
-    total = 0
-    for card in glob.glob("/sys/class/drm/card*/device"):
-        for name in ("mem_info_vram_total", "mem_info_gtt_total"):
-            try:
-                total += int(Path(card, name).read_text())
-            except (OSError, ValueError):
-                pass
+    total = sum(vram + gtt for _, vram, gtt in amdgpu_memory())
     if total:
         return total, "amdgpu sysfs (VRAM + GTT)"
     if gpu_memory_gb:

@@ -5,18 +5,14 @@ Levels: ok and info never fail; warn is worth reading; fail makes the check exit
 
 from __future__ import annotations
 
-import glob
-import grp
-import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from .config import LauncherConfig
+from .host_checks import GFX1151_TARGET_VERSION, Finding, gpu_targets, host_findings
 from .memory_plan import describe, memory_plan
 from .vllm_info import VllmInfo, detect
 
-GFX1151_TARGET_VERSION = "110501"     # /sys/class/kfd/.../properties: gfx_target_version
 # Settings that are wrong on gfx1151 (../shared/docs/nix-packaging.md, gfx1151 runtime settings).
 BAD_ON_GFX1151 = {
     ("HSA_OVERRIDE_GFX_VERSION", "11.0.0"):
@@ -24,29 +20,6 @@ BAD_ON_GFX1151 = {
     ("VLLM_ROCM_USE_AITER", "1"):
         "AITER targets MI300-class GPUs and can crash vLLM on RDNA APUs; set VLLM_ROCM_USE_AITER=0",
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str      # ok | info | warn | fail
-    message: str
-
-    def line(self) -> str:
-        return f"{self.level.upper():4} {self.message}"
-
-
-def gpu_targets() -> list[str]:
-    """gfx_target_version of every KFD GPU node (empty without a ROCm kernel driver)."""
-    targets = []
-    for path in glob.glob("/sys/class/kfd/kfd/topology/nodes/*/properties"):
-        try:
-            for line in Path(path).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "gfx_target_version" and value.strip() not in ("", "0"):
-                    targets.append(value.strip())
-        except OSError:
-            pass
-    return targets
 
 
 def check_vllm(python: str) -> tuple[list[Finding], VllmInfo]:
@@ -60,24 +33,6 @@ def check_vllm(python: str) -> tuple[list[Finding], VllmInfo]:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         return [Finding("fail", f"vLLM: `import vllm` fails in {python}: {last}")], info
     return [Finding("ok", f"vLLM {result.stdout.strip()} importable ({info.describe()}) in {python}")], info
-
-
-def check_devices(cpu_build: bool) -> list[Finding]:
-    missing = "info" if cpu_build else "fail"
-    findings = []
-    render_nodes = sorted(glob.glob("/dev/dri/renderD*"))
-    for path in ["/dev/kfd", *render_nodes] if render_nodes else ["/dev/kfd", "/dev/dri/renderD*"]:
-        if not os.path.exists(path):
-            findings.append(Finding(missing, f"{path} missing" + (" (CPU build of vLLM: not needed)" if cpu_build
-                                                                   else ": no ROCm GPU driver, or not passed to the container")))
-        elif not os.access(path, os.R_OK | os.W_OK):
-            group = grp.getgrgid(os.stat(path).st_gid).gr_name
-            member = group in {grp.getgrgid(g).gr_name for g in os.getgroups()}
-            findings.append(Finding(missing, f"{path} not accessible: owned by group {group!r}, which this user "
-                                    + ("is in (log in again?)" if member else f"is not in (add the user to {group!r})")))
-        else:
-            findings.append(Finding("ok", f"{path} accessible"))
-    return findings
 
 
 def check_rocm_settings(config: LauncherConfig) -> list[Finding]:
@@ -136,7 +91,7 @@ def check_cluster(config: LauncherConfig) -> list[Finding]:
 
 def run_checks(config: LauncherConfig) -> list[Finding]:
     findings, info = check_vllm(config.server.engine_python)
-    findings += check_devices(info.is_cpu_build)
+    findings += host_findings(config, info.is_cpu_build)    # devices, GPU target, GTT, IOMMU, kernel, firmware
     findings += check_rocm_settings(config)
     findings += check_models(config)
     findings += check_memory(config)

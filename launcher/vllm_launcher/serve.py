@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .notify import sd_notify
 from .engines import EngineRecords, default_runtime_dir, sockets_dir
 from .engines.process import UnsafeDirectory
+from .host_checks import log_host_findings
 from .http_app import create_app
 from .router import Router
 from .vllm_info import detect
@@ -57,6 +58,7 @@ async def _serve(config: LauncherConfig) -> int:
     if reaped:
         log.warning("stopped %d engine group(s) left behind by a previous server: %s", len(reaped), reaped)
     vllm = detect(server_cfg.engine_python)
+    log_host_findings(config, vllm.is_cpu_build)    # `check`'s host checks, as the service user (issue 23)
     log.info("vllm-launcher serving lanes %s (default %s) with %s on %s:%d", ", ".join(config.lanes),
              config.default_lane, vllm.describe(), server_cfg.host, server_cfg.port)
     metrics = Metrics()
