@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -156,6 +157,46 @@ class StreamHeld:
             for chunk in response.iter_text():
                 self.text += chunk
                 self.started.set()
+
+
+def sized_head(size: int) -> bytes:
+    """A complete request head (for BODY, then close) of exactly `size` bytes, padded by a filler header."""
+    plain = head(len(BODY))[:-2] + b"Connection: close\r\n\r\n"
+    filler = b"X-Filler: "
+    padding = size - len(plain) - len(filler) - 2
+    return plain[:-2] + filler + b"x" * padding + b"\r\n\r\n"
+
+
+def test_a_head_over_64_kib_gets_431_however_it_arrives(tmp_path, fake_python):
+    """In one read (one send: parsed and dispatched at once), in many small reads, or pipelined
+    behind a request in the same read; a head just under the limit is served."""
+    with serving(tmp_path, fake_lanes_env(fake_python, {"a": {}}), wait_ready_lane="a") as served:
+        def send(pieces: list[bytes]) -> list[int]:
+            sock = connect(served.url)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                for piece in pieces:
+                    sock.sendall(piece)
+                    # pieces 10 ms apart arrive in reads of their own; once the server answers,
+                    # nothing more is sent (data after its close would reset the connection)
+                    if len(pieces) > 1 and select.select([sock], [], [], 0.01)[0]:
+                        break
+                data = read_until_eof(sock, LATE)[0]
+            finally:
+                sock.close()
+            return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+        limit = 64 * 1024
+        for size in (limit + 1, 70_000, 100_000):
+            request = sized_head(size) + BODY
+            assert len(sized_head(size)) == size
+            assert send([request]) == [431], size                                         # one read
+            assert send([request[i:i + 4096] for i in range(0, len(request), 4096)]) == [431], size   # many
+            small = head(len(BODY))[:-2] + b"Connection: keep-alive\r\n\r\n" + BODY
+            answers = send([small + request])                                             # pipelined
+            assert answers in ([200, 431], [431]), (size, answers)    # the first one's answer may be cut short
+        assert send([sized_head(limit) + BODY]) == [200]                                 # within the limit
+        assert closed_by(served, "header_too_large") == 9
 
 
 def test_beyond_the_connection_limit_the_idle_make_room_and_the_busy_get_503(tmp_path, fake_python):

@@ -10,7 +10,8 @@ then answers 503 to every request, the served clients' too. This module adds the
   `max_connections` open; a new connection beyond it closes the longest-idle one (no request
   under way) or, when every one is busy, is answered 503 at once and closed; an idle
   connection is closed after `keepalive_timeout` (before its first request too); a request
-  head must arrive within `header_timeout` and `MAX_HEADER_BYTES`, else 408 or 431 and close;
+  head must arrive within `header_timeout` and `MAX_HEADER_BYTES`, else 408 or 431 and close
+  (431 however the head arrives: in one read, in many, or pipelined behind another request);
 - an ASGI wrapper: a request body must arrive within `body_timeout` of its head, else 408
   and close; when shutdown begins, every body still being read is answered 503 at once.
 
@@ -124,6 +125,10 @@ def _refusal(status: int, message: str, code: str) -> bytes:
 IDLE, HEAD, BUSY, TAIL = "idle", "head", "busy", "tail"
 
 
+class _HeadTooLarge(Exception):
+    """Raised in httptools' callback to stop the parser (uvicorn then calls send_400_response)."""
+
+
 class _Limited:
     """Mixed in before uvicorn's H11Protocol or HttpToolsProtocol (see protocol_class)."""
 
@@ -134,6 +139,8 @@ class _Limited:
         self._phase = IDLE
         self._since = time.monotonic()
         self._head_bytes = 0
+        self._head_tail = b""                   # the last bytes of the head so far: its end may straddle reads
+        self._refused_head = False
         self._timer = None
         shared = self.shared
         if shared.enter(self) > shared.limits.max_connections and not self._make_room():
@@ -175,8 +182,10 @@ class _Limited:
                 self._phase = TAIL
                 self._arm(self.shared.limits.body_timeout, self._tail_timeout)
             else:
-                self._phase, self._since, self._head_bytes = HEAD, time.monotonic(), 0
+                self._phase, self._since, self._head_bytes, self._head_tail = HEAD, time.monotonic(), 0, b""
                 self._arm(self.shared.limits.header_timeout, self._header_timeout)
+        if self._phase == HEAD and self._head_too_large(data):
+            return
         cycle = self.cycle
         super().data_received(data)
         if self._phase not in (HEAD, TAIL) or self.transport.is_closing():
@@ -190,10 +199,36 @@ class _Limited:
                 self._arm(self.shared.limits.keepalive_timeout, self._idle_timeout)
         else:
             self._head_bytes += len(data)
-            if self._head_bytes > self.shared.limits.max_header_bytes:
-                self.shared.count("header_too_large")
-                self._refuse(431, f"the request head exceeds {self.shared.limits.max_header_bytes} bytes",
-                             "headers_too_large")
+            self._head_tail = data[-3:]
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Does the head now arriving exceed the limit, in this read or with the earlier ones?
+        Checked before the parser sees DATA: a head that arrives whole in one read is parsed
+        and dispatched at once. (A head pipelined behind another request in the same read is
+        checked by on_headers_complete.)"""
+        limit = self.shared.limits.max_header_bytes
+        seen = self._head_tail + data
+        end = seen.find(b"\r\n\r\n", 0, limit + 4)      # no need to look further than the limit
+        size = self._head_bytes + len(data) if end < 0 else self._head_bytes - len(self._head_tail) + end + 4
+        if size <= limit:
+            return False
+        self._too_large()
+        return True
+
+    def _too_large(self) -> None:
+        self.shared.count("header_too_large")
+        self._refuse(431, f"the request head exceeds {self.shared.limits.max_header_bytes} bytes",
+                     "headers_too_large")
+
+    def on_headers_complete(self) -> None:
+        """httptools' callback, once per head, pipelined ones too: the head's size as parsed
+        (`METHOD URL HTTP/1.1`, `name: value` lines, the empty line)."""
+        size = len(self.parser.get_method()) + len(self.url) + 12 + 2 \
+            + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.shared.limits.max_header_bytes:
+            self._refused_head = True
+            raise _HeadTooLarge
+        super().on_headers_complete()
 
     def _body_pending(self) -> bool:
         """Is a request body still arriving (its answer may be sent already)?"""
@@ -210,6 +245,9 @@ class _Limited:
 
     def send_400_response(self, msg: str) -> None:
         """A request uvicorn cannot parse: an OpenAI error, not uvicorn's text/plain answer."""
+        if self._refused_head:                  # on_headers_complete stopped the parser
+            self._too_large()
+            return
         self._refuse(400, f"malformed HTTP request: {msg}", "invalid_request")
 
     def timeout_keep_alive_handler(self) -> None:
