@@ -17,6 +17,7 @@ where that is a failure. The unit tests at the end need neither.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -36,6 +37,9 @@ from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.vllm_info import VllmInfo
 
 HEAD_GPUS, WORKER_GPUS = 1, 2
+# Ray 2.60's gRPC servers (GCS, raylet, object manager, every worker) listen on all addresses
+# whatever --node-ip-address says (only 127.0.0.1 makes them local); its agents take the address.
+RAY_ANY_ADDRESS_PORTS = {6379, 6380, 6381} | set(range(10002, 10200))
 
 # As vLLM's Ray executor does: a placement group with a GPU bundle on each node (STRICT_SPREAD),
 # an actor in each bundle asked where it runs; the test reads the listening sockets meanwhile.
@@ -141,9 +145,20 @@ def test_head_and_worker_join_with_the_token(cluster):
                    f"{time.monotonic() - started:.1f} s")
             allowed = set(range(10002, 10200)) | set(range(6379, 6386))
             for machine in (head.machine, worker_machine):
-                outside = [(address, port, process) for address, port, process in machine.listeners()
+                listeners = machine.listeners()
+                record(f"cluster: {machine.netns} listeners: " + "; ".join(
+                    f"{address}:{port} {process.split(',')[0]}" for address, port, process in sorted(listeners)))
+                outside = [(address, port, process) for address, port, process in listeners
                            if not address.startswith("127.") and port not in allowed]
                 assert outside == [], f"{machine.netns}: listeners outside the documented ports: {outside}"
+                # addresses, not only ports: the node's address (--node-ip-address), or every address
+                # only on the ports Ray's gRPC servers bind so whatever it is given (README, Ports)
+                misplaced = [(address, port, process) for address, port, process in listeners
+                             if not address.startswith("127.") and address != machine.address
+                             and not (address in ("*", "0.0.0.0", "::") and port in RAY_ANY_ADDRESS_PORTS)]
+                assert misplaced == [], f"{machine.netns}: listeners on addresses other than {machine.address}: " \
+                                        f"{misplaced}"
+                assert (machine.address, 6384) in {(address, port) for address, port, _ in listeners}
         finally:
             driver.stdin.close()
             driver.wait(timeout=60)
@@ -294,6 +309,8 @@ def test_lane_placement():
     ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_GPUS": "-1"}, "VLLM_CLUSTER_GPUS='-1': must be a whole number"),
     ({"VLLM_CLUSTER_ROLE": "head", "VLLM_LANE_DEFAULT_NODES": "2"},
      "VLLM_LANE_DEFAULT_NODES=2: lane 'default' has tensor x pipeline = 1 GPU(s)"),
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_TOKEN_FILE": "/etc/passwd"},
+     "VLLM_CLUSTER_TOKEN_FILE='/etc/passwd' is "),
 ], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
 def test_bad_cluster_settings_exit_2_naming_the_variable(env, message):
     base = {"VLLM_MODEL": "org/m", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": "/nonexistent"}
@@ -317,6 +334,30 @@ def test_config_shows_the_cluster_and_cluster_commands_check_first(tmp_path):
     result = run_launcher({}, "cluster", "new-token", str(token))
     assert result.returncode == 1 and token.read_text() == before      # never overwritten
     assert len(before.strip()) == 64
+
+
+@pytest.mark.parametrize("mode,owner", [(0o644, None), (0o640, None), (0o660, None), (0o600, 65534)],
+                         ids=["world-readable", "group-readable", "group-writable", "other-owner"])
+def test_a_token_file_others_can_read_or_own_is_refused(tmp_path, mode, owner):
+    """Anyone holding the token runs code on every machine: refused with status 2 by every
+    command that reads the cluster settings, before anything starts (not a warning)."""
+    token = tmp_path / "token"
+    assert run_launcher({}, "cluster", "new-token", str(token)).returncode == 0
+    token.chmod(mode)
+    if owner is not None:
+        os.chown(token, owner, owner)
+    env = {"VLLM_MODEL": "org/m", "VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": "lo",
+           "VLLM_CLUSTER_TOKEN_FILE": str(token), "VLLM_CLUSTER_PORT": "1"}
+    for command in (["config"], ["cluster", "status"], ["cluster", "start"]):
+        result = run_launcher(env, *command, timeout=60)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        expected = (f"VLLM_CLUSTER_TOKEN_FILE='{token}' is owned by uid {owner}, not this user" if owner else
+                    f"VLLM_CLUSTER_TOKEN_FILE='{token}' is open to other users (mode {mode:o})")
+        assert expected in result.stderr and "accepted: a file owned by this user" in result.stderr, result.stderr
+        assert token.read_text().strip() not in result.stdout + result.stderr
+    token.chmod(0o600)
+    if owner is None:
+        assert run_launcher(env, "config").returncode == 0
 
 
 def test_without_namespaces_skip_but_fail_under_ci(monkeypatch):

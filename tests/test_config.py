@@ -142,6 +142,14 @@ BAD_INPUTS = [
     ({"VLLM_LANES": "x,x_env", "VLLM_LANE_X_ENV_ENV_FOO": "1"}, "VLLM_LANE_X_ENV_ENV_FOO='1': ambiguous"),
     ({"VLLM_LANES": "a", "VLLM_LANE_A_ENV_VLLM_PORT": "1"}, "VLLM_LANE_A_ENV_VLLM_PORT='1': VLLM_PORT is set by the launcher"),
     ({"VLLM_LANES": "a", "VLLM_LANE_A_IDLE_TIMEOUT": "0"}, "VLLM_LANE_A_IDLE_TIMEOUT='0'"),
+    # a secret in a variable not named as one is masked by its value (issue 19)
+    ({"VLLM_API_KEY": "sk-live-abcdef123456", "VLLM_LANE_DEFAULT_GPU_MEMORY_UTILIZATION": "sk-live-abcdef123456"},
+     "VLLM_LANE_DEFAULT_GPU_MEMORY_UTILIZATION='***': must be a number"),
+    ({"HTTPS_PROXY": "http://me:pr0xy-pass@proxy:3128", "VLLM_MAX_MODEL_LEN": "pr0xy-pass"},
+     "VLLM_MAX_MODEL_LEN='***': must be a whole number"),
+    # a cluster token file another user owns or may read: refused (here root's /etc/passwd, mode 644)
+    ({"VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": "/etc/passwd"},
+     "VLLM_CLUSTER_TOKEN_FILE='/etc/passwd' is "),
 ]
 
 

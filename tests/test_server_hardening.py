@@ -282,3 +282,27 @@ def test_an_engine_that_prints_its_own_key_has_it_masked_everywhere(tmp_path):
     assert len(started) >= 2 and all(len(key) > 20 for key in started)       # the preload and the load
     for key in started:
         assert key not in shown
+
+
+def test_a_secret_in_any_variable_is_masked_in_configuration_errors(tmp_path):
+    """The API key (from its file too), a proxy's password and the cluster's token, each pasted
+    into a variable that is not named as a secret: the error names the variable, never the value."""
+    key_file, token_file = tmp_path / "key", tmp_path / "token"
+    key_file.write_text("key-from-the-file-9876\n")
+    token_file.write_text("cluster-token-abcdef0123\n")
+    token_file.chmod(0o600)
+    base = {"VLLM_LANES": "alpha", "VLLM_LANE_ALPHA_MODEL": "org/m",
+            "HTTPS_PROXY": "http://user:proxy-password-1@proxy.example:3128", "VLLM_MAX_MODEL_LEN": "proxy-password-1",
+            "VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": str(token_file),
+            "VLLM_DTYPE": "cluster-token-abcdef0123"}
+    for key, how in (("sk-the-api-key-12345", {"VLLM_API_KEY": "sk-the-api-key-12345"}),
+                     ("key-from-the-file-9876", {"VLLM_API_KEY_FILE": str(key_file)})):
+        env = {**base, **how, "VLLM_LANE_ALPHA_GPU_MEMORY_UTILIZATION": key, "VLLM_SWAP_SPACE": f"{key}x"}
+        for command in ("config", "serve"):
+            result = run_launcher(env, command)
+            assert result.returncode == 2, result.stderr
+            for variable in ("VLLM_LANE_ALPHA_GPU_MEMORY_UTILIZATION", "VLLM_MAX_MODEL_LEN", "VLLM_DTYPE",
+                             "VLLM_SWAP_SPACE"):
+                assert f"{variable}='***" in result.stderr, (variable, result.stderr)
+            for secret in (key, "proxy-password-1", "cluster-token-abcdef0123"):
+                assert secret not in result.stdout + result.stderr, (secret, result.stderr)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .config import ClusterConfig, LaneConfig
+from .config import ClusterConfig, LaneConfig, token_file_problem
 from .engine_command import TELEMETRY_OFF, passed_environment
 from .placement import Placement, cluster_placement, fits, lane_placement, nodes_that_fit  # noqa: F401 (re-exported)
 
@@ -77,19 +77,20 @@ def interface_ipv4(interface: str) -> str:
 
 
 def check_token_file(path: str) -> list[str]:
-    """Warnings about the token file; ClusterError when it cannot serve as one."""
+    """Warnings about the token file (none today); ClusterError when it cannot serve as one: it
+    cannot be read, is empty, or another user owns it or may read it (token_file_problem; the
+    configuration refuses that too, with status 2)."""
+    unsafe = token_file_problem(path)
+    if unsafe:
+        raise ClusterError(unsafe)
     try:
         token = Path(path).read_text().strip()
-        mode = Path(path).stat().st_mode
     except OSError as error:
         raise ClusterError(f"VLLM_CLUSTER_TOKEN_FILE={path!r}: cannot read the token file "
                            f"({error.strerror or error}); give a readable file holding the cluster's token "
                            "(`vllm-launcher cluster new-token FILE` writes one)") from None
     if not token:
         raise ClusterError(f"VLLM_CLUSTER_TOKEN_FILE={path!r}: the file is empty; it must hold the cluster's token")
-    if mode & 0o077:
-        return [f"VLLM_CLUSTER_TOKEN_FILE={path!r} can be read by other users (mode {mode & 0o777:o}); "
-                "anyone holding the token can run code on every machine of the cluster: chmod 600"]
     return []
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 from . import values
 from .settings import (
     CLUSTER_PORT_KEYS, CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY,
-    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, masked,
+    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, mask_secrets, masked,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -138,11 +139,31 @@ class LauncherConfig:
 
     def secret_values(self) -> list[str]:
         """Every secret value the configuration holds, longest first, for free text (logs, an
-        engine's output in an error) to mask. Values shorter than 4 would mask ordinary text."""
-        found = {value.strip() for name, value in self.environ.items() if is_secret(name)}
-        if self.server.api_key:
-            found.add(self.server.api_key)        # also when read from VLLM_API_KEY_FILE
-        return sorted((value for value in found if len(value) >= 4), key=len, reverse=True)
+        engine's output in an error) to mask: see secret_values."""
+        return secret_values(self.environ, (self.server.api_key,                  # also from VLLM_API_KEY_FILE
+                                            _file_secret(self.cluster.token_file if self.cluster else None)))
+
+
+def secret_values(environ: Mapping[str, str], known: tuple[str | None, ...] = ()) -> list[str]:
+    """The secrets an environment holds, longest first: the values of variables named as secrets,
+    the credentials inside *_PROXY URLs, and `known` ones (a key or token read from a file).
+    Masked by value wherever text is shown, whatever variable a value turns up in. Values shorter
+    than 4 would mask ordinary text."""
+    found = {value.strip() for name, value in environ.items() if is_secret(name)}
+    for name, value in environ.items():
+        if name.upper().endswith("_PROXY") and "@" in value:
+            userinfo = value.partition("://")[2].rpartition("@")[0]
+            found.update((userinfo, userinfo.partition(":")[2]))
+    found.update(value.strip() for value in known if value)
+    return sorted((value for value in found if len(value) >= 4), key=len, reverse=True)
+
+
+def _file_secret(path: str | None) -> str | None:
+    """The secret a file holds (the cluster's token), or None when it cannot be read."""
+    try:
+        return Path(path).read_text().strip() if path else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def shown(name: str, raw: str) -> str:
@@ -156,6 +177,13 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
         self.problems: list[str] = []
+        self.known_secrets: list[str | None] = []     # read from files (the API key, the cluster token)
+
+    def error(self) -> ConfigError:
+        """Every problem, with every secret masked by value: a secret may turn up in any
+        variable (an API key pasted into VLLM_GPU_MEMORY_UTILIZATION), not only a secret's."""
+        secrets = secret_values(self.environ, tuple(self.known_secrets))
+        return ConfigError([mask_secrets(problem, secrets) for problem in self.problems])
 
     def first_set(self, names: tuple[str, ...]) -> tuple[str, str] | None:
         for name in names:
@@ -190,7 +218,7 @@ def load_config(environ: Mapping[str, str]) -> LauncherConfig:
     _check_budget(reader, server, lanes)
     cluster = _cluster_config(reader)
     if reader.problems:
-        raise ConfigError(reader.problems)
+        raise reader.error()
     return LauncherConfig(server=server, lanes=lanes, default_lane=default_lane,
                           environ=dict(environ), warnings=tuple(_warnings(lanes)), cluster=cluster)
 
@@ -211,7 +239,7 @@ def load_cluster_config(environ: Mapping[str, str], role: str | None = None,
         reader.problems.append("no cluster configured: set VLLM_CLUSTER_ROLE to head or worker "
                                "(or run `vllm-launcher cluster head` / `cluster join ADDRESS`)")
     if reader.problems:
-        raise ConfigError(reader.problems)
+        raise reader.error()
     return cluster, engine_python or sys.executable
 
 
@@ -223,6 +251,11 @@ def _cluster_config(reader: _Reader) -> ClusterConfig | None:
     if "address" in found:
         found["address"] = _head_address(reader, found["address"], found.get("port", 6379))
     cluster = ClusterConfig(**found)
+    if cluster.token_file:
+        reader.known_secrets.append(_file_secret(cluster.token_file))
+        unsafe = token_file_problem(cluster.token_file)
+        if unsafe:
+            reader.problems.append(unsafe)
     if cluster.role == "worker" and cluster.address is None:
         reader.problems.append("VLLM_CLUSTER_ROLE='worker': a worker joins a head; set VLLM_CLUSTER_ADDRESS "
                                "to the head's address (host or host:port)")
@@ -249,6 +282,24 @@ def _cluster_config(reader: _Reader) -> ClusterConfig | None:
             f"VLLM_CLUSTER_MIN_WORKER_PORT={cluster.min_worker_port} is above VLLM_CLUSTER_MAX_WORKER_PORT="
             f"{cluster.max_worker_port}: the worker port range is empty")
     return cluster
+
+
+def token_file_problem(path: str) -> str | None:
+    """Why the cluster's token file must not be used, or None. Anyone holding the token runs code
+    on every machine of the cluster: the file must be this user's and closed to others (a file
+    that cannot be read at all is reported where the token is needed)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    uid = os.getuid()
+    accepted = f"accepted: a file owned by this user (uid {uid}) that no other user can read (chmod 600 {path})"
+    if info.st_uid != uid:
+        return f"VLLM_CLUSTER_TOKEN_FILE={path!r} is owned by uid {info.st_uid}, not this user; {accepted}"
+    if info.st_mode & 0o077:
+        return (f"VLLM_CLUSTER_TOKEN_FILE={path!r} is open to other users (mode {stat.S_IMODE(info.st_mode):o}): "
+                f"anyone holding the token can run code on every machine of the cluster; {accepted}")
+    return None
 
 
 def _head_address(reader: _Reader, raw: str, default_port: int) -> str:
@@ -286,6 +337,7 @@ def _read_key_file(reader: _Reader, path: str) -> str | None:
         return None
     if not key:
         reader.problems.append(f"{shown('VLLM_API_KEY_FILE', path)}: the file is empty; it must hold the key")
+    reader.known_secrets.append(key)
     return key or None
 
 
