@@ -16,6 +16,7 @@ let
   ccfg = cfg.cluster;
   laneEnv = import ./lane-env.nix;
   unitLimits = import ./unit-limits.nix cfg.limits;
+  strixHalo = import ./strix-halo.nix { inherit (cfg.strixHalo) gttSizeGiB disableIommu disableCwsr; };
   runtimeEnvFor = import ./runtime-env.nix;
 
   staticUser = cfg.user != null;
@@ -458,6 +459,47 @@ in
       };
     };
 
+    # Opt-in kernel parameters for a Strix Halo host (./strix-halo.nix says why and where from);
+    # `vllm-launcher check` names the option to set when its finding is there.
+    strixHalo = {
+      enable = lib.mkEnableOption ''
+        the Strix Halo (gfx1151) host settings below as kernel parameters (boot.kernelParams);
+        independent of services.vllm.enable, so a cluster worker can have them too'';
+      gttSizeGiB = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 124;
+        description = ''
+          How much of the box's memory the GPU may map, in GiB: sets ttm.pages_limit (4 KiB
+          pages; the limit ROCm allocations stop at) and amdgpu.gttsize (MiB; the GTT size on
+          kernels that still read it) to the same size. The kernel's default, null here, is half
+          of the memory: 64 GiB of a 128 GB box, too little for lanes that together need more
+          (`vllm-launcher check` compares the lanes loaded together with it). Leave a few GiB
+          to the system: 124 on a 128 GB box. With AMD's DKMS driver the TTM parameter is
+          amdttm.pages_limit: add it to boot.kernelParams yourself.
+        '';
+      };
+      disableIommu = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          amd_iommu=off. Field reports (not measured here): 5-12 % faster on Strix Halo, and page
+          faults reported with the IOMMU on. Keep the IOMMU where the box passes devices to
+          virtual machines.
+        '';
+      };
+      disableCwsr = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          amdgpu.cwsr_enable=0 (no compute wave save/restore, so no preemption mid-wave). Field
+          reports of gfx1151 hangs under ROCm with it on (ROCm/legacy-rocm-build issue 5590); AMD
+          advises it until kernel 6.18-rc6 (issue 5991). It does not help with MES firmware 0x83
+          (issue 5724), which needs the firmware back at 0x80.
+        '';
+      };
+    };
+
     cluster = {
       enable = lib.mkEnableOption ''
         this machine's node of a Ray cluster, for lanes that span several machines
@@ -555,6 +597,11 @@ in
   };
 
   config = lib.mkMerge [
+    (lib.mkIf cfg.strixHalo.enable {
+      assertions = strixHalo.assertions;
+      boot.kernelParams = strixHalo.kernelParams;
+    })
+
     (lib.mkIf (cfg.enable || ccfg.enable) {
       assertions = unitLimits.assertions ++ [
         {

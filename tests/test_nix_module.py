@@ -387,3 +387,26 @@ def test_restart_policy_of_both_units():
         svc = unit["serviceConfig"]
         # on-failure (not seed 001's always) and no restart loop on a configuration error (exit 2)
         assert svc["Restart"] == "on-failure" and svc["RestartPreventExitStatus"] == "2"
+
+
+# --- Strix Halo host settings (issue 23 point 4): services.vllm.strixHalo --------------------
+
+def test_strix_halo_kernel_params_only_when_enabled():
+    out = evaluate('{ enable = true; lanes.a.model = "m"; strixHalo = { enable = true; gttSizeGiB = 124; '
+                   'disableIommu = true; disableCwsr = true; }; }')
+    assert out["failedAssertions"] == []
+    assert out["kernelParams"] == ["ttm.pages_limit=32505856", "amdgpu.gttsize=126976", "amd_iommu=off",
+                                   "amdgpu.cwsr_enable=0"]
+    # opt-in: options set without enable change nothing; enable alone sets only what is asked
+    assert evaluate('{ enable = true; lanes.a.model = "m"; strixHalo.gttSizeGiB = 124; }')["kernelParams"] == []
+    assert evaluate('{ enable = true; lanes.a.model = "m"; strixHalo.enable = true; }')["kernelParams"] == []
+    # without the lane server too (a cluster worker's box)
+    worker = evaluate("{ strixHalo = { enable = true; disableCwsr = true; }; }")
+    assert worker["kernelParams"] == ["amdgpu.cwsr_enable=0"] and worker["environment"] is None
+
+
+def test_strix_halo_bad_size_names_the_option():
+    result = run_eval('{ services.vllm.strixHalo = { enable = true; gttSizeGiB = 0; }; }')
+    assert result.returncode != 0
+    assert "services.vllm.strixHalo.gttSizeGiB" in result.stderr and "positive integer" in result.stderr, result.stderr
+    assert "strixHalo" in evaluate("{ }")["options"]

@@ -97,5 +97,6 @@ in
   users = cfg.users.users;
   groups = builtins.attrNames cfg.users.groups;
   firewall = cfg.networking.firewall.allowedTCPPorts;
+  kernelParams = cfg.boot.kernelParams;
   options = builtins.attrNames evaluated.options.services.vllm;
 }

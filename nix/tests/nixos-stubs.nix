@@ -50,6 +50,10 @@ in
       );
       default = { };
     };
+    boot.kernelParams = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+    };
     environment.systemPackages = mkOption {
       type = types.listOf types.package;
       default = [ ];
