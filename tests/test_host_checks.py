@@ -91,7 +91,8 @@ def two_lanes(tmp_path):
 def test_healthy_box_has_no_warning(tmp_path, two_lanes):
     lines = findings(tree(tmp_path / "root"), two_lanes)
     assert not [line for line in lines if line.startswith(("WARN", "FAIL"))], lines
-    assert "OK   /dev/kfd accessible" in lines and "OK   /dev/dri/renderD128 accessible" in lines
+    assert only(lines, "/dev/kfd").startswith("OK   /dev/kfd accessible")
+    assert only(lines, "/dev/dri/renderD128").startswith("OK   /dev/dri/renderD128 accessible")
     assert only(lines, "GPU target").startswith("OK   GPU target gfx1151 (110501)")
     gtt = only(lines, "GPU memory limit")
     assert gtt.startswith("OK   GPU memory limit 124.5 GiB (GTT 124.0 GiB (card1/mem_info_gtt_total), "
@@ -132,6 +133,7 @@ def test_gtt_size_itself_too_small_and_amdttm(tmp_path):
     assert line.startswith("FAIL GPU memory limit 48.5 GiB (GTT 48.0 GiB (card1/mem_info_gtt_total), "
                            "amdttm.pages_limit 32505856 pages = 124.0 GiB, VRAM 0.5 GiB) is below the 60.0 GiB"), line
     assert "amdttm.pages_limit=15728640 amdgpu.gttsize=61440" in line and "below the GTT size" not in line
+    assert "gttSizeGiB = 60; }, and amdttm.pages_limit=15728640 in boot.kernelParams" in line
 
 
 def test_gtt_unknown_needs_and_no_card(tmp_path):
@@ -200,7 +202,7 @@ def test_device_not_accessible_to_the_user():
                         "render and video itself)"), line
     else:
         assert "mode 0000" in line and "gives the group no read-write access" in line, line
-    assert "OK   /dev/dri/renderD128 accessible" in lines
+    assert only(lines, "/dev/dri/renderD128") == "OK   /dev/dri/renderD128 accessible"      # 0666
 
 
 def test_gpu_target(tmp_path, two_lanes):

@@ -173,7 +173,8 @@ def engine(lane: str | None) -> None:
 
 @main.command()
 def check() -> None:
-    """Preflight: vLLM importable, GPU devices, model directories, known-bad ROCm settings, memory plan.
+    """Preflight: vLLM importable, the host (GPU devices, gfx target, GTT limit against the lanes,
+    IOMMU, kernel and CWSR, MES firmware), model directories, known-bad ROCm settings, memory plan.
 
     Prints one line per finding; exits 1 when any finding is a failure.
     """

@@ -113,6 +113,23 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _why_not(path: Path) -> str:
+    """Why this process may not open a device node, and what to do."""
+    st = path.stat()
+    group, mode, user = _group_name(st.st_gid), stat.S_IMODE(st.st_mode), _user()
+    head = f"mode {mode:04o}, group {group!r}"
+    if st.st_gid in os.getgroups() or st.st_gid == os.getegid():
+        return f"{head}, which {user} is in, but the mode gives the group no read-write access (udev rules?)"
+    try:
+        listed = user in grp.getgrgid(st.st_gid).gr_mem
+    except KeyError:
+        listed = False
+    if listed:
+        return f"{head}: {user} was added to it after this session began; log in again (or restart the service)"
+    return (f"{head}, which {user} is not in: add it (NixOS: users.users.{user}.extraGroups = [ \"{group}\" ]; "
+            "services.vllm's unit has render and video itself)")
+
+
 def check_devices(cpu_build: bool, root: Path | str = "/") -> list[Finding]:
     """/dev/kfd and the render nodes exist and this user (the service's, under `serve`) may open them."""
     missing = "info" if cpu_build else "fail"
@@ -125,16 +142,10 @@ def check_devices(cpu_build: bool, root: Path | str = "/") -> list[Finding]:
             findings.append(Finding(missing, f"{shown} missing" + (" (CPU build of vLLM: not needed)" if cpu_build
                                                                    else ": no ROCm GPU driver, or not passed to the container")))
         elif not os.access(path, os.R_OK | os.W_OK):
-            st = path.stat()
-            group, mode = _group_name(st.st_gid), stat.S_IMODE(st.st_mode)
-            member = group in {_group_name(g) for g in os.getgroups()} | {_group_name(os.getegid())}
-            user = _user()
-            findings.append(Finding(missing, f"{shown} not accessible to {user}: mode {mode:04o}, group {group!r}, which "
-                                    + ((f"{user} is in (log in again?)" if mode & 0o060 == 0o060 else
-                                        f"{user} is in, but the mode gives the group no read-write access (udev rules?)")
-                                       if member else
-                                       f"{user} is not in: add it (NixOS: users.users.{user}.extraGroups = "
-                                       f"[ \"{group}\" ]; services.vllm's unit has render and video itself)")))
+            findings.append(Finding(missing, f"{shown} not accessible to {_user()}: {_why_not(path)}"))
+        elif os.geteuid() == 0:
+            findings.append(Finding("ok", f"{shown} accessible to root, who may open anything: run check as the "
+                                    "service's user, or read serve's log, for that user's access"))
         else:
             findings.append(Finding("ok", f"{shown} accessible"))
     return findings
@@ -196,9 +207,12 @@ def gib(value: int) -> str:
 
 
 def _raise_hint(gib_needed: int, module: str) -> str:
-    return (f"raise it to at least {gib_needed} GiB at boot: {module}.pages_limit={gib_needed * GIB // PAGE_BYTES} amdgpu.gttsize={gib_needed * 1024} "
-            f"(NixOS: {NIXOS} = {{ enable = true; gttSizeGiB = {gib_needed}; }}); "
-            "leave a few GiB of the box's memory to the system")
+    pages, mib = gib_needed * GIB // PAGE_BYTES, gib_needed * 1024
+    nixos = f"{NIXOS} = {{ enable = true; gttSizeGiB = {gib_needed}; }}"
+    if module != "ttm":      # the option sets ttm.pages_limit, which AMD's DKMS driver does not read
+        nixos += f", and {module}.pages_limit={pages} in boot.kernelParams"
+    return (f"raise it to at least {gib_needed} GiB at boot: {module}.pages_limit={pages} amdgpu.gttsize={mib} "
+            f"(NixOS: {nixos}); leave a few GiB of the box's memory to the system")
 
 
 def check_gtt(config: LauncherConfig, cpu_build: bool, root: Path | str = "/") -> list[Finding]:
