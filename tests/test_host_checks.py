@@ -245,6 +245,17 @@ def test_mes_firmware_known_bad_warns(tmp_path, two_lanes):
         "INFO MES firmware version not shown by this kernel")
 
 
+def test_known_bad_lists_are_for_gfx1151_only(tmp_path, two_lanes):
+    # a gfx1100 (RDNA3 discrete) box with the same numbers: its MES versions are another series
+    other = tree(tmp_path / "gfx1100", sys__class__kfd__kfd__topology__nodes__1__properties="gfx_target_version 110000",
+                 sys__class__drm__card1__device__fw_version__mes_fw_version="0x00000083",
+                 proc__sys__kernel__osrelease="6.17.9")
+    lines = findings(other, two_lanes)
+    assert only(lines, "MES firmware") == "INFO card1: MES firmware 0x83 (the known-bad list is for gfx1151)"
+    assert only(lines, "CWSR").startswith("INFO CWSR on with kernel 6.17.9; the hangs reported with it")
+    assert [line for line in lines if line.startswith("WARN")] == [only(lines, "GPU target")]
+
+
 def test_cwsr_on_before_kernel_6_18_rc6_warns(tmp_path, two_lanes):
     for release in ("6.17.9-200.fc42.x86_64", "6.18.0-rc5"):
         old = tree(tmp_path / release, proc__sys__kernel__osrelease=release)

@@ -295,7 +295,8 @@ def _before(version: tuple[int, int, int], fixed: tuple[int, int, int]) -> bool:
     return key(version) < key(fixed)
 
 
-def check_kernel_and_cwsr(root: Path | str = "/") -> list[Finding]:
+def check_kernel_and_cwsr(root: Path | str = "/", gfx1151: bool = True) -> list[Finding]:
+    """The kernel, and CWSR against it; the hang reports are of gfx1151 only (other GPUs: info)."""
     release = _read(root, "/proc/sys/kernel/osrelease")
     findings = [Finding("info", f"kernel {release}" if release else "kernel version unknown (/proc/sys/kernel/osrelease)")]
     cwsr = _module_param(root, "amdgpu", "cwsr_enable")
@@ -307,7 +308,10 @@ def check_kernel_and_cwsr(root: Path | str = "/") -> list[Finding]:
         return findings
     version = kernel_version(release or "")
     fixed = ".".join(map(str, CWSR_FIXED_KERNEL[:2])) + f"-rc{CWSR_FIXED_KERNEL[2]}"
-    if version is not None and _before(version, CWSR_FIXED_KERNEL):
+    if version is not None and _before(version, CWSR_FIXED_KERNEL) and not gfx1151:
+        findings.append(Finding("info", f"CWSR on with kernel {release}; the hangs reported with it (ROCm issue "
+                                "5590) are of gfx1151, which this box does not have"))
+    elif version is not None and _before(version, CWSR_FIXED_KERNEL):
         findings.append(Finding("warn", f"CWSR on (amdgpu.cwsr_enable={cwsr.strip()}) with kernel {release}: field "
                                 "reports of gfx1151 hangs under ROCm with it on (ROCm issue 5590), and AMD advises "
                                 f"amdgpu.cwsr_enable=0 until kernel {fixed} (ROCm issue 5991); set the kernel parameter "
@@ -318,7 +322,8 @@ def check_kernel_and_cwsr(root: Path | str = "/") -> list[Finding]:
     return findings
 
 
-def check_mes_firmware(root: Path | str = "/") -> list[Finding]:
+def check_mes_firmware(root: Path | str = "/", gfx1151: bool = True) -> list[Finding]:
+    """Each card's MES firmware against the known-bad list, which is of gfx1151's MES only."""
     findings = []
     for path in sorted(_under(root, "/sys/class/drm").glob("card*/device/fw_version/mes_fw_version")):
         card = path.parent.parent.parent.name
@@ -327,7 +332,9 @@ def check_mes_firmware(root: Path | str = "/") -> list[Finding]:
         except (OSError, ValueError):
             findings.append(Finding("info", f"{card}: MES firmware version unreadable ({_shown(root, path)})"))
             continue
-        if version in MES_KNOWN_BAD:
+        if not gfx1151:
+            findings.append(Finding("info", f"{card}: MES firmware {version:#x} (the known-bad list is for gfx1151)"))
+        elif version in MES_KNOWN_BAD:
             findings.append(Finding("warn", f"{card}: MES firmware {version:#x}: {MES_KNOWN_BAD[version]}"))
         elif version in MES_KNOWN_GOOD:
             findings.append(Finding("ok", f"{card}: MES firmware {version:#x} ({MES_KNOWN_GOOD[version]})"))
@@ -341,8 +348,9 @@ def check_mes_firmware(root: Path | str = "/") -> list[Finding]:
 
 
 def host_findings(config: LauncherConfig, cpu_build: bool, root: Path | str = "/") -> list[Finding]:
+    gfx1151 = GFX1151_TARGET_VERSION in gpu_targets(root)
     return (check_devices(cpu_build, root) + check_gpu_target(cpu_build, root) + check_gtt(config, cpu_build, root)
-            + check_iommu(root) + check_kernel_and_cwsr(root) + check_mes_firmware(root))
+            + check_iommu(root) + check_kernel_and_cwsr(root, gfx1151) + check_mes_firmware(root, gfx1151))
 
 
 def log_host_findings(config: LauncherConfig, cpu_build: bool, root: Path | str = "/") -> list[Finding]:
