@@ -88,7 +88,7 @@
         name: code:
         pkgs.runCommand "vllm-strix-${name}" { } ''
           export HOME=$TMPDIR
-          ${built.vllm-env}/bin/python ${./nix/check-imports.py} ${code}
+          ${built.vllm-env}/bin/python ${./nix/check-imports.py} ${code} ${./python-env/pyproject.toml}
           touch $out
         '';
     in
