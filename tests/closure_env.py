@@ -61,7 +61,8 @@ ARTIFACTS_LOCK = ROOT / "artifacts.lock.json"
 # Which sonames are CUDA's and torch's (or HIP's): vllm_launcher.artifacts.CUDA_SONAME and
 # TORCH_SONAME, the lists `artifacts lock` refuses a torchvision wheel by. An extension linking
 # torch's libraries was built against one torch build (its ABI, its device), so only an artifact
-# built against the user's torch may (ALLOWED aside).
+# built against the user's torch may.
+#
 # Packages whose native libraries may link CUDA or torch although they are no artifact: {name:
 # why that is harmless on the target}. Empty: the locked closure has none (keep it short).
 ALLOWED: dict[str, str] = {}
@@ -127,7 +128,9 @@ def scan(libraries: dict[str, dict[Path, list[str]]], packages: set[str], site_d
 
 def unloadable_on_target(libraries: dict[str, dict[Path, list[str]]]) -> dict[str, str]:
     """{real path: the loader's error there} of every library that needs a CUDA library, directly
-    or through another such library (by its file name); not the twin torch's nor its nvidia-*."""
+    or through another such library (by its file name); not the twin torch's nor its nvidia-*.
+    Stricter than the target where a package bundles a CUDA runtime of its own: the scan refuses
+    such a package anyway."""
     from vllm_launcher.artifacts import CUDA_SONAME
 
     files = {path: needed for name, found in libraries.items()
