@@ -5,7 +5,9 @@ locked closure's), each node in a network namespace of its own (tests/netns.py: 
 - a head and a worker join: the cluster shows two nodes with the GPUs each was given (a logical
   resource: no GPU needed), actors run on both, `check` reports the cluster and whether each
   multi-node lane fits, and every TCP listener outside loopback is one of the documented
-  firewall ports;
+  firewall ports, on the node's address, or on every address only where Ray allows no other
+  (its gRPC servers: GCS, raylet, object manager, workers);
+- a token file another user owns or may read is refused (status 2), not warned about;
 - a worker with a wrong token is refused at once with a clear error, and the cluster keeps one node;
 - SIGTERM to each node's `vllm-launcher` stops it with status 0 and leaves no process in its
   namespace.

@@ -365,6 +365,16 @@ BAD_REQUESTS = [
     ("POST", "/lanes/a/unload?wait=maybe", {}, 422, "invalid_parameter"),
     ("POST", "/lanes/a/../../load", {}, 404, None),
     ("POST", "/lanes/%00/load", {}, 404, "lane_not_found"),
+    # issue 19: no slash redirects, one reading of Authorization, a form part without a name
+    ("GET", "/lanes/a/", {"headers": {**AUTH, "Host": "evil.example"}}, 404, "not_found"),
+    ("POST", "/lanes/a/load/", {"headers": {"Host": "evil.example"}}, 404, "not_found"),
+    ("GET", "/metrics/", {}, 404, "not_found"),
+    ("GET", "/lanes", {"headers": [("Authorization", "Bearer k"), ("Authorization", "Bearer x")]}, 400,
+     "invalid_authorization"),
+    ("POST", CHAT, {"json": chat_body("a"), "headers": [("Authorization", "Bearer x"), ("Authorization", "Bearer k")]},
+     400, "invalid_authorization"),
+    ("POST", AUDIO, {"content": b'--b\r\nContent-Disposition: form-data; filename="a.wav"\r\n\r\nx\r\n--b--\r\n',
+                     "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}}, 400, "invalid_form"),
 ]
 
 
