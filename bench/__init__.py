@@ -4,7 +4,7 @@ Parts (select with BENCH_PARTS, comma-separated; default all):
 
 * ``scheduling``: the launcher's Scheduler against the baselines of bench/baselines.py (our
   hold rule before issue 13, frozen in bench/hold_scheduler.py; llama-swap's rule; fcfs), played
-  by vllm_launcher.simulator in simulated time (engines of finite batch, closed-loop clients; no
+  by bench/simulator.py in simulated time (engines of finite batch, closed-loop clients; no
   real engines; deterministic): the cap B chosen on seeds 1-20, the tables and the acceptance on
   seeds 21-40 (bench/scheduling.py; a few minutes, BENCH_QUICK=1 under a minute).
 * ``overhead``: the same fake engine (tests/fake_engine.py's app: isolates the proxies) reached

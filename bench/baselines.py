@@ -1,5 +1,5 @@
 """Baseline lane-switching policies for the scheduling benchmark (bench/scheduling.py), with the
-Scheduler's event methods so that vllm_launcher.simulator plays them on identical inputs
+Scheduler's event methods so that bench/simulator.py plays them on identical inputs
 (``simulate(..., policy=BASELINES[name])``):
 
 * ``fcfs``: one global FIFO queue; whenever the head of the queue is for another lane, the

@@ -169,7 +169,7 @@ def scheduling_section(sched: dict) -> str:
     ours = ("the launcher's scheduler (**ours**: `launcher/vllm_launcher/scheduler.py`, the cost-gated policy capped "
             f"at B, cost_theta {d.get('cost_theta')}, fair_wait {d.get('fair_wait')} s)")
     parts = [
-        "**Scheduling under agent traffic**, simulated (`launcher/vllm_launcher/simulator.py`, discrete-event, "
+        "**Scheduling under agent traffic**, simulated (`bench/simulator.py`, discrete-event, "
         f"deterministic) with {ours}, against three baselines on identical inputs "
         "(`bench/baselines.py`): ours before issue 13 (the hold rule, frozen in `bench/hold_scheduler.py`, "
         f"`VLLM_SWITCH_MAX_WAIT` {st['hold_max_wait']:.0f} s), the llama-swap policy (serve the loaded lane while "

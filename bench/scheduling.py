@@ -1,4 +1,4 @@
-"""Part 3: scheduling under agent traffic, in simulated time (vllm_launcher.simulator).
+"""Part 3: scheduling under agent traffic, in simulated time (bench/simulator.py).
 
 Policies, on identical inputs (same arrivals, service times, switch costs, engine batch size):
 
@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
-from vllm_launcher.simulator import Client, SimResult, simulate
 
 from .baselines import BASELINES
 from .common import QUICK, log
+from .simulator import Client, SimResult, simulate
 
 LANES = ("orchestrator", "coder", "fast_rag")
 SERVICE = {"orchestrator": (6.0, 0.6), "coder": (15.0, 0.6), "fast_rag": (2.0, 0.5)}

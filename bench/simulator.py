@@ -16,9 +16,9 @@ dispatched requests beyond it wait in the engine's own FIFO (as vLLM's scheduler
 queues beyond ``max_num_seqs``), so a request's service starts at ``start`` >=
 ``dispatch``.  Without it (the default) every dispatched request is served at once.
 Switch costs are per lane (``start_seconds`` / ``stop_seconds`` take a mapping or a
-function); a policy that puts an engine to sleep instead of stopping it (actions of
-class ``SleepEngine`` / ``WakeEngine``, if the policy emits them) is answered after
-``sleep_seconds`` / ``wake_seconds`` (see :func:`simulate`).
+function); a policy that puts an engine to sleep instead of stopping it (``SleepEngine`` /
+``WakeEngine``, if the policy emits them) is answered after ``sleep_seconds`` /
+``wake_seconds`` (see :func:`simulate`).
 
 Clients: besides open-loop ``arrivals`` (fixed times), closed-loop ``clients``
 (:class:`Client`) send their next request only after the previous one ended plus a
@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .scheduler import (
+from vllm_launcher.scheduler import (
     AbortInflight,
     Action,
     Dispatch,
@@ -43,9 +43,11 @@ from .scheduler import (
     Reject,
     Scheduler,
     SchedulerSettings,
+    SleepEngine,
     StartEngine,
     StopEngine,
     SwitchPlanned,
+    WakeEngine,
 )
 
 Seconds = float | Mapping[str, float] | Callable[[str], float]
@@ -334,77 +336,77 @@ def simulate(
             return bool(start_failures(lane, start_count[lane]))
         return start_count[lane] <= start_failures.get(lane, 0)
 
+    def decide(action: Dispatch | Reject) -> RequestRecord:
+        """The record of a request the policy dispatches or rejects: once, and for its own lane."""
+        rec = records[action.request_id]
+        if rec.dispatch is not None or rec.reject is not None or rec.outcome == "cancelled":
+            raise AssertionError(f"request {action.request_id!r} decided twice: {action}")
+        if action.lane != rec.lane:
+            raise AssertionError(f"request {action.request_id!r} routed to {action.lane}")
+        return rec
+
     def play(actions: list[Action]) -> None:
         nonlocal last_dispatched_lane
         for action in actions:
-            if isinstance(action, (Dispatch, Reject)):
-                rec = records[action.request_id]
-                if rec.dispatch is not None or rec.reject is not None or rec.outcome == "cancelled":
-                    raise AssertionError(f"request {action.request_id!r} decided twice: {action}")
-                if action.lane != rec.lane:
-                    raise AssertionError(f"request {action.request_id!r} routed to {action.lane}")
-            if isinstance(action, Dispatch):
-                rec = records[action.request_id]
-                rec.dispatch = now
-                rec.outcome = "dispatched"
-                rec.previous_lane = last_dispatched_lane
-                last_dispatched_lane = action.lane
-                running[action.lane].add(action.request_id)
-                if len(serving[action.lane]) < capacity(action.lane):
-                    serve(action.lane, action.request_id)
-                else:
-                    engine_queue[action.lane].append(action.request_id)
-            elif isinstance(action, Reject):
-                rec = records[action.request_id]
-                rec.reject = now
-                rec.reject_code = action.code
-                rec.retry_after = action.retry_after
-                rec.outcome = "rejected"
-                ended(rec)
-            elif isinstance(action, StartEngine):
-                lane = action.lane
-                generation[lane] += 1
-                start_count[lane] += 1
-                starts.append((now, lane, action.attempt))
-                if fails(lane):
-                    push(now + start_fail_seconds, "start_failed", lane, generation[lane])
-                else:
-                    push(now + _seconds(start_seconds, lane), "ready", lane, generation[lane])
-            elif isinstance(action, StopEngine):
-                lane = action.lane
-                generation[lane] += 1
-                engine_up[lane] = False
-                push(now + _seconds(stop_seconds, lane), "stopped", lane, generation[lane])
-            elif isinstance(action, AbortInflight):
-                for request_id in action.request_ids:
-                    if request_id not in running[action.lane]:
-                        raise AssertionError(f"abort of {request_id!r}, not in flight on {action.lane}")
-                    drop(action.lane, request_id)
-                    records[request_id].outcome = "aborted"
-                    records[request_id].finish = now
-                    ended(records[request_id])
-                fill(action.lane)
-            elif isinstance(action, LaneStateChanged):
-                timeline.append((now, action.lane, str(action.old), str(action.new), action.reason))
-            elif isinstance(action, SwitchPlanned):
-                switches.append((now, action.from_lanes, action.to_lane, action.reason))
-            elif type(action).__name__ == "SleepEngine":
-                lane = action.lane
-                generation[lane] += 1
-                sleep_count[lane] += 1
-                engine_up[lane] = False
-                if sleep_failures is not None and sleep_failures(lane, sleep_count[lane]):
-                    push(now + start_fail_seconds, "sleep_failed", lane, generation[lane])
-                else:
-                    push(now + _seconds(sleep_seconds, lane), "slept", lane, generation[lane])
-            elif type(action).__name__ == "WakeEngine":
-                lane = action.lane
-                generation[lane] += 1
-                wake_count[lane] += 1
-                if wake_failures is not None and wake_failures(lane, wake_count[lane]):
-                    push(now + start_fail_seconds, "wake_failed", lane, generation[lane])
-                else:
-                    push(now + _seconds(wake_seconds, lane), "woke", lane, generation[lane])
+            match action:
+                case Dispatch(request_id=request_id, lane=lane):
+                    rec = decide(action)
+                    rec.dispatch = now
+                    rec.outcome = "dispatched"
+                    rec.previous_lane = last_dispatched_lane
+                    last_dispatched_lane = lane
+                    running[lane].add(request_id)
+                    if len(serving[lane]) < capacity(lane):
+                        serve(lane, request_id)
+                    else:
+                        engine_queue[lane].append(request_id)
+                case Reject():
+                    rec = decide(action)
+                    rec.reject = now
+                    rec.reject_code = action.code
+                    rec.retry_after = action.retry_after
+                    rec.outcome = "rejected"
+                    ended(rec)
+                case StartEngine(lane=lane):
+                    generation[lane] += 1
+                    start_count[lane] += 1
+                    starts.append((now, lane, action.attempt))
+                    if fails(lane):
+                        push(now + start_fail_seconds, "start_failed", lane, generation[lane])
+                    else:
+                        push(now + _seconds(start_seconds, lane), "ready", lane, generation[lane])
+                case StopEngine(lane=lane):
+                    generation[lane] += 1
+                    engine_up[lane] = False
+                    push(now + _seconds(stop_seconds, lane), "stopped", lane, generation[lane])
+                case SleepEngine(lane=lane):
+                    generation[lane] += 1
+                    sleep_count[lane] += 1
+                    engine_up[lane] = False
+                    if sleep_failures is not None and sleep_failures(lane, sleep_count[lane]):
+                        push(now + start_fail_seconds, "sleep_failed", lane, generation[lane])
+                    else:
+                        push(now + _seconds(sleep_seconds, lane), "slept", lane, generation[lane])
+                case WakeEngine(lane=lane):
+                    generation[lane] += 1
+                    wake_count[lane] += 1
+                    if wake_failures is not None and wake_failures(lane, wake_count[lane]):
+                        push(now + start_fail_seconds, "wake_failed", lane, generation[lane])
+                    else:
+                        push(now + _seconds(wake_seconds, lane), "woke", lane, generation[lane])
+                case AbortInflight(lane=lane):
+                    for request_id in action.request_ids:
+                        if request_id not in running[lane]:
+                            raise AssertionError(f"abort of {request_id!r}, not in flight on {lane}")
+                        drop(lane, request_id)
+                        records[request_id].outcome = "aborted"
+                        records[request_id].finish = now
+                        ended(records[request_id])
+                    fill(lane)
+                case LaneStateChanged():
+                    timeline.append((now, action.lane, str(action.old), str(action.new), action.reason))
+                case SwitchPlanned():
+                    switches.append((now, action.from_lanes, action.to_lane, action.reason))
 
     while heap:
         event = heapq.heappop(heap)

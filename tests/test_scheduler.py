@@ -16,6 +16,7 @@ from vllm_launcher.scheduler import (
     Scheduler,
     SchedulerSettings,
     SleepEngine,
+    Stage,
     StartEngine,
     StopEngine,
     SwitchPlanned,
@@ -603,7 +604,7 @@ def put_to_sleep(s: Scheduler, now: float = 10.0) -> None:
     acts = s.submit("b1", "b", now)
     assert of(acts, SleepEngine) == [SleepEngine("a", 1, "idle")]
     assert of(acts, StopEngine) == []
-    assert s.state("a") is LaneState.STOPPING
+    assert s.state("a") is LaneState.STOPPING and s.stage("a") is Stage.FALLING_ASLEEP
     acts = s.engine_slept("a", now + 2.0)
     assert LaneStateChanged("a", LaneState.STOPPING, LaneState.SLEEPING, "engine asleep") in acts
     assert of(acts, StartEngine) == [StartEngine("b", 1, True)]
@@ -619,6 +620,13 @@ def waking_a(requests=("a1",)) -> Scheduler:
         s.submit(request_id, "a", 30.0 + i / 2)
     assert of(s.engine_slept("b", 31.0), WakeEngine) == [WakeEngine("a")]
     return s
+
+
+def test_every_lane_state_is_shown_for_some_stage():
+    """The stages tell sleep mode's steps apart; what is shown (logs, /lanes, the state gauge) is
+    still the LaneState, each of them some stage's."""
+    assert {stage.state for stage in Stage} == set(LaneState)
+    assert {stage.state for stage in Stage if stage.name == stage.state.name} == set(LaneState)
 
 
 def test_sleep_lane_policy_is_checked():
@@ -653,7 +661,7 @@ def test_switching_away_puts_a_sleep_lane_to_sleep_and_back_wakes_it():
     acts = s.engine_slept("b", 31.0)
     assert of(acts, WakeEngine) == [WakeEngine("a")] and of(acts, StartEngine) == []
     assert LaneStateChanged("a", LaneState.SLEEPING, LaneState.STARTING, "wake") in acts
-    assert s.snapshot()["lanes"]["a"]["waking"] is True
+    assert s.stage("a") is Stage.WAKING and s.snapshot()["lanes"]["a"]["stage"] == "waking"
     acts = s.engine_woke("a", 31.5)
     assert dispatched(acts) == ["a1"] and s.state("a") is LaneState.READY
     assert s.costs("a")["wake"] == pytest.approx(0.5)  # measured: WakeEngine at 31, woke at 31.5
@@ -669,8 +677,24 @@ def test_a_busy_sleep_lane_drains_then_sleeps():
     s.submit("b1", "b", 2.0)
     acts = s.tick(32.0)
     assert s.state("a") is LaneState.DRAINING and of(acts, SleepEngine) == []
+    assert s.stage("a") is Stage.DRAINING_TO_SLEEP
     acts = s.finish("a1", 33.0)
     assert of(acts, SleepEngine) == [SleepEngine("a", 1, "max_wait")]
+    s.check_invariants()
+
+
+def test_sleep_mode_lost_while_draining_to_sleep_stops_the_lane_once_drained():
+    s = sleepy(switch_max_wait=30.0)
+    s.submit("a1", "a", 0.0)
+    s.engine_ready("a", 1.0)
+    s.submit("b1", "b", 2.0)
+    s.tick(32.0)
+    assert s.stage("a") is Stage.DRAINING_TO_SLEEP
+    acts = s.sleep_failed("a", 32.5, "the engine refused")
+    assert [(c.old, c.new) for c in of(acts, LaneStateChanged)] == [(LaneState.DRAINING, LaneState.DRAINING)]
+    assert s.stage("a") is Stage.DRAINING
+    acts = s.finish("a1", 33.0)
+    assert of(acts, StopEngine) == [StopEngine("a", "max_wait")] and of(acts, SleepEngine) == []
     s.check_invariants()
 
 
@@ -796,8 +820,11 @@ def test_unload_while_going_to_sleep_stops_once_asleep():
     s.engine_ready("a", 1.0)
     s.submit("b1", "b", 10.0)  # a goes to sleep
     assert s.unload("a", 10.5) == []
+    assert s.stage("a") is Stage.FALLING_ASLEEP_THEN_STOP
     acts = s.engine_slept("a", 11.0)
     assert of(acts, StopEngine) == [StopEngine("a", "unload")]
+    assert s.stage("a") is Stage.STOPPING_ASLEEP
+    assert s.occupancy() == pytest.approx(0.1 + 0.8)  # a stopping sleeper holds its sleep share; b starts
 
 
 def test_a_sleeping_engine_that_exits_is_stopped_and_woken_cold_later():

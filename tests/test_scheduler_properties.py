@@ -1,4 +1,4 @@
-"""Property tests of the lane scheduler in simulated time (vllm_launcher.simulator).
+"""Property tests of the lane scheduler in simulated time (bench/simulator.py).
 
 The wait bound (test_wait_bound), stated and proved in vllm_launcher/scheduler.py
 ---------------------------------------------------------------------------------
@@ -22,12 +22,17 @@ starting lane: K counts them too, though they do not delay it.)
 
 from __future__ import annotations
 
+from typing import get_args
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.baselines import BASELINES
-from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
-from vllm_launcher.simulator import simulate, steady_stream
+from bench.simulator import simulate, steady_stream
+from vllm_launcher.scheduler import (
+    AbortInflight, AbortReason, CloseReason, LanePolicy, Reject, RejectCode, Scheduler, SchedulerSettings,
+    SleepEngine, StopEngine, StopReason, SwitchPlanned, SwitchReason,
+)
 
 FINAL = {"finished", "rejected", "aborted", "lost", "cancelled"}
 LANE_NAMES = ["a", "b", "c", "d"]
@@ -147,6 +152,46 @@ def test_co_residency_and_sleep_serve_everything(sc):
     assert_nothing_lost(result)
     for rec in result.requests.values():
         assert rec.outcome in ("finished", "aborted", "cancelled"), rec
+
+
+def assert_reason_typed(action) -> None:
+    """The action's reason (or code) is one of the strings its type names."""
+    match action:
+        case SwitchPlanned(reason=reason):
+            assert reason in get_args(SwitchReason), action
+        case StopEngine(reason=reason):
+            assert reason in get_args(StopReason), action
+        case SleepEngine(reason=reason):
+            assert reason in get_args(CloseReason), action
+        case AbortInflight(reason=reason):
+            assert reason in get_args(AbortReason), action
+        case Reject(code=code):
+            assert code in get_args(RejectCode), action
+
+
+class ReasonsChecked:
+    """The real Scheduler, every action it returns checked by assert_reason_typed."""
+
+    def __init__(self, lanes, settings):
+        self.scheduler = Scheduler(lanes, settings)
+
+    def __getattr__(self, name):
+        method = getattr(self.scheduler, name)
+
+        def checked(*args, **kwargs):
+            result = method(*args, **kwargs)
+            for action in result if isinstance(result, list) else ():
+                assert_reason_typed(action)
+            return result
+
+        return checked if callable(method) else method
+
+
+@common
+@given(scenarios(failures=True, co_resident=True, sleep=True))
+def test_every_reason_is_one_its_type_names(sc):
+    result = simulate(**sc, policy=ReasonsChecked)
+    assert_nothing_lost(result)
 
 
 def load_outcomes(result) -> list[float]:
@@ -287,7 +332,7 @@ def test_fcfs_thrashes_on_alternating_lanes():
 
 
 def test_simulation_is_deterministic():
-    from vllm_launcher.simulator import random_workload
+    from bench.simulator import random_workload
 
     lanes = [LanePolicy("a"), LanePolicy("b"), LanePolicy("c")]
     work = random_workload(7, ["a", "b", "c"], 100)

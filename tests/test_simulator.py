@@ -1,10 +1,10 @@
-"""The simulator's engine and client models (vllm_launcher.simulator): finite batch, closed-loop
+"""The simulator's engine and client models (bench/simulator.py): finite batch, closed-loop
 clients, sleep and wake, failed loads."""
 
 from __future__ import annotations
 
+from bench.simulator import Client, simulate
 from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
-from vllm_launcher.simulator import Client, simulate
 
 
 def test_finite_batch_queues_at_the_engine():

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, assert_never
 
 from .config import VLLM_DEFAULT_SHARE, LauncherConfig
 from .engines import Engine, EngineRecords, Supervisor
@@ -26,8 +26,8 @@ from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
 from .scheduler import (
-    AbortInflight, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
-    SchedulerSettings, SleepEngine, StartEngine, StopEngine, SwitchPlanned, WakeEngine,
+    AbortInflight, Action, CloseReason, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
+    SchedulerSettings, SleepEngine, StartEngine, StopEngine, StopReason, SwitchPlanned, WakeEngine,
 )
 from .vllm_info import VllmInfo
 
@@ -167,14 +167,35 @@ class Router:
 
     # ------------------------------------------------------------------ actions
 
-    def _apply(self, actions) -> None:
+    def _apply(self, actions: list[Action]) -> None:
         for action in actions:
-            handler = getattr(self, f"_on_{type(action).__name__}")
-            handler(action)
+            match action:
+                case Dispatch():
+                    self._dispatch(action)
+                case Reject():
+                    self._reject(action)
+                case StartEngine(lane=lane, attempt=attempt, sleep_mode=sleep_mode):
+                    self._switch_begins(lane)
+                    self.supervisors[lane].start(attempt, sleep_mode=sleep_mode)
+                case StopEngine(lane=lane, reason=reason):
+                    self._spawn(self._stop_engine(lane, reason))
+                case SleepEngine(lane=lane, level=level, reason=reason):
+                    self._spawn(self._sleep_engine(lane, level, reason))
+                case WakeEngine(lane=lane):
+                    self._switch_begins(lane)
+                    self._spawn(self._wake_engine(lane))
+                case AbortInflight():
+                    self._abort_inflight(action)
+                case LaneStateChanged():
+                    self._lane_state_changed(action)
+                case SwitchPlanned():
+                    self._switch_planned(action)
+                case _:
+                    assert_never(action)
         self._set_timer()
         self._idle.set()
 
-    def _on_Dispatch(self, action: Dispatch) -> None:
+    def _dispatch(self, action: Dispatch) -> None:
         ticket = self.tickets.get(action.request_id)
         if ticket is None or ticket.decided.done():
             self._apply(self.scheduler.finish(action.request_id, self.clock()))
@@ -187,7 +208,7 @@ class Router:
         lane_metrics.queue_depth.set(self.scheduler.queue_depth(ticket.lane))
         ticket.decided.set_result(ticket.engine)
 
-    def _on_Reject(self, action: Reject) -> None:
+    def _reject(self, action: Reject) -> None:
         self.metrics.rejected.labels(action.lane, action.code).inc()
         self.metrics.lane(action.lane).queue_depth.set(self.scheduler.queue_depth(action.lane))
         ticket = self.tickets.pop(action.request_id, None)
@@ -197,23 +218,12 @@ class Router:
             ticket.decided.set_result(APIError(action.status, action.message, action.code,
                                                retry_after=action.retry_after))
 
-    def _on_StartEngine(self, action: StartEngine) -> None:
-        record = self.switch_records[action.lane]
+    def _switch_begins(self, lane: str) -> None:
+        """A start or wake: the lane's switch begins now, unless it began earlier (planned, or a retry)."""
+        record = self.switch_records[lane]
         record.switch_began = record.switch_began or self.clock()
-        self.supervisors[action.lane].start(action.attempt, sleep_mode=action.sleep_mode)
 
-    def _on_StopEngine(self, action: StopEngine) -> None:
-        self._spawn(self._stop_engine(action.lane, action.reason))
-
-    def _on_SleepEngine(self, action: SleepEngine) -> None:
-        self._spawn(self._sleep_engine(action.lane, action.level, action.reason))
-
-    def _on_WakeEngine(self, action: WakeEngine) -> None:
-        record = self.switch_records[action.lane]
-        record.switch_began = record.switch_began or self.clock()
-        self._spawn(self._wake_engine(action.lane))
-
-    def _on_AbortInflight(self, action: AbortInflight) -> None:
+    def _abort_inflight(self, action: AbortInflight) -> None:
         error = APIError(503, f"lane {action.lane!r} was switched out before this request finished "
                               f"({action.reason}, VLLM_DRAIN_TIMEOUT={self.config.server.drain_timeout:g} s)",
                          "drain_timeout")
@@ -228,7 +238,7 @@ class Router:
         if ticket.on_abort is not None:
             ticket.on_abort()
 
-    def _on_LaneStateChanged(self, action: LaneStateChanged) -> None:
+    def _lane_state_changed(self, action: LaneStateChanged) -> None:
         log.info("lane %s: %s -> %s (%s)", action.lane, action.old, action.new, action.reason)
         self.metrics.set_state(action.lane, action.new.value)
         record = self.switch_records[action.lane]
@@ -243,7 +253,7 @@ class Router:
         for listener in self.state_listeners:
             listener(action.lane, action.new.value, action.reason)
 
-    def _on_SwitchPlanned(self, action: SwitchPlanned) -> None:
+    def _switch_planned(self, action: SwitchPlanned) -> None:
         log.info("switch planned: %s -> %s (%s)", ",".join(action.from_lanes) or "-", action.to_lane, action.reason)
         for source in action.from_lanes or ("",):
             self.metrics.switches.labels(source, action.to_lane, action.reason).inc()
@@ -257,13 +267,13 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _stop_engine(self, lane: str, reason: str) -> None:
+    async def _stop_engine(self, lane: str, reason: StopReason) -> None:
         try:
             await self.supervisors[lane].stop(reason)
         finally:
             self._apply(self.scheduler.engine_stopped(lane, self.clock()))
 
-    async def _sleep_engine(self, lane: str, level: int, reason: str) -> None:
+    async def _sleep_engine(self, lane: str, level: int, reason: CloseReason) -> None:
         log.info("lane %s: putting the engine to sleep (level %d, %s)", lane, level, reason)
         try:
             await self.supervisors[lane].sleep(level)

@@ -55,6 +55,8 @@ plan).  Actions and the reports each one asks for:
   engine refuses ``--enable-sleep-mode`` (report it before ``engine_start_failed``, whose
   retry is then a ``StartEngine`` with ``sleep_mode=False``).
 
+The steps of sleep mode within these states are named by :class:`Stage`.
+
 Fallback: after a failed sleep or wake the lane uses stop/start for good (until the
 scheduler is built again, i.e. a reload), logged once by a ``LaneStateChanged`` whose reason
 says so, and shown by :meth:`Scheduler.sleep_off` and ``snapshot()["lanes"][lane]["sleep_off"]``.
@@ -177,7 +179,8 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
+from typing import Any, Literal, cast
 
 EPS = 1e-9
 
@@ -195,6 +198,63 @@ class LaneState(StrEnum):
 RESIDENT_STATES = frozenset(
     {LaneState.STARTING, LaneState.READY, LaneState.DRAINING, LaneState.STOPPING}
 )
+
+
+class Stage(Enum):
+    """A lane's state as the scheduler tells it apart: its LaneState, with the steps of sleep
+    mode named.  Only the LaneState (``stage.state``) is shown (LaneStateChanged, logs, /lanes,
+    metrics); a step within one LaneState is no state change.  The steps of sleep mode, with
+    their LaneState in brackets where the name differs::
+
+        READY -> (DRAINING_TO_SLEEP [draining] while busy) -> FALLING_ASLEEP [stopping] (SleepEngine)
+              -> SLEEPING (engine_slept) -> WAKING [starting] (WakeEngine) -> READY (engine_woke)
+        FALLING_ASLEEP -> FALLING_ASLEEP_THEN_STOP [stopping] (unload, shutdown, its memory wanted)
+              -> SLEEPING (engine_slept) -> STOPPING_ASLEEP [stopping] (StopEngine) -> STOPPED
+        SLEEPING -> STOPPING_ASLEEP (StopEngine: evicted, unloaded, shut down) -> STOPPED
+        FALLING_ASLEEP* (sleep_failed), WAKING (wake_failed) -> STOPPING (StopEngine): sleep mode off
+        DRAINING_TO_SLEEP -> DRAINING (stops once drained): unload, shutdown, memory wanted, sleep mode off
+    """
+
+    STOPPED = "stopped"
+    STARTING = "starting"  # StartEngine: engine_ready or engine_start_failed is due
+    WAKING = "waking"  # WakeEngine: engine_woke or wake_failed is due
+    READY = "ready"
+    DRAINING = "draining"  # stopped once drained
+    DRAINING_TO_SLEEP = "draining to sleep"  # put to sleep once drained
+    STOPPING = "stopping"  # StopEngine of an awake (or starting) engine: holds its share
+    STOPPING_ASLEEP = "stopping asleep"  # StopEngine of a sleeping engine: holds only sleep_share
+    FALLING_ASLEEP = "falling asleep"  # SleepEngine: engine_slept or sleep_failed is due
+    FALLING_ASLEEP_THEN_STOP = "falling asleep, then stop"  # stopped once asleep (Lane.stop_reason)
+    SLEEPING = "sleeping"
+    FAILED = "failed"
+
+    @property
+    def state(self) -> LaneState:
+        return _SHOWN_AS[self]
+
+
+_SHOWN_AS = {
+    Stage.STOPPED: LaneState.STOPPED,
+    Stage.STARTING: LaneState.STARTING,
+    Stage.WAKING: LaneState.STARTING,
+    Stage.READY: LaneState.READY,
+    Stage.DRAINING: LaneState.DRAINING,
+    Stage.DRAINING_TO_SLEEP: LaneState.DRAINING,
+    Stage.STOPPING: LaneState.STOPPING,
+    Stage.STOPPING_ASLEEP: LaneState.STOPPING,
+    Stage.FALLING_ASLEEP: LaneState.STOPPING,
+    Stage.FALLING_ASLEEP_THEN_STOP: LaneState.STOPPING,
+    Stage.SLEEPING: LaneState.SLEEPING,
+    Stage.FAILED: LaneState.FAILED,
+}
+_GOING_TO_SLEEP = frozenset({Stage.FALLING_ASLEEP, Stage.FALLING_ASLEEP_THEN_STOP})  # SleepEngine sent
+
+# Reasons the actions carry (metrics labels, logs, error codes): these strings and no others.
+CloseReason = Literal["idle", "max_wait", "cost", "load"]  # why a lane is switched out (see Policy)
+SwitchReason = Literal[CloseReason, "co_resident"]  # SwitchPlanned: co_resident = it fits beside others
+StopReason = Literal[CloseReason, "unload", "idle_timeout", "shutdown", "sleep_failed", "wake_failed"]
+RejectCode = Literal["queue_full", "queue_timeout", "lane_failed", "shutting_down", "cluster_unavailable"]
+AbortReason = Literal["drain_timeout"]
 
 
 @dataclass(frozen=True)
@@ -277,7 +337,7 @@ class Reject:
     request_id: Hashable
     lane: str
     status: int
-    code: str  # queue_full, queue_timeout, lane_failed, shutting_down
+    code: RejectCode
     message: str
     retry_after: float | None = None
 
@@ -292,7 +352,7 @@ class StartEngine:
 @dataclass(frozen=True)
 class StopEngine:
     lane: str
-    reason: str  # idle, max_wait, cost, load, unload, idle_timeout, shutdown, sleep_failed, wake_failed
+    reason: StopReason
 
 
 @dataclass(frozen=True)
@@ -301,7 +361,7 @@ class SleepEngine:
 
     lane: str
     level: int  # 1 or 2 (vLLM's POST /sleep?level=)
-    reason: str  # idle, max_wait, cost, load (why the lane was switched out)
+    reason: CloseReason
 
 
 @dataclass(frozen=True)
@@ -315,7 +375,7 @@ class WakeEngine:
 class AbortInflight:
     lane: str
     request_ids: tuple[Hashable, ...]
-    reason: str  # drain_timeout
+    reason: AbortReason
 
 
 @dataclass(frozen=True)
@@ -330,7 +390,7 @@ class LaneStateChanged:
 class SwitchPlanned:
     from_lanes: tuple[str, ...]
     to_lane: str
-    reason: str  # idle, max_wait, load, co_resident
+    reason: SwitchReason
 
 
 Action = (Dispatch | Reject | StartEngine | StopEngine | SleepEngine | WakeEngine | AbortInflight | LaneStateChanged
@@ -353,13 +413,13 @@ class _Request:
 class _Lane:
     policy: LanePolicy
     index: int
-    state: LaneState = LaneState.STOPPED
+    stage: Stage = Stage.STOPPED
     queue: OrderedDict[Hashable, _Request] = field(default_factory=OrderedDict)
     inflight: dict[Hashable, _Request] = field(default_factory=dict)
     last_used: float = -math.inf
     ready_since: float | None = None
     drain_started: float | None = None
-    drain_reason: str = ""
+    drain_reason: StopReason = "unload"  # DRAINING: the reason it stops or sleeps with (set by each drain)
     failures: int = 0  # consecutive crash loops: failed starts, crashes before serving a few requests
     setbacks: int = 0  # failed starts that do not count (the server's own resources), for the back-off
     served: int = 0  # requests finished by the current engine since it became ready
@@ -370,16 +430,15 @@ class _Lane:
     last_cause: str | None = None
     # sleep mode
     sleep_off: str | None = None  # why sleep mode fell back to stop/start for good (None: not fallen back)
-    then_sleep: bool = False  # DRAINING: sleep (not stop) when drained
-    going_to_sleep: bool = False  # STOPPING after SleepEngine: engine_slept or sleep_failed is due
-    stop_when_asleep: bool = False  # stop once asleep (unload, shutdown, or its memory is wanted)
-    stop_reason: str = "unload"  # the StopEngine reason then
-    stopping_asleep: bool = False  # STOPPING from SLEEPING: holds only sleep_share meanwhile
-    waking: bool = False  # STARTING after WakeEngine: engine_woke or wake_failed is due
+    stop_reason: StopReason = "unload"  # FALLING_ASLEEP_THEN_STOP: the StopEngine reason once asleep
     # measurements
     op_since: float | None = None  # when the pending start/stop/sleep/wake was asked for
     costs: dict[str, float] = field(default_factory=dict)  # measured seconds: start, stop, sleep, wake
     services: deque[float] = field(default_factory=deque)  # recent service times (dispatch to finish)
+
+    @property
+    def state(self) -> LaneState:
+        return self.stage.state
 
     @property
     def name(self) -> str:
@@ -502,9 +561,9 @@ class Scheduler:
         ln = self._lane(lane)
         now, out = self._begin(now)
         if ln.state is LaneState.STARTING:
-            self._measure(ln, "wake" if ln.waking else "start", now)
-            self._transition(ln, LaneState.READY, "engine woke" if ln.waking else "engine ready", out)
-            ln.waking = False
+            woke = ln.stage is Stage.WAKING
+            self._measure(ln, "wake" if woke else "start", now)
+            self._transition(ln, Stage.READY, "engine woke" if woke else "engine ready", out)
             ln.setbacks = 0
             ln.served = 0
             ln.ready_since = now
@@ -528,10 +587,10 @@ class Scheduler:
         waiting for the lane end with 503 and the cause (a multi-node lane whose cluster lacked
         nodes until the start timeout); the lane starts again for the next request."""
         ln = self._lane(lane)
-        if ln.state is LaneState.STARTING and ln.waking:
+        if ln.stage is Stage.WAKING:
             return self.wake_failed(lane, now, cause)
         now, out = self._begin(now)
-        if ln.state is LaneState.STARTING:
+        if ln.stage is Stage.STARTING:
             ln.op_since = None
             self._failure(ln, now, cause, restart=False, out=out, counts=counts)
             if reject_queued and ln.state is LaneState.STOPPED:
@@ -547,13 +606,12 @@ class Scheduler:
     def engine_exited(self, lane: str, now: float, cause: str) -> list[Action]:
         ln = self._lane(lane)
         now, out = self._begin(now)
-        if ln.state is LaneState.SLEEPING:
+        if ln.stage is Stage.SLEEPING:
             # A sleeping engine died: nothing was in flight and nothing is lost; it is simply gone.
-            self._transition(ln, LaneState.STOPPED, f"engine exited while asleep: {cause}", out)
-        elif ln.state is LaneState.STARTING and ln.waking:
+            self._transition(ln, Stage.STOPPED, f"engine exited while asleep: {cause}", out)
+        elif ln.stage is Stage.WAKING:
             # Died while waking: a failed wake whose process is already gone (no StopEngine).
-            self._sleep_fallback(ln, f"wake failed: {cause}", LaneState.STOPPED, out)
-            ln.waking = False
+            self._sleep_fallback(ln, f"wake failed: {cause}", Stage.STOPPED, out)
             ln.op_since = None
         elif ln.state in (LaneState.READY, LaneState.DRAINING, LaneState.STARTING):
             was_ready = ln.state is LaneState.READY
@@ -569,11 +627,10 @@ class Scheduler:
         ln = self._lane(lane)
         now, out = self._begin(now)
         if ln.state is LaneState.STOPPING:
-            if not ln.going_to_sleep:
+            if ln.stage not in _GOING_TO_SLEEP:
                 self._measure(ln, "stop", now)
-            ln.going_to_sleep = ln.stop_when_asleep = ln.stopping_asleep = False
             ln.op_since = None
-            self._transition(ln, LaneState.STOPPED, "engine stopped", out)
+            self._transition(ln, Stage.STOPPED, "engine stopped", out)
         self._schedule(now, out)
         return out
 
@@ -581,12 +638,11 @@ class Scheduler:
         """The engine is asleep after :class:`SleepEngine`: the lane is SLEEPING (holds sleep_share)."""
         ln = self._lane(lane)
         now, out = self._begin(now)
-        if ln.state is LaneState.STOPPING and ln.going_to_sleep:
+        if ln.stage in _GOING_TO_SLEEP:
             self._measure(ln, "sleep", now)
-            ln.going_to_sleep = False
-            self._transition(ln, LaneState.SLEEPING, "engine asleep", out)
-            if ln.stop_when_asleep or self._shutting_down:
-                ln.stop_when_asleep = False
+            then_stop = ln.stage is Stage.FALLING_ASLEEP_THEN_STOP
+            self._transition(ln, Stage.SLEEPING, "engine asleep", out)
+            if then_stop or self._shutting_down:
                 self._stop(ln, "shutdown" if self._shutting_down else ln.stop_reason, now, out)
         self._schedule(now, out)
         return out
@@ -598,16 +654,15 @@ class Scheduler:
         falls back to stop/start for good (this scheduler's lifetime), logged once."""
         ln = self._lane(lane)
         now, out = self._begin(now)
-        if ln.state is LaneState.STOPPING and ln.going_to_sleep:
-            ln.going_to_sleep = ln.stop_when_asleep = False
-            self._sleep_fallback(ln, f"sleep failed: {cause}", LaneState.STOPPING, out)
+        if ln.stage in _GOING_TO_SLEEP:
+            self._sleep_fallback(ln, f"sleep failed: {cause}", Stage.STOPPING, out)
             ln.op_since = now
             out.append(StopEngine(ln.name, "sleep_failed"))
-        elif ln.state is LaneState.SLEEPING:
-            self._sleep_fallback(ln, f"sleep failed: {cause}", LaneState.SLEEPING, out)
+        elif ln.stage is Stage.SLEEPING:
+            self._sleep_fallback(ln, f"sleep failed: {cause}", Stage.SLEEPING, out)
             self._stop(ln, "sleep_failed", now, out)
         else:
-            self._sleep_fallback(ln, f"sleep failed: {cause}", ln.state, out)
+            self._sleep_fallback(ln, f"sleep failed: {cause}", ln.stage, out)
         self._schedule(now, out)
         return out
 
@@ -617,9 +672,8 @@ class Scheduler:
         their place and are served by a cold start."""
         ln = self._lane(lane)
         now, out = self._begin(now)
-        if ln.state is LaneState.STARTING and ln.waking:
-            ln.waking = False
-            self._sleep_fallback(ln, f"wake failed: {cause}", LaneState.STOPPING, out)
+        if ln.stage is Stage.WAKING:
+            self._sleep_fallback(ln, f"wake failed: {cause}", Stage.STOPPING, out)
             ln.op_since = now
             out.append(StopEngine(ln.name, "wake_failed"))
         self._schedule(now, out)
@@ -642,7 +696,7 @@ class Scheduler:
         now, out = self._begin(now)
         if not self._shutting_down:
             if ln.state is LaneState.FAILED:
-                self._transition(ln, LaneState.STOPPED, "load", out)
+                self._transition(ln, Stage.STOPPED, "load", out)
                 ln.failures = 0
             if ln.state in (LaneState.STOPPED, LaneState.SLEEPING, LaneState.DRAINING, LaneState.STOPPING):
                 ln.retry_at = None
@@ -718,6 +772,10 @@ class Scheduler:
     def state(self, lane: str) -> LaneState:
         return self._lane(lane).state
 
+    def stage(self, lane: str) -> Stage:
+        """The lane's state with its sleep-mode step (:class:`Stage`)."""
+        return self._lane(lane).stage
+
     def costs(self, lane: str) -> dict[str, float]:
         """Seconds a start, stop, sleep and wake of the lane take: measured, else the defaults."""
         ln = self._lane(lane)
@@ -765,7 +823,7 @@ class Scheduler:
         return sum(self._held(ln) for ln in self._lanes.values())
 
     def _held(self, ln: _Lane) -> float:
-        if ln.state is LaneState.SLEEPING or (ln.state is LaneState.STOPPING and ln.stopping_asleep):
+        if ln.stage in (Stage.SLEEPING, Stage.STOPPING_ASLEEP):
             return ln.keep
         return ln.share if ln.state in RESIDENT_STATES else 0.0
 
@@ -775,7 +833,7 @@ class Scheduler:
             ln.state in (LaneState.STOPPED, LaneState.FAILED) for ln in self._lanes.values()
         )
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Plain data for ``GET /lanes``."""
         lanes = {}
         for ln in self._lanes.values():
@@ -797,8 +855,7 @@ class Scheduler:
                 "sleep_level": ln.policy.sleep_level,
                 "sleep_share": ln.keep,
                 "sleep_off": ln.sleep_off,
-                "waking": ln.waking,
-                "going_to_sleep": ln.going_to_sleep,
+                "stage": ln.stage.value,
                 "costs": self.costs(ln.name),
                 "service_seconds": self.service_seconds(ln.name),
             }
@@ -826,9 +883,8 @@ class Scheduler:
                 assert not ln.inflight, f"{ln.state} lane {ln.name} has requests in flight"
             if ln.state is LaneState.FAILED:
                 assert not ln.queue
-            assert not ln.waking or ln.state is LaneState.STARTING
-            assert not ln.going_to_sleep or ln.state is LaneState.STOPPING
-            assert not ln.then_sleep or ln.state is LaneState.DRAINING
+            if ln.stage in (Stage.DRAINING_TO_SLEEP, *_GOING_TO_SLEEP):
+                assert ln.can_sleep, f"lane {ln.name} {ln.stage.value} without sleep mode"
             assert ln.state is not LaneState.SLEEPING or ln.can_sleep or ln.sleep_off is not None
             queued += len(ln.queue)
             inflight += len(ln.inflight)
@@ -853,11 +909,12 @@ class Scheduler:
         self._now = now
         return now, []
 
-    def _transition(self, ln: _Lane, new: LaneState, reason: str, out: list[Action]) -> None:
+    def _transition(self, ln: _Lane, new: Stage, reason: str, out: list[Action]) -> None:
+        """To ``new``, recorded when its LaneState differs (a step within one state is not)."""
         old = ln.state
-        if old is not new:
-            ln.state = new
-            out.append(LaneStateChanged(ln.name, old, new, reason))
+        ln.stage = new
+        if old is not new.state:
+            out.append(LaneStateChanged(ln.name, old, new.state, reason))
 
     def _dispatch(self, ln: _Lane, req: _Request, now: float, out: list[Action]) -> None:
         req.dispatched = now
@@ -895,14 +952,13 @@ class Scheduler:
     def _failure(self, ln: _Lane, now: float, cause: str, restart: bool, out: list[Action],
                  counts: bool = True) -> None:
         s = self.settings
-        ln.then_sleep = ln.waking = ln.going_to_sleep = False
         if counts:
             ln.failures += 1
         else:
             ln.setbacks += 1
         ln.last_cause = cause
         if ln.failures >= s.max_restarts:
-            self._transition(ln, LaneState.FAILED, f"{ln.failures} consecutive failures", out)
+            self._transition(ln, Stage.FAILED, f"{ln.failures} consecutive failures", out)
             ln.retry_at = None
             ln.restart_pending = False
             ln.load_requested = None
@@ -910,36 +966,33 @@ class Scheduler:
                 self._remove_queued(req)
                 out.append(self._failed_reject(req.request_id, ln))
             return
-        self._transition(ln, LaneState.STOPPED, "start failed" if not restart else "engine exited", out)
+        self._transition(ln, Stage.STOPPED, "start failed" if not restart else "engine exited", out)
         backoff = min(s.backoff_max, s.backoff_initial * 2 ** (ln.failures + ln.setbacks - 1))
         ln.retry_at = now + backoff
         ln.restart_pending = restart
 
-    def _stop(self, ln: _Lane, reason: str, now: float, out: list[Action]) -> None:
+    def _stop(self, ln: _Lane, reason: StopReason, now: float, out: list[Action]) -> None:
         if ln.state is LaneState.READY:
             ln.failures = 0  # taken down cleanly while ready: no crash loop
-        ln.stopping_asleep = ln.state is LaneState.SLEEPING
-        self._transition(ln, LaneState.STOPPING, reason, out)
+        self._transition(ln, Stage.STOPPING_ASLEEP if ln.stage is Stage.SLEEPING else Stage.STOPPING, reason, out)
         ln.drain_started = None
-        ln.then_sleep = ln.waking = False
         ln.op_since = now
         out.append(StopEngine(ln.name, reason))
 
-    def _close(self, ln: _Lane, reason: str, now: float, out: list[Action]) -> None:
-        """A drained lane leaves: to sleep if it was to sleep (and still can), else stopped."""
-        if ln.then_sleep and ln.can_sleep and not self._shutting_down:
+    def _close(self, ln: _Lane, reason: StopReason, now: float, out: list[Action], sleep: bool) -> None:
+        """A drained lane leaves: put to sleep if ``sleep`` (not while shutting down), else stopped."""
+        if sleep and not self._shutting_down:
             if ln.state is LaneState.READY:
                 ln.failures = 0
-            self._transition(ln, LaneState.STOPPING, reason, out)
+            self._transition(ln, Stage.FALLING_ASLEEP, reason, out)
             ln.drain_started = None
-            ln.then_sleep = False
-            ln.going_to_sleep = True
             ln.op_since = now
-            out.append(SleepEngine(ln.name, ln.policy.sleep_level, reason))
+            # only a switch puts a lane to sleep: its reason is a CloseReason
+            out.append(SleepEngine(ln.name, ln.policy.sleep_level, cast(CloseReason, reason)))
         else:
             self._stop(ln, reason, now, out)
 
-    def _sleep_fallback(self, ln: _Lane, cause: str, new: LaneState, out: list[Action]) -> None:
+    def _sleep_fallback(self, ln: _Lane, cause: str, new: Stage, out: list[Action]) -> None:
         """Sleep mode off for this lane for good; logged once as a LaneStateChanged reason (old and
         new states may be equal)."""
         first = ln.sleep_off is None and ln.policy.sleep_level > 0
@@ -947,37 +1000,39 @@ class Scheduler:
             ln.sleep_off = cause
         ln.last_cause = cause
         reason = f"{cause}; sleep mode off for this lane, stop/start from now on" if first else cause
+        if new is Stage.DRAINING_TO_SLEEP:
+            new = Stage.DRAINING  # it can sleep no more: it stops once drained
         old = ln.state
-        ln.state = new
-        if first or old is not new:
-            out.append(LaneStateChanged(ln.name, old, new, reason))
+        ln.stage = new
+        if first or old is not new.state:
+            out.append(LaneStateChanged(ln.name, old, new.state, reason))
 
     def _measure(self, ln: _Lane, phase: str, now: float) -> None:
         if ln.op_since is not None:
             self.observe_engine_seconds(ln.name, phase, now - ln.op_since)
         ln.op_since = None
 
-    def _take_down(self, ln: _Lane, now: float, reason: str, out: list[Action]) -> None:
+    def _take_down(self, ln: _Lane, now: float, reason: StopReason, out: list[Action]) -> None:
         """Unload or shutdown: drain a ready lane, stop a starting or sleeping one, cancel restarts."""
         ln.load_requested = None
         ln.restart_pending = False
         if ln.state is LaneState.READY:
             self._drain(ln, now, reason, out)
-        elif ln.state is LaneState.DRAINING:
-            ln.then_sleep = False
+        elif ln.stage is Stage.DRAINING_TO_SLEEP:
+            ln.stage = Stage.DRAINING  # stopped once drained, not put to sleep
         elif ln.state in (LaneState.STARTING, LaneState.SLEEPING):
             self._stop(ln, reason, now, out)
-        elif ln.state is LaneState.STOPPING and ln.going_to_sleep:
-            ln.stop_when_asleep = True
+        elif ln.stage in _GOING_TO_SLEEP:
+            ln.stage = Stage.FALLING_ASLEEP_THEN_STOP
             ln.stop_reason = reason
 
-    def _drain(self, ln: _Lane, now: float, reason: str, out: list[Action], sleep: bool = False) -> None:
+    def _drain(self, ln: _Lane, now: float, reason: StopReason, out: list[Action], sleep: bool = False) -> None:
         ln.failures = 0  # taken down cleanly while ready: no crash loop
-        ln.then_sleep = sleep and ln.can_sleep
+        sleep = sleep and ln.can_sleep
         if not ln.inflight:
-            self._close(ln, reason, now, out)
+            self._close(ln, reason, now, out, sleep)
             return
-        self._transition(ln, LaneState.DRAINING, reason, out)
+        self._transition(ln, Stage.DRAINING_TO_SLEEP if sleep else Stage.DRAINING, reason, out)
         ln.drain_started = now
         ln.drain_reason = reason
 
@@ -1000,14 +1055,14 @@ class Scheduler:
                 )
             if ln.state is LaneState.DRAINING:
                 if not ln.inflight:
-                    self._close(ln, ln.drain_reason, now, out)
+                    self._close(ln, ln.drain_reason, now, out, sleep=ln.stage is Stage.DRAINING_TO_SLEEP)
                 elif ln.drain_started is not None and now >= ln.drain_started + s.drain_timeout:
                     ids = tuple(ln.inflight)
                     for request_id in ids:
                         del self._requests[request_id]
                     ln.inflight.clear()
                     out.append(AbortInflight(ln.name, ids, "drain_timeout"))
-                    self._close(ln, ln.drain_reason, now, out)
+                    self._close(ln, ln.drain_reason, now, out, sleep=ln.stage is Stage.DRAINING_TO_SLEEP)
             elif (
                 ln.state is LaneState.READY
                 and ln.policy.idle_timeout is not None
@@ -1031,9 +1086,10 @@ class Scheduler:
         ]
         if not pool:
             return None
-        fair = self._oldest_waiting() is not None and now >= self._oldest_waiting() + self._fair_wait()
+        oldest = self._oldest_waiting()
+        fair = oldest is not None and now >= oldest + self._fair_wait()
 
-        def key(ln: _Lane) -> tuple:
+        def key(ln: _Lane) -> tuple[object, ...]:
             if ln.load_requested is not None:
                 return (0, ln.load_requested, ln.index)
             if ln.name in self._planned:
@@ -1097,13 +1153,12 @@ class Scheduler:
         price = self._cycle_cost(ln) + sum(self._load_cost(w) + self.service_seconds(w.name) for w in waiting)
         return count * self._extension(ln, now) >= self.settings.cost_theta * price
 
-    def _closable(self, busy: list[_Lane], now: float) -> tuple[list[_Lane], str]:
+    def _closable(self, busy: list[_Lane], now: float) -> tuple[list[_Lane], CloseReason]:
         """Busy READY lanes that may be closed now, and why: all of them once a waiter has
-        waited the cap B (``switch_max_wait``); else those the cost test closes."""
+        waited the cap B (``switch_max_wait``); else those the cost test closes (none when
+        nothing waits)."""
         oldest = self._oldest_waiting()
-        if oldest is None:
-            return [], ""
-        if now >= oldest + self.settings.switch_max_wait:
+        if oldest is not None and now >= oldest + self.settings.switch_max_wait:
             return busy, "max_wait"
         waiting = self._waiting()
         return [ln for ln in busy if self._cost_test(ln, now, waiting)], "cost"
@@ -1121,11 +1176,7 @@ class Scheduler:
         for ln in self._lanes.values():
             if ln.state in (LaneState.STARTING, LaneState.READY):
                 total += ln.share
-            elif ln.state is LaneState.DRAINING:
-                total += ln.keep if ln.then_sleep and ln.can_sleep else 0.0
-            elif ln.state is LaneState.STOPPING:
-                total += ln.keep if ln.going_to_sleep and not ln.stop_when_asleep else 0.0
-            elif ln.state is LaneState.SLEEPING:
+            elif ln.stage in (Stage.DRAINING_TO_SLEEP, Stage.FALLING_ASLEEP, Stage.SLEEPING):
                 total += ln.keep
         return total
 
@@ -1164,6 +1215,7 @@ class Scheduler:
         idle = [ln for ln in ready if not ln.inflight]
         busy = [ln for ln in ready if ln.inflight]
         forced = cand.load_requested is not None
+        reason: CloseReason
         plan = self._room_plan(cand, idle, [])
         if plan is not None:
             reason = "load" if forced else "idle"
@@ -1174,13 +1226,13 @@ class Scheduler:
             plan = self._room_plan(cand, idle, closable)
             if plan is None:
                 return  # starting engines hold the memory (or too few lanes may close): wait
-        for victim, sleep in plan:
-            if victim.state is LaneState.SLEEPING:
+        for victim, sleep in plan:  # READY lanes, sleepers, and lanes on their way to sleep
+            if victim.stage is Stage.SLEEPING:
                 self._stop(victim, reason, now, out)
-            elif victim.state is LaneState.DRAINING:
-                victim.then_sleep = False  # it was to sleep: it stops instead
-            elif victim.state is LaneState.STOPPING:
-                victim.stop_when_asleep = True
+            elif victim.stage is Stage.DRAINING_TO_SLEEP:
+                victim.stage = Stage.DRAINING  # it was to sleep: it stops instead
+            elif victim.stage is Stage.FALLING_ASLEEP:
+                victim.stage = Stage.FALLING_ASLEEP_THEN_STOP
                 victim.stop_reason = reason
             else:
                 self._drain(victim, now, reason, out, sleep=sleep)
@@ -1207,15 +1259,11 @@ class Scheduler:
 
         close(idle)
         sleepers = sorted(
-            (ln for ln in self._lanes.values() if ln.state is LaneState.SLEEPING and ln is not cand),
+            (ln for ln in self._lanes.values() if ln.stage is Stage.SLEEPING and ln is not cand),
             key=lambda ln: (ln.last_used, ln.index),
         )
         # then lanes on their way to sleep (they will be stopped instead or once asleep)
-        pending = [
-            ln for ln in self._lanes.values()
-            if (ln.state is LaneState.DRAINING and ln.then_sleep and ln.can_sleep)
-            or (ln.state is LaneState.STOPPING and ln.going_to_sleep and not ln.stop_when_asleep)
-        ]
+        pending = [ln for ln in self._lanes.values() if ln.stage in (Stage.DRAINING_TO_SLEEP, Stage.FALLING_ASLEEP)]
         for ln in sleepers + pending:
             if room >= 0:
                 break
@@ -1232,28 +1280,29 @@ class Scheduler:
                 room += ln.keep
         return plan if room >= 0 else None
 
+    def _unplanned_switch(self, ln: _Lane) -> SwitchPlanned:
+        """The record of a load that took nothing down: an operator's, beside others, or alone."""
+        others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
+        reason: SwitchReason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
+        return SwitchPlanned((), ln.name, reason)
+
     def _start(self, ln: _Lane, now: float, out: list[Action]) -> None:
-        if ln.state is LaneState.SLEEPING:
+        if ln.stage is Stage.SLEEPING:
             if self._planned.pop(ln.name, None) is None:
-                others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
-                reason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
-                out.append(SwitchPlanned((), ln.name, reason))
-            ln.waking = True
+                out.append(self._unplanned_switch(ln))
             ln.op_since = now
-            self._transition(ln, LaneState.STARTING, "wake", out)
+            self._transition(ln, Stage.WAKING, "wake", out)
             out.append(WakeEngine(ln.name))
             return
         attempt = ln.failures + ln.setbacks + 1
         if self._planned.pop(ln.name, None) is not None:
             pass
         elif attempt == 1:
-            others = any(o.state in RESIDENT_STATES for o in self._lanes.values() if o is not ln)
-            reason = "load" if ln.load_requested is not None else ("co_resident" if others else "idle")
-            out.append(SwitchPlanned((), ln.name, reason))
+            out.append(self._unplanned_switch(ln))
         if attempt > 1:
             ln.restarts += 1
         ln.retry_at = None
         ln.restart_pending = False
         ln.op_since = now
-        self._transition(ln, LaneState.STARTING, "start" if attempt == 1 else f"retry {attempt}", out)
+        self._transition(ln, Stage.STARTING, "start" if attempt == 1 else f"retry {attempt}", out)
         out.append(StartEngine(ln.name, attempt, ln.can_sleep))
