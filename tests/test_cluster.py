@@ -31,11 +31,10 @@ from measurements import record
 from netns import machines_or_skip, skip_or_fail
 from ray_cluster import Node, cluster_status, launcher_in, new_token, wait_for_nodes
 
-from vllm_launcher.cluster import (
-    ClusterError, engine_cluster_environment, interface_ipv4, lane_placement, ray_start_argv,
-)
+from vllm_launcher.cluster import ClusterError, engine_cluster_environment, interface_ipv4, ray_start_argv
 from vllm_launcher.config import ClusterConfig, load_config
 from vllm_launcher.engine_command import build_engine_spec
+from vllm_launcher.placement import lane_placement
 from vllm_launcher.vllm_info import VllmInfo
 
 HEAD_GPUS, WORKER_GPUS = 1, 2

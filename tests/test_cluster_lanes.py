@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serving import fake_lanes_env
-from vllm_launcher.cluster import ClusterState, Node
+from vllm_launcher.placement import ClusterState, Node
 from vllm_launcher.config import load_config
 from vllm_launcher.engines import sockets_dir
 from vllm_launcher.engines import supervisor as supervisor_module

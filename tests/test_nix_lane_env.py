@@ -123,7 +123,7 @@ def test_lane_env_tables_are_the_launchers():
 
 
 def test_two_box_head_through_the_launcher(tmp_path: Path):
-    from vllm_launcher.cluster import lane_placement
+    from vllm_launcher.placement import lane_placement
     from vllm_launcher.config import load_config
 
     token = tmp_path / "cluster-token"

@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .artifacts import artifacts
 from .demo_models import DEFAULT_LANES, demo_models_command, write_demo_models
-from .config import ConfigError, LauncherConfig, load_config
+from .config import CONFIG_EXIT, ConfigError, LauncherConfig, load_config
 from .engine_command import build_engine_spec
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
@@ -22,8 +22,6 @@ from .settings import (
     CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var,
 )
 from .vllm_info import detect
-
-CONFIG_EXIT = 2
 
 
 def load_or_exit(overrides: dict[str, str] | None = None) -> LauncherConfig:

@@ -30,13 +30,12 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 from .config import ClusterConfig, LaneConfig, token_file_problem
 from .engine_command import TELEMETRY_OFF, passed_environment
-from .placement import Placement, cluster_placement, fits, lane_placement, nodes_that_fit  # noqa: F401 (re-exported)
+from .placement import ClusterState, Node, fits, lane_placement
 
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
 RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
@@ -200,44 +199,6 @@ nodes = [{"address": info.node_manager_address, "name": info.node_name, "alive":
           "head": info.is_head_node, "resources": dict(info.resources_total)} for info in infos.values()]
 out(ray=ray.__version__, nodes=sorted(nodes, key=lambda node: (not node["head"], node["address"])))
 """
-
-
-@dataclass(frozen=True)
-class Node:
-    address: str
-    head: bool
-    alive: bool
-    gpus: float
-    cpus: float
-
-    def describe(self) -> str:
-        gpus = f"{self.gpus:g} GPU" + ("" if self.gpus == 1 else "s")
-        return f"{self.address}{' (head)' if self.head else ''}: {gpus}, {self.cpus:g} CPU" \
-            + ("" if self.alive else ", dead")
-
-
-@dataclass(frozen=True)
-class ClusterState:
-    address: str
-    ray_version: str
-    nodes: tuple[Node, ...]
-
-    @property
-    def alive(self) -> list[Node]:
-        return [node for node in self.nodes if node.alive]
-
-    @property
-    def gpus(self) -> float:
-        return sum(node.gpus for node in self.alive)
-
-    def describe(self) -> str:
-        alive = self.alive
-        return (f"{len(alive)} node{'' if len(alive) == 1 else 's'} alive, {self.gpus:g} GPUs (Ray {self.ray_version}, "
-                f"token auth): " + "; ".join(node.describe() for node in alive))
-
-    def public(self) -> dict:
-        return {"address": self.address, "ray": self.ray_version, "nodes_alive": len(self.alive), "gpus": self.gpus,
-                "nodes": [node.__dict__ for node in self.nodes]}
 
 
 def query_cluster(cluster: ClusterConfig, python: str, environ: Mapping[str, str], *,

@@ -31,6 +31,9 @@ VLLM_DEFAULT_SHARE = 0.9          # vLLM's --gpu-memory-utilization default (0.1
 OWNED_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--served-model-name")
 # Engine environment names a lane's ENV_ may not set, for the same reason.
 OWNED_ENGINE_ENV = frozenset({"VLLM_API_KEY", "VLLM_PORT", "VLLM_HOST_IP", "VLLM_LOGGING_LEVEL"})
+# The exit status of every command that refuses its configuration (serve too, for a runtime
+# directory the operator must fix first).
+CONFIG_EXIT = 2
 
 
 class ConfigError(Exception):

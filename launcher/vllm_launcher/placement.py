@@ -1,5 +1,6 @@
 """Which lanes run on the cluster and what they need of it: tensor x pipeline GPUs on NODES
-machines (default: as many as that needs at VLLM_CLUSTER_GPUS each). Pure; used by the engine
+machines (default: as many as that needs at VLLM_CLUSTER_GPUS each), and whether the cluster's
+nodes as Ray reports them (ClusterState, asked by cluster.py) have it. Pure; used by the engine
 command (a multi-node lane's argv), the supervisor (waiting for the cluster) and `check`."""
 
 from __future__ import annotations
@@ -7,12 +8,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 from .config import LaneConfig
 
-if TYPE_CHECKING:
-    from .cluster import ClusterState
+
+@dataclass(frozen=True)
+class Node:
+    address: str
+    head: bool
+    alive: bool
+    gpus: float
+    cpus: float
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus:g} GPU" + ("" if self.gpus == 1 else "s")
+        return f"{self.address}{' (head)' if self.head else ''}: {gpus}, {self.cpus:g} CPU" \
+            + ("" if self.alive else ", dead")
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    address: str
+    ray_version: str
+    nodes: tuple[Node, ...]
+
+    @property
+    def alive(self) -> list[Node]:
+        return [node for node in self.nodes if node.alive]
+
+    @property
+    def gpus(self) -> float:
+        return sum(node.gpus for node in self.alive)
+
+    def describe(self) -> str:
+        alive = self.alive
+        return (f"{len(alive)} node{'' if len(alive) == 1 else 's'} alive, {self.gpus:g} GPUs (Ray {self.ray_version}, "
+                f"token auth): " + "; ".join(node.describe() for node in alive))
+
+    def public(self) -> dict:
+        return {"address": self.address, "ray": self.ray_version, "nodes_alive": len(self.alive), "gpus": self.gpus,
+                "nodes": [node.__dict__ for node in self.nodes]}
 
 
 @dataclass(frozen=True)

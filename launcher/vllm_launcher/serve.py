@@ -9,8 +9,7 @@ import sys
 
 import uvicorn
 
-from .cli import CONFIG_EXIT
-from .config import LauncherConfig
+from .config import CONFIG_EXIT, LauncherConfig
 from .limits import BodyTimeout, Connections, Limits, connection_cap, protocol_class, raise_open_file_limit
 from .logs import setup_logging
 from .metrics import Metrics

@@ -30,6 +30,7 @@ from .. import cluster as clusters
 from ..config import LauncherConfig
 from ..engine_command import build_engine_spec
 from ..metrics import Metrics
+from ..placement import ClusterState, Placement, cluster_placement, nodes_that_fit
 from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
 from .followers import CLUSTER_NOT_READY
@@ -46,7 +47,7 @@ TAIL_IN_ERRORS = 8
 CLUSTER_POLL = 2.0          # seconds between two questions to the cluster while a lane waits for it
 
 
-def query_cluster(config: LauncherConfig) -> clusters.ClusterState:
+def query_cluster(config: LauncherConfig) -> ClusterState:
     """The cluster's nodes, asked from the engines' Python with the token (blocking)."""
     return clusters.query_cluster(config.cluster, config.server.engine_python, config.environ)
 
@@ -106,7 +107,7 @@ class Timings:
 class Supervisor:
     """One lane's engine: at most one process at a time, started, watched and stopped here.
 
-    A lane that runs on the cluster (clusters.cluster_placement) first waits until the cluster
+    A lane that runs on the cluster (cluster_placement) first waits until the cluster
     has the nodes and GPUs it needs (`progress` says how far it is, for /lanes, /health and the
     waiting streams); its engine gets the cluster's environment."""
 
@@ -225,7 +226,7 @@ class Supervisor:
     async def _start(self, attempt: int) -> None:
         if self._cleanup is not None:                  # the previous engine's group is still going
             await asyncio.gather(self._cleanup, return_exceptions=True)
-        placement = clusters.cluster_placement(self.config, self.lane)
+        placement = cluster_placement(self.config, self.lane)
         cluster_env: dict[str, str] = {}
         if placement is not None:
             self.timings.started_at = time.monotonic()
@@ -299,7 +300,7 @@ class Supervisor:
         self._spawn(self._watch(engine))
         self.reports.engine_ready(engine)
 
-    async def _wait_for_cluster(self, placement: clusters.Placement) -> None:
+    async def _wait_for_cluster(self, placement: Placement) -> None:
         """Until the cluster has `placement.nodes` alive nodes with `per_node` GPUs each;
         ClusterWaitFailed after VLLM_START_TIMEOUT or when the cluster refuses the token."""
         timeout = self.config.server.start_timeout
@@ -314,7 +315,7 @@ class Supervisor:
                 seen = str(error) if isinstance(error, clusters.ClusterError) else f"asking the cluster failed: {error!r}"
                 self.progress = "waiting for cluster (head unreachable)"
             else:
-                have = clusters.nodes_that_fit(placement, state)
+                have = nodes_that_fit(placement, state)
                 if have >= placement.nodes:
                     log.info("lane %s: the cluster has what it needs (%s): %s", self.lane, placement.describe(),
                              state.describe())
