@@ -243,6 +243,16 @@ def test_secrets_never_printed(tmp_path):
     assert env["HTTP_PROXY"] == "http://***@proxy.example:3128" and env["HTTPS_PROXY"] == "https://***@proxy.example"
 
 
+def test_config_listing_masks_a_secret_by_value_in_any_variable():
+    # a valid value, so no error: the listing itself must not show the key pasted where it does not belong
+    env = {**SECRET_ENV, "VLLM_SERVED_MODEL_NAME": "topsecret-key", "VLLM_LANE_DEFAULT_ENV_NOTE": "hf_secret_token"}
+    for fmt in ("json", "env", "argv"):
+        result = run_launcher(env, "config", "--format", fmt)
+        assert result.returncode == 0, result.stderr
+        assert "topsecret-key" not in result.stdout and "hf_secret_token" not in result.stdout, (fmt, result.stdout)
+    assert "***" in run_launcher(env, "config", "--format", "argv").stdout
+
+
 def test_logs_mask_secret_values_and_url_credentials(tmp_path):
     config = load_config({**SECRET_ENV, "VLLM_API_KEY_FILE": str(tmp_path / "unused")})
     root = logging.getLogger()

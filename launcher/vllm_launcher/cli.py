@@ -19,7 +19,7 @@ from .engines import default_runtime_dir
 from .memory_plan import memory_plan
 from .placement import cluster_placement
 from .settings import (
-    CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var,
+    CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var, mask_secrets,
 )
 from .vllm_info import detect
 
@@ -129,22 +129,29 @@ def config(lane: str | None, fmt: str) -> None:
     cfg = load_or_exit()
     lanes = [_pick_lane(cfg, lane)] if lane else list(cfg.lanes)
     vllm = detect(cfg.server.engine_python)
+    # masked by value as well as by name: a secret may sit in any variable (a key pasted into
+    # VLLM_LANE_X_SERVED_MODEL_NAME), and the listing is what people paste into bug reports
+    secrets = cfg.secret_values()
+
+    def echo(text: str) -> None:
+        click.echo(mask_secrets(text, secrets))
+
     if fmt == "json":
         data = {"server": cfg.server.public(), "default_lane": cfg.default_lane,
                 "vllm": {"distribution": vllm.distribution, "version": vllm.version},
                 "lanes": {name: lane_config_json(cfg, name, vllm) for name in lanes},
                 "cluster": cfg.cluster.public() if cfg.cluster else None}
-        click.echo(json.dumps(data, indent=2))
+        echo(json.dumps(data, indent=2))
         return
     for name in lanes:
         spec = build_engine_spec(cfg, name, vllm)
         if len(lanes) > 1:
-            click.echo(f"# lane {name}")
+            echo(f"# lane {name}")
         if fmt == "env":
             for key, value in sorted(spec.shown_env().items()):
-                click.echo(f"{key}={shlex.quote(value)}")
+                echo(f"{key}={shlex.quote(value)}")
         else:
-            click.echo(shlex.join(spec.argv))
+            echo(shlex.join(spec.argv))
 
 
 @main.command()
