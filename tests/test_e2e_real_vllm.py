@@ -19,36 +19,13 @@ import openai
 import pytest
 
 from measurements import record
-from real_engine import KV_CACHE_LOG_RE, chat_completion_and_stream, requires_vllm, shared_demo_models
-from serving import group_alive, processes_with_tmpdir, serving, start_server, wait_gone
-from test_server_operations import metric_samples, value
+from real_engine import KV_CACHE_LOG_RE, START_TIMEOUT, chat_completion_and_stream, requires_vllm
+from serving import group_alive, metric_samples, processes_with_tmpdir, start_server, value, wait_gone
 
 pytestmark = [pytest.mark.e2e, requires_vllm]
 
-START_TIMEOUT = 400
-
-
-@pytest.fixture(scope="module")
-def lanes_env(tmp_path_factory):
-    models = shared_demo_models(tmp_path_factory)
-    cache = tmp_path_factory.getbasetemp() / "vllm-cache"
-    cache.mkdir(exist_ok=True)
-    env = {"VLLM_LANES": "alpha,beta", "VLLM_ENFORCE_EAGER": "true", "VLLM_DTYPE": "float32",
-           "VLLM_MAX_MODEL_LEN": "16384", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache),
-           "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "20",
-           "VLLM_SWITCH_MAX_WAIT": "5"}
-    env.update({f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()})
-    return env
-
-
-@pytest.fixture(scope="module")
-def two_lanes(tmp_path_factory, lanes_env):
-    with serving(tmp_path_factory.mktemp("e2e"), lanes_env, wait_ready_lane="alpha", timeout=START_TIMEOUT) as served:
-        yield served
-
-
-def test_one_lane_through_the_openai_client(two_lanes):
-    served = two_lanes
+def test_one_lane_through_the_openai_client(demo_served):
+    served = demo_served
     view = served.lanes()["alpha"]
     record(f"real vLLM cold start of lane alpha: {view['last_start_seconds']:.1f} s "
            f"(phases {view['last_start_phases']})")
@@ -63,8 +40,8 @@ def test_one_lane_through_the_openai_client(two_lanes):
         assert version["vllm_version"] == "0.32.0"       # reported by the running engine
 
 
-def test_kv_cache_capacity_matches_the_memory_plan(two_lanes):
-    served = two_lanes
+def test_kv_cache_capacity_matches_the_memory_plan(demo_served):
+    served = demo_served
     plan = served.lanes()["alpha"]["memory_plan"]
     expected = (1 * 1024**3) // plan["kv_bytes_per_token"]      # VLLM_CPU_KVCACHE_SPACE=1 GiB
     match = next(KV_CACHE_LOG_RE.finditer(served.log()), None)
@@ -75,8 +52,8 @@ def test_kv_cache_capacity_matches_the_memory_plan(two_lanes):
     assert abs(logged - expected) <= 0.1 * expected
 
 
-def test_two_lanes_alternating_with_concurrent_clients(two_lanes):
-    served = two_lanes
+def test_two_lanes_alternating_with_concurrent_clients(demo_served):
+    served = demo_served
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=START_TIMEOUT)
 
     def ask(lane: str) -> str:

@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from measurements import record
-from serving import fake_lanes_env, group_alive, serving, start_server
+from serving import (
+    CHAT, chat_body, fake_lanes_env, group_alive, metric_samples, serving, sse_events, start_server, value, wait_metric,
+)
 from vllm_launcher.serve import SHUTDOWN_GRACE
-from test_server_operations import metric_samples, value, wait_metric
-from test_server_switching import CHAT, chat_body, sse_events
 
 pytestmark = pytest.mark.engine
 

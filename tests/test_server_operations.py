@@ -13,40 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from serving import fake_lanes_env, group_alive, serving, start_server, wait_gone
-from test_server_switching import CHAT, chat_body, sse_events
+from serving import (
+    CHAT, chat_body, engine_socket, fake_lanes_env, group_alive, metric_samples, serving, sse_events, start_server, value,
+    wait_gone, wait_metric,
+)
 
 pytestmark = pytest.mark.engine
-
-
-def metric_samples(text: str) -> dict:
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_metric(served, name: str, expected: float, timeout: float = 30, **labels) -> None:
-    """Until the server's /metrics shows `expected` for the sample."""
-    deadline = time.monotonic() + timeout
-    with served.client() as client:
-        while (found := value(metric_samples(client.get("/metrics").text), name, **labels)) != expected:
-            assert time.monotonic() < deadline, f"{name}{labels} is {found}, not {expected}"
-            time.sleep(0.05)
-
-
-def engine_socket(pgid: int) -> str:
-    """The Unix socket an engine listens on (its --uds); engines have no --host or --port."""
-    argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
-    assert b"--port" not in argv and b"--host" not in argv, argv
-    return argv[argv.index(b"--uds") + 1].decode()
 
 
 def test_metrics_after_a_scripted_sequence(tmp_path, fake_python):

@@ -43,9 +43,37 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError)
 CLIENT, ABORT, DONE = "client", "abort", "done"
 
 
-async def send_error(send, error: APIError) -> None:
+class Dialect:
+    """How the answers the proxy makes itself look, and what it does to an engine's answer:
+    OpenAI's (this class: errors as APIError renders them, SSE comments while a stream waits,
+    the engine's bytes untouched). The Anthropic route passes its own (anthropic.AnthropicDialect)."""
+
+    done_event = DONE_EVENT                     # a stream whose tail this is was served in full
+    upstream_headers: dict[str, str] = {}      # the client's headers passed on to the engine
+
+    def rendered(self, error: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        return error.rendered()
+
+    def sse_error(self, error: APIError) -> bytes:
+        return error.sse_event()
+
+    def keepalive(self, text: str) -> bytes:
+        return f": {text}\n\n".encode()
+
+    def body(self, status: int, content: bytes) -> bytes:
+        return content
+
+    def stream(self):
+        """None, or a repair with feed(chunk) -> bytes and close() -> bytes for a streamed answer."""
+        return None
+
+
+OPENAI = Dialect()
+
+
+async def send_error(send, error: APIError, dialect: Dialect = OPENAI) -> None:
     """An APIError as a whole ASGI response."""
-    body, headers = error.rendered()
+    body, headers = dialect.rendered(error)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -72,9 +100,10 @@ class _Exchange:
     """One request between its client and its engine: the ASGI callables, the task serving
     it, and why that task was cancelled (CLIENT left, ABORT by the router) once it was."""
 
-    __slots__ = ("ticket", "receive", "send", "task", "why", "watcher")
+    __slots__ = ("ticket", "receive", "send", "task", "why", "watcher", "dialect")
 
-    def __init__(self, ticket: Ticket, receive, send):
+    def __init__(self, ticket: Ticket, receive, send, dialect: Dialect = OPENAI):
+        self.dialect = dialect
         self.ticket = ticket
         self.receive = receive
         self.send = send
@@ -123,18 +152,18 @@ class Forwarder:
         self.log_requests = log_requests
 
     async def serve(self, receive, send, path: str, lane: str, body: bytes, stream: bool,
-                    content_type: str = "application/json") -> None:
+                    content_type: str = "application/json", dialect: Dialect = OPENAI) -> None:
         """Admit the request to LANE, wait for its dispatch, forward it to PATH of its engine and
-        send the answer with ASGI SEND."""
+        send the answer with ASGI SEND (answers made here in DIALECT's shape)."""
         ticket = self.router.admit(lane)
-        exchange = _Exchange(ticket, receive, send)
+        exchange = _Exchange(ticket, receive, send, dialect)
         try:
             if not ticket.decided.done() and not await self._queued(exchange, path, body, content_type, stream):
                 return
             outcome = ticket.decided.result()
             if isinstance(outcome, APIError):
                 self._log(ticket, outcome.status)
-                await send_error(send, outcome)
+                await send_error(send, outcome, dialect)
                 return
             exchange.watch()
             await self._forward(exchange, path, body, content_type, stream)
@@ -148,7 +177,8 @@ class Forwarder:
             self._close(ticket, 500)
             exchange.settle()
             with contextlib.suppress(RuntimeError):      # not if the answer had begun
-                await send_error(send, APIError(500, f"internal error: {type(error).__name__}", "internal_error"))
+                await send_error(send, APIError(500, f"internal error: {type(error).__name__}", "internal_error"),
+                                 dialect)
         finally:
             exchange.settle()
 
@@ -179,15 +209,17 @@ class Forwarder:
         """The engine's answer: a whole body, or a stream byte for byte; an error answer, or an
         error event once a stream has begun, if it breaks or is aborted. With STARTED the client
         has its 200 already (a stream that waited for its lane)."""
-        ticket, send = exchange.ticket, exchange.send
+        ticket, send, dialect = exchange.ticket, exchange.send, exchange.dialect
+        done_event = dialect.done_event
         error = upstream = None
         tail = b""                          # the stream's last bytes: has the client had [DONE]?
         try:
             if ticket.aborted.done():
                 raise _Aborted
-            upstream = await ticket.engine.session.post(path, data=body, headers={"Content-Type": content_type})
+            upstream = await ticket.engine.session.post(path, data=body, headers={"Content-Type": content_type,
+                                                                                   **dialect.upstream_headers})
             if not stream or upstream.status != 200:
-                content = await upstream.read()
+                content = dialect.body(upstream.status, await upstream.read())
                 exchange.settle()
                 if started:
                     error = _as_error(content, upstream.status)
@@ -204,14 +236,19 @@ class Forwarder:
                     kind = upstream.headers.get("Content-Type", "text/event-stream").encode("latin-1")
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
                     started = True
+                repair = dialect.stream()
                 async for chunk in upstream.content.iter_any():
+                    if repair is not None and not (chunk := repair.feed(chunk)):
+                        continue
                     # a reference to the chunk, copied only when a chunk is shorter than the event
-                    tail = chunk if len(chunk) >= len(DONE_EVENT) else (tail + chunk)[-len(DONE_EVENT):]
+                    tail = chunk if len(chunk) >= len(done_event) else (tail + chunk)[-len(done_event):]
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if repair is not None and (chunk := repair.close()):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             if exchange.stopped() == CLIENT:
                 # A client that leaves once it has the stream's last event was served in full.
-                self._close(ticket, 200 if tail.endswith(DONE_EVENT) else CLIENT_CLOSED)
+                self._close(ticket, 200 if tail.endswith(done_event) else CLIENT_CLOSED)
                 return
             error = ticket.aborted.result()
         except _Aborted:
@@ -229,10 +266,10 @@ class Forwarder:
             await send({"type": "http.response.body", "body": b""})
         elif started:
             self._close(ticket, error.status)
-            await send({"type": "http.response.body", "body": error.sse_event()})
+            await send({"type": "http.response.body", "body": dialect.sse_error(error)})
         else:
             self._close(ticket, error.status)
-            await send_error(send, error)
+            await send_error(send, error, dialect)
 
     async def _waiting_stream(self, exchange: _Exchange, path: str, body: bytes, content_type: str) -> None:
         """A stream answered 200 before its lane was ready: comments while it waits, then the
@@ -248,7 +285,7 @@ class Forwarder:
                     state = f"{state}, {progress}"       # e.g. "starting, waiting for cluster (1/2 nodes)"
                 waited = time.monotonic() - ticket.arrived
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": f": waiting for lane {ticket.lane} ({state}, {waited:.0f} s)\n\n".encode()})
+                            "body": exchange.dialect.keepalive(f"waiting for lane {ticket.lane} ({state}, {waited:.0f} s)")})
                 await asyncio.wait([ticket.decided, disconnect], timeout=PROGRESS_EVERY,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if disconnect.done():
@@ -260,7 +297,7 @@ class Forwarder:
         outcome = ticket.decided.result()
         if isinstance(outcome, APIError):
             self._close(ticket, outcome.status)
-            await send({"type": "http.response.body", "body": outcome.sse_event()})
+            await send({"type": "http.response.body", "body": exchange.dialect.sse_error(outcome)})
             return
         exchange.watch()
         await self._forward(exchange, path, body, content_type, stream=True, started=True)
