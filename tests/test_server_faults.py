@@ -155,7 +155,7 @@ def test_an_engine_that_ignores_sigterm_is_killed_within_the_stop_timeout(tmp_pa
                          VLLM_STOP_TIMEOUT=str(stop_timeout))
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
         (pgid,) = served.record_engine_groups()
-        assert len(group_alive(pgid)) == 2                   # the engine and its forked child
+        assert len(group_alive(pgid)) == 3                   # keeper, engine and its forked child
         began = time.monotonic()
         unloaded = client.post("/lanes/a/unload")
         took = time.monotonic() - began

@@ -18,6 +18,7 @@ from serving import (
     CHAT, chat_body, engine_socket, fake_lanes_env, group_alive, metric_samples, serving, sse_events, start_server, value,
     wait_gone, wait_metric,
 )
+from test_engine_keeper import keepers_of
 
 pytestmark = pytest.mark.engine
 
@@ -184,12 +185,15 @@ def test_sigkilled_server_engines_are_reaped_by_the_next_server(tmp_path, fake_p
     first = start_server(tmp_path / "one", env, wait_ready_lane="a")
     env_second = {**env, "VLLM_RUNTIME_DIR": str(first.runtime_dir)}
     (pgid,) = first.record_engine_groups()
-    assert len(group_alive(pgid)) == 2                         # the engine and its forked "EngineCore"
+    assert len(group_alive(pgid)) == 3                         # keeper, engine and its forked "EngineCore"
+    (keeper,) = keepers_of(first.process.pid)                  # killed too (tests/test_engine_keeper.py
+    keeper.kill()                                              # shows what it does): the reaper's case
+    keeper.wait()
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
     wait_gone(pgid)                                            # the engine, by its parent-death signal
     survivors = group_alive(pgid)
-    assert survivors, "the forked child should outlive a SIGKILLed server (as VLLM::EngineCore does)"
+    assert survivors, "the forked child should outlive a SIGKILLed server and keeper (as VLLM::EngineCore does)"
     with serving(tmp_path / "two", env_second, wait_ready_lane="a") as second:
         assert not group_alive(pgid)                           # reaped at start-up
         assert "left behind by a previous server" in second.log()

@@ -7,7 +7,9 @@ local user can reach the engine's endpoints, the unauthenticated ones (/health, 
 
 vLLM's API server forks `VLLM::EngineCore` (and on CPU `VLLM::Worker`); SIGKILL of the API
 server alone leaves those alive holding memory, so every signal goes to the group, and a
-stop is only done when no process of the group is left.
+stop is only done when no process of the group is left. The group's leader is the engine's keeper
+(keeper.py), the engine its child: when the launcher dies without stopping its engines
+(SIGKILL, the OOM killer), each keeper kills its group.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import signal
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import httpx
 
 from ..engine_command import EngineSpec
 from ..settings import mask_secrets
+from .keeper import group_members      # keeper.py is standard library only: the one reading of a group
 
 log = logging.getLogger("vllm_launcher.engine")
 
@@ -41,8 +44,7 @@ EXIT_POLL_SECONDS = 0.1                   # how soon an engine's exit is noticed
 # After an exit, how long its last lines may take to arrive: short, because a surviving child
 # keeps the pipe open (no EOF comes) and the requests on the engine wait for the crash report.
 DRAIN_OUTPUT_SECONDS = 0.3
-PR_SET_PDEATHSIG = 1
-_libc = None
+KEEPER_SCRIPT = Path(__file__).resolve().with_name("keeper.py")
 
 
 ENGINE_URL = "http://engine"             # the host part is not used: every request goes to the socket
@@ -130,33 +132,6 @@ def resource_error(error: BaseException | None) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-    """preexec hook: the kernel sends SIGKILL to the engine if the launcher dies, even by SIGKILL."""
-    global _libc
-    try:
-        _libc = _libc or ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
-def group_members(pgid: int) -> list[int]:
-    """PIDs whose process group is pgid (from /proc, so it sees grandchildren too)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after the command: state ppid pgrp ...; zombies hold no memory, skip them
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(entry))
-    return members
-
-
 def process_start_time(pid: int) -> int | None:
     """Start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid it
     identifies a process across pid reuse."""
@@ -202,6 +177,7 @@ class EngineProcess:
     listening_at: float | None = None
     ready_at: float | None = None
     _reader: asyncio.Task | None = None
+    _keeper_pipe: int | None = None           # the write end: closed while the group lives, it dies
 
     def __post_init__(self):
         self._masked = sorted({s for s in (self.api_key, *self.secrets) if s and len(s) >= 4}, key=len, reverse=True)
@@ -219,12 +195,30 @@ class EngineProcess:
         return self.process.pid
 
     async def start(self) -> None:
+        """The engine under its keeper (keeper.py): the launcher's Python, isolated (-I -S: no
+        site, no PYTHON* variables), the leader of the engine's new session and group, the read
+        end of a pipe whose write end only this process holds; the engine is its child, with
+        the engine's environment and output. The keeper's pid is the group's id and its exit
+        status the engine's."""
         self.started_at = time.monotonic()
-        self.process = await asyncio.create_subprocess_exec(
-            *self.spec.argv, env=self.spec.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+        read_end, self._keeper_pipe = os.pipe()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(KEEPER_SCRIPT), str(read_end), "--", *self.spec.argv,
+                env=self.spec.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(read_end,), start_new_session=True)
+        except BaseException:
+            self._close_keeper_pipe()
+            raise
+        finally:
+            os.close(read_end)
         self._reader = asyncio.create_task(self._read_output())
+
+    def _close_keeper_pipe(self) -> None:
+        """Only once nothing of the group is left: closed earlier, the keeper kills it."""
+        pipe, self._keeper_pipe = self._keeper_pipe, None
+        if pipe is not None:
+            os.close(pipe)
 
     async def _read_output(self) -> None:
         stream = self.process.stdout
@@ -319,6 +313,8 @@ class EngineProcess:
             log.error("engine group %d of lane %s still has processes %s after SIGKILL", pgid, self.lane, left)
         elif self.process.returncode is None:
             await self.process.wait()
+        if not left:
+            self._close_keeper_pipe()
         await self.drain_output()
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)

@@ -5,9 +5,10 @@ this user's, closed to others' writes) with the recording server's pid and start
 what identifies the group: its leader's start time, the owner's uid and a random engine id
 that every process of the group carries in its environment (ENGINE_ID_VARIABLE). A server that
 was SIGKILLed cannot stop its engines (the parent-death signal covers the API server process,
-not its EngineCore children), so at start-up a new server kills the groups whose recording
-server is gone, and only when every live process of the group still matches the record: owned
-by the recorded uid, started no earlier than the leader, carrying the engine id (readable in
+not its EngineCore children); each engine's keeper (keeper.py, its group's leader) kills the
+group then. Should the keeper be gone too (killed with the server), at start-up a new server
+kills the groups whose recording server is gone, and only when every live process of the group
+still matches the record: owned by the recorded uid, started no earlier than the leader, carrying the engine id (readable in
 /proc/PID/environ by its owner only, so another user cannot make a process look like an
 engine; command lines are not compared: vLLM renames its children VLLM::EngineCore). A record
 that does not match (a reused pid, a record this launcher did not write) is dropped and its
