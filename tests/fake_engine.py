@@ -228,6 +228,54 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def messages(request: Request):
+        """POST /v1/messages as vLLM 0.12 answers it (anthropic.py repairs it): a message_start
+        without type, role, usage and stop_reason, `data: [DONE]` last, vLLM's error shapes.
+        FAKE_MESSAGES_LOG: a JSON line per request, its body and anthropic-* headers."""
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        body = await request.json()
+        if path := os.environ.get("FAKE_MESSAGES_LOG"):
+            with open(path, "a") as log:
+                log.write(json.dumps({"body": body, "headers": {name: value for name, value in request.headers.items()
+                                                                if name.startswith("anthropic-")}}) + "\n")
+        for message in body.get("messages", []):
+            for block in message["content"] if isinstance(message.get("content"), list) else []:
+                if block.get("type") not in ("text", "image", "tool_use", "tool_result"):
+                    return JSONResponse({"error": {"message": f"Input tag '{block.get('type')}' found using 'type' "
+                                                              "does not match any of the expected tags",
+                                                   "type": "Bad Request", "code": 400}}, status_code=400)
+        if body.get("model") != served:
+            return JSONResponse({"type": "error", "error": {"type": "NotFoundError", "message":
+                                                            f"The model `{body.get('model')}` does not exist."}},
+                                status_code=404)
+        words = [served] + [f" t{i}" for i in range(max(0, int(body.get("max_tokens") or 4) - 1))]
+        usage = {"input_tokens": 3, "output_tokens": len(words)}
+        if not body.get("stream"):
+            return JSONResponse({"id": "msg-fake", "type": "message", "role": "assistant", "model": served,
+                                 "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "max_tokens",
+                                 "usage": usage})
+
+        def event(name, data):
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+        async def events():
+            yield event("message_start", {"type": "message_start",
+                                          "message": {"id": "msg-fake", "content": [], "model": served}})
+            yield event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}})
+            for word in words:
+                await asyncio.sleep(token_delay)
+                yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "text_delta", "text": word}})
+            yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            yield event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                                          "usage": usage})
+            yield event("message_stop", {"type": "message_stop"})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def echo(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
@@ -261,6 +309,7 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         Route("/v1/chat/completions", generate, methods=["POST"]),
         Route("/v1/completions", generate, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
         *[Route(f"/v1/{path}", echo, methods=["POST"]) for path in ("responses", "rerank", "score")],
         *[Route(f"/v1/audio/{path}", audio, methods=["POST"]) for path in ("transcriptions", "translations")],
         *(sleep_routes(state) if sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1" else []),

@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from real_engine import requires_vllm
-from serving import fake_lanes_env, serving
-from test_server_switching import CHAT, chat_body
+from serving import CHAT, chat_body, fake_lanes_env, serving
 from vllm_launcher.openai_routes import ANSWERED_HERE, FORWARDED, forwarded_route
 
 # vLLM's app as `vllm serve` builds it, for every task, without an engine: its routes as JSON.
@@ -32,6 +31,7 @@ json.dump([[sorted(getattr(r, "methods", None) or []), r.path] for r in app.rout
 """
 
 
+@pytest.mark.e2e
 @requires_vllm
 def test_every_forwarded_route_is_served_by_vllm_under_v1():
     found = subprocess.run([sys.executable, "-c", VLLM_ROUTES], capture_output=True, text=True, timeout=300)
@@ -57,7 +57,8 @@ ATTACK_PATHS = [
     "/v1//completions", "/v1/%2fpause", "/v1/%2Fpause", "/v1/chat%2fcompletions", "/v1/./chat/completions",
     "/v1/.%2e/pause", "/v1/%5c..%5cpause", "/v1/..\\pause", "/v1/chat/completions/", "/v1/chat/completions/.",
     "/v1/chat/completions%00", "/v1/chat/completions;x", "/v1/tokenize", "/v1/load_lora_adapter",
-    "/v1/messages", "/v1/chat/completions/render", "/v1/responses/r1/cancel", "/v1/%ff", "/v1/",
+    "/v1/messages/../pause", "/v1/messages/", "/v1/messages%2fcount_tokens", "/v1/messages/count_tokens/..",
+    "/v1/chat/completions/render", "/v1/responses/r1/cancel", "/v1/%ff", "/v1/",
     "/v1/models/../../pause", "/v1/audio/../../invocations",
 ]
 
@@ -106,6 +107,9 @@ def test_every_forwarded_route_reaches_the_engine(tmp_path, fake_python):
         assert client.post("/v1/embeddings", json={"model": "a", "input": "x"}).status_code == 200
         assert client.post(CHAT, json=chat_body("alias-a")).json()["model"] == "a"
         assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).json()["model"] == "a"
+        answer = client.post("/v1/messages", json={"model": "alias-a", "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "x"}]})
+        assert answer.status_code == 200 and answer.json()["model"] == "a", answer.text
         for model in ("a", "alias-a"):          # an alias is rewritten inside the form
             for route in ("transcriptions", "translations"):
                 answer = client.post(f"/v1/audio/{route}", data={"model": model, "language": "en"},

@@ -4,7 +4,8 @@ parsed once by msgspec and forwarded as it came unless a model alias is rewritte
 with FastAPI.
 
 Routes: POST to the OpenAI routes of openai_routes.FORWARDED (routed by the body's `model`; no
-other path reaches an engine), GET /v1/models, /livez, /health, /healthz,
+other path reaches an engine; /v1/messages and /v1/messages/count_tokens speak Anthropic's
+Messages API through anthropic.py), /v1/responses/{id} (answered: not stored), GET /v1/models, /livez, /health, /healthz,
 /readyz, /version, /metrics, /lanes and lane control. The router owns the decisions; this
 module turns HTTP into router calls and errors into OpenAI-style bodies, and reads state only
 through the router's read API (lane_state(s), lane_status, serving_engines, ...).
@@ -12,6 +13,7 @@ through the router's read API (lane_state(s), lane_status, serving_engines, ...)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.errors
 import email.policy
@@ -28,13 +30,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from . import __version__, anthropic
 from .config import LauncherConfig, route_table
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
-from .openai_routes import FORWARDED, MULTIPART, forwarded_route
-from .proxy import Forwarder, send_error
+from .openai_routes import ANTHROPIC_ROUTES, COUNT_TOKENS, FORWARDED, JSON, MULTIPART, forwarded_route, response_by_id
+from .proxy import OPENAI, UPSTREAM_ERRORS, Forwarder, send_error
 from .router import Router
 from .scheduler import LaneState
 from .values import parse_bool
@@ -66,8 +68,9 @@ def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
 def _check_content_type(given: str, route: str) -> None:
     """JSON routes take only JSON (a web page cannot post it cross-site without CORS), audio
     routes only multipart form data."""
-    if given.partition(";")[0].strip().lower() != FORWARDED[route]:
-        raise APIError(415, f"POST /v1/{route} takes Content-Type: {FORWARDED[route]}, not "
+    wanted = FORWARDED.get(route, JSON)
+    if given.partition(";")[0].strip().lower() != wanted:
+        raise APIError(415, f"POST /v1/{route} takes Content-Type: {wanted}, not "
                             f"{given[:100] or 'a body without a content type'}", "unsupported_media_type")
 
 
@@ -175,17 +178,27 @@ def _form_body(fields, model: str) -> tuple[bytes, str]:
 
 def check_key(headers: list[tuple[bytes, bytes]], key: bytes | None) -> None:
     """The one check of the API key, for every route that needs it: exactly one
-    `Authorization: Bearer <key>` (two are refused, not read first or last: a proxy in front
-    may read the other one)."""
+    `Authorization: Bearer <key>` or `x-api-key: <key>` (Anthropic's clients), compared in
+    constant time. Two of either, or both naming different keys, are refused, not read first or
+    last: a proxy in front may read the other one."""
     if key is None:
         return
     given = [value for name, value in headers if name == b"authorization"]
-    if len(given) > 1:
-        raise APIError(400, f"{len(given)} Authorization headers: send exactly one, 'Authorization: Bearer <key>'",
-                       "invalid_authorization")
+    api_keys = [value for name, value in headers if name == b"x-api-key"]
+    for values, header in ((given, "Authorization"), (api_keys, "x-api-key")):
+        if len(values) > 1:
+            raise APIError(400, f"{len(values)} {header} headers: send exactly one, 'Authorization: Bearer <key>' "
+                                "or 'x-api-key: <key>'", "invalid_authorization")
     scheme, _, token = (given[0] if given else b"").partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+    token = token.strip()
+    if api_keys:
+        if given and (scheme.lower() != b"bearer" or not hmac.compare_digest(token, api_keys[0].strip())):
+            raise APIError(400, "Authorization and x-api-key name different keys: send the key in one of them",
+                           "invalid_authorization")
+        scheme, token = b"bearer", api_keys[0].strip()
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token, key):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                       "invalid_api_key")
 
 
 def _shown_path(raw_path: bytes) -> str:
@@ -252,10 +265,11 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                 content_type = value
             elif name == b"content-length":
                 declared = value
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        route = forwarded_route(raw_path)
+        dialect = anthropic_dialect(scope["headers"]) if route in ANTHROPIC_ROUTES else OPENAI
         try:
             check_key(scope["headers"], key_bytes)
-            raw_path = scope.get("raw_path") or scope["path"].encode()
-            route = forwarded_route(raw_path)
             if route is None:
                 raise APIError(404, f"POST {_shown_path(raw_path)}: not an OpenAI route this server forwards "
                                     f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
@@ -264,7 +278,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
             if router.shutting_down:
                 raise APIError(503, "the server is shutting down", "shutting_down")
             body = await receive_body(receive, declared, max_body)
-            if FORWARDED[route] == MULTIPART:
+            if FORWARDED.get(route) == MULTIPART:
                 lane, body, given, stream = form_request(body, given)
             else:
                 data, by_json = _json_body(body)
@@ -273,17 +287,56 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                 if stream is not None and not isinstance(stream, bool):
                     raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}",
                                    "invalid_stream", param="stream")
+                changed = False
+                if route in ANTHROPIC_ROUTES:
+                    anthropic.check_request(data, count_only=route == COUNT_TOKENS)
+                    changed = anthropic.translate_request(data, vllm.version)
                 served = served_names[lane]
-                if data["model"] != served:
+                if data["model"] != served or changed:
                     data["model"] = served          # the engine knows only its served name
                     body = _json_bytes(data, by_json)
+                if route == COUNT_TOKENS:
+                    await count_tokens(send, lane, data, body, dialect)
+                    return
         except APIError as error:
             metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
-            await send_error(send, error)
+            await send_error(send, error, dialect)
             return
         except _ClientGone:
             return
-        await forwarder.serve(receive, send, "/v1/" + route, lane, body, stream is True, given)
+        await forwarder.serve(receive, send, "/v1/" + route, lane, body, stream is True, given, dialect)
+
+    repair_anthropic = anthropic.repairs_needed(vllm.version)
+
+    def anthropic_dialect(headers) -> anthropic.AnthropicDialect:
+        passed = {name.decode(): value.decode("latin-1") for name, value in headers if name in anthropic.PASSED_HEADERS}
+        return anthropic.AnthropicDialect(repair_anthropic, passed)
+
+    engine_counts = vllm.installed and anthropic.version_tuple(vllm.version) >= anthropic.COUNT_TOKENS_SINCE
+
+    async def count_tokens(send, lane: str, data: dict, body: bytes, dialect) -> None:
+        """POST /v1/messages/count_tokens: the lane's engine answers when it can and is loaded;
+        else the count from the lane's tokenizer and template, read here (no lane is loaded or
+        switched for it)."""
+        if engine_counts:
+            for engine, state in router.serving_engines():
+                if engine.lane == lane and state == LaneState.READY:
+                    with contextlib.suppress(*UPSTREAM_ERRORS):      # gone meanwhile: counted here
+                        async with engine.session.post("/v1/" + COUNT_TOKENS, data=body, headers={
+                                "Content-Type": JSON, **dialect.upstream_headers}) as answer:
+                            content = dialect.body(answer.status, await answer.read())
+                            await send({"type": "http.response.start", "status": answer.status,
+                                        "headers": [(b"content-type", b"application/json")]})
+                            await send({"type": "http.response.body", "body": content})
+                            return
+        try:
+            tokens = await asyncio.to_thread(anthropic.count_tokens, config.lane(lane), data)
+        except anthropic.TokenizerUnavailable as error:
+            raise APIError(503, f"count_tokens for lane {lane!r}: {error}", "tokenizer_unavailable") from None
+        answer = json.dumps({"input_tokens": tokens}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
 
     def form_request(body: bytes, content_type: str) -> tuple[str, bytes, str, bool]:
         """An audio request: multipart form data, its `model` one of the fields; its lane, the
@@ -301,6 +354,19 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
             body, content_type = _form_body(fields, served)
         stream = any(name == "stream" and value.strip().lower() == b"true" for name, _, _, value in fields)
         return lane, body, content_type, stream
+
+    async def not_stored(scope, receive, send) -> None:
+        """/v1/responses/{id}...: OpenAI's stored responses, which this server does not keep."""
+        try:
+            check_key(scope["headers"], key_bytes)
+            raise APIError(404, "stored responses are not kept by this server: vLLM keeps them only with "
+                                "VLLM_ENABLE_RESPONSES_API_STORE=1, in one engine's memory (it warns that this leaks "
+                                "memory), and a lane switch or restart would lose them; send `store: false` and keep "
+                                "the conversation on the client (pass the earlier output as input)",
+                           "response_not_stored")
+        except APIError as error:
+            metrics.rejected.labels("", error.code).inc()
+            await send_error(send, error)
 
     async def not_allowed(scope, receive, send) -> None:
         error = APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed", "method_not_allowed")
@@ -426,6 +492,8 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
 
     async def dispatch(scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if response_by_id(scope.get("raw_path") or scope["path"].encode()):
+                return await not_stored(scope, receive, send)
             if scope["method"] == "POST":
                 return await openai_post(scope, receive, send)
             if forwarded_route(scope.get("raw_path") or scope["path"].encode()) is not None:
