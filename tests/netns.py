@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 
+import tiers
+
 SUBNET = "10.231.0"              # 10.231.0.0/24, only ever inside namespaces made here
 _counter = itertools.count()
 
@@ -106,6 +108,7 @@ def machines_or_skip(count: int = 2):
 def machines(count: int = 2):
     """`count` namespaces on one link (a veth pair for two; a bridge namespace beyond), addresses
     SUBNET.1, .2 ...; every process inside is killed and the namespaces deleted on exit."""
+    tiers.require("cluster", doing="makes network namespaces")
     if os.geteuid() != 0:
         raise NamespacesUnavailable("not root")
     if not shutil.which("ip") or not shutil.which("ss"):

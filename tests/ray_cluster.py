@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import tiers
 from closure_env import CLOSURE_PYTHON
 from netns import Machine
 
@@ -50,6 +51,7 @@ class Node:
 
     def __init__(self, machine: Machine, work: Path, token: Path, gpus: int, *command: str,
                  python: str = str(CLOSURE_PYTHON), extra_env: dict[str, str] | None = None):
+        tiers.require("cluster", doing="starts a Ray node")
         self.machine = machine
         work.mkdir(parents=True, exist_ok=True)
         (work / "home").mkdir(exist_ok=True)

@@ -12,6 +12,8 @@
 - start_engine() / stop_engine() / running_engine(): one engine in its own process group,
   ready when /health answers 200; stopped as a whole group (SIGTERM, then SIGKILL).
 - find_leftover_vllm_processes() and the fixture no_leftover_vllm_processes.
+- the fixtures lanes_env (a server's environment with lanes alpha and beta) and demo_served (the
+  run's one real two-lane server, by `vllm-launcher demo`), offered to every module by conftest.py.
 
 The machine has two cores: run at most one engine at a time.
 
@@ -27,7 +29,6 @@ import io
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+import tiers
+from serving import free_port, processes_with_tmpdir, start_server  # noqa: F401 (free_port: for the engine tests)
 from vllm_launcher import vllm_info
 from vllm_launcher.demo_models import DEFAULT_LANES, write_demo_models
 
@@ -170,6 +173,40 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return shared_demo_models(tmp_path_factory)
 
 
+START_TIMEOUT = 400          # a real engine's first start on a loaded 2-core machine
+
+
+@pytest.fixture(scope="session")
+def lanes_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A server's environment with the two shared tiny lanes alpha and beta on real vLLM."""
+    models = shared_demo_models(tmp_path_factory)
+    cache = tmp_path_factory.getbasetemp() / "vllm-cache"
+    cache.mkdir(exist_ok=True)
+    env = {"VLLM_LANES": "alpha,beta", "VLLM_ENFORCE_EAGER": "true", "VLLM_DTYPE": "float32",
+           "VLLM_MAX_MODEL_LEN": "16384", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache),
+           "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "20",
+           "VLLM_SWITCH_MAX_WAIT": "5"}
+    env.update({f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def demo_served(tmp_path_factory: pytest.TempPathFactory, lanes_env: dict[str, str]):
+    """`vllm-launcher demo` (it makes its own models) with lanes_env's settings, alpha ready: the
+    one real two-lane server of the run, for test_demo.py and test_e2e_real_vllm.py."""
+    tiers.require("e2e", doing="starts real vLLM engines (demo_served)")
+    directory = tmp_path_factory.mktemp("demo")
+    port = free_port()
+    env = {name: value for name, value in lanes_env.items() if not re.fullmatch(r"VLLM_LANE_\w+_MODEL", name)}
+    served = start_server(directory, {**env, "VLLM_PORT": str(port)}, wait_ready_lane="alpha", timeout=START_TIMEOUT,
+                          command=("demo", "--dir", str(directory / "demo"), "--port", str(port)))
+    try:
+        yield served
+    finally:
+        assert served.terminate() == 0, served.log()[-3000:]
+    assert not served.leftovers() and not processes_with_tmpdir(str(directory))
+
+
 @pytest.fixture(scope="session")
 def vllm_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """VLLM_CACHE_ROOT for every engine of the run (compiled artefacts are reused)."""
@@ -199,12 +236,6 @@ def chat_completion_and_stream(client, lane: str) -> dict[str, float]:
 
 
 # --- engine command line and environment ----------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def tiny_engine_argv(model: Path | str, port: int, served_model_name: str = "tiny",
                      extra: Sequence[str] = ()) -> list[str]:
@@ -309,6 +340,8 @@ def start_engine(argv: Sequence[str], env: Mapping[str, str], log_path: Path | N
     LOG_PATH, and wait until GET /health answers 200. On failure or timeout the group is
     stopped and EngineStartError carries the log's tail."""
     import subprocess
+
+    tiers.require("e2e", doing="starts a real vLLM engine")
     import tempfile
 
     argv = [str(a) for a in argv]

@@ -4,6 +4,9 @@ engines are gone afterwards.
 Engines are the fake engine (tests/fake_engine.py, through a generated stand-in Python) or
 real vLLM; either way they are found afterwards by process group, from the server's own
 runtime-directory records and by a scan of /proc for the test's unique marker.
+
+And what tests ask a served launcher: a chat request's body, a stream's events, /metrics samples,
+an engine's socket.
 """
 
 from __future__ import annotations
@@ -15,14 +18,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+import tiers
+from waiting import eventually
 
 TESTS = Path(__file__).resolve().parent
+CHAT = "/v1/chat/completions"
 
 
 def free_port() -> int:
@@ -73,15 +80,13 @@ def group_alive(pgid: int) -> list[int]:
 
 def wait_gone(pid: int, timeout: float = 30) -> None:
     """Until the process is gone (or a zombie nobody has reaped yet)."""
-    try:
-        process = psutil.Process(pid)
-        deadline = time.monotonic() + timeout
-        while process.status() != psutil.STATUS_ZOMBIE:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"process {pid} still alive after {timeout} s")
-            time.sleep(0.05)
-    except psutil.NoSuchProcess:
-        pass
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    eventually(gone, f"process {pid} gone", timeout)
 
 
 @dataclass
@@ -118,32 +123,25 @@ class Served:
             return client.get("/lanes", headers=self.auth).json()["lanes"]
 
     def wait_state(self, lane: str, state: str, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> dict | None:
             self.record_engine_groups()
-            lanes = self.lanes()
-            if lanes[lane]["state"] == state:
-                return lanes[lane]
-            if lanes[lane]["state"] == "failed":        # final until a load request: no use waiting
-                raise AssertionError(f"lane {lane} failed, waiting for {state}: {lanes[lane]}\n{self.log()[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"lane {lane} not {state} after {timeout} s: {self.lanes()}\n{self.log()[-3000:]}")
+            shown = self.lanes()[lane]
+            if shown["state"] == "failed" != state:     # final until a load request: no use waiting
+                raise AssertionError(f"lane {lane} failed, waiting for {state}: {shown}\n{self.log()[-3000:]}")
+            return shown if shown["state"] == state else None
+
+        return eventually(reached, lambda: f"lane {lane} {state}: {self.lanes()}\n{self.log()[-3000:]}", timeout, 0.1)
 
     def wait_queue(self, lane: str, depth: int, timeout: float = 120) -> None:
         """Until `depth` requests wait for `lane` (requests sent from threads need a moment; on a
         loaded 2-core machine beside a starting engine, tens of seconds)."""
-        self._wait_lane_field(lane, "queue_depth", depth, timeout)
+        eventually(lambda: self.lanes()[lane]["queue_depth"] == depth,
+                   lambda: f"{depth} requests waiting for lane {lane}: {self.lanes()}", timeout)
 
     def wait_inflight(self, lane: str, count: int, timeout: float = 120) -> None:
         """Until `count` requests of `lane` are with its engine."""
-        self._wait_lane_field(lane, "inflight", count, timeout)
-
-    def _wait_lane_field(self, lane: str, name: str, expected, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.lanes()[lane][name] != expected:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"lane {lane}: {name} not {expected} after {timeout} s: {self.lanes()}")
-            time.sleep(0.05)
+        eventually(lambda: self.lanes()[lane]["inflight"] == count,
+                   lambda: f"{count} requests of lane {lane} with its engine: {self.lanes()}", timeout)
 
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM, wait for exit; returns the exit status."""
@@ -163,6 +161,7 @@ class Served:
 
 def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = None, timeout: float = 60,
                  python: str = sys.executable, command: tuple[str, ...] = ("serve",)) -> Served:
+    tiers.require("engine", "e2e", "cluster", doing="starts a `vllm-launcher serve` process and its engines")
     port = int(env.get("VLLM_PORT") or free_port())
     tmp_path.mkdir(parents=True, exist_ok=True)
     runtime_dir = tmp_path / "run"
@@ -174,23 +173,21 @@ def start_server(tmp_path: Path, env: dict, *, wait_ready_lane: str | None = Non
     process = subprocess.Popen([python, "-m", "vllm_launcher", *command], env=full_env, stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     served = Served(process, f"http://127.0.0.1:{port}", runtime_dir, log_path, full_env)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def listening() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"server exited with {process.returncode}:\n{served.log()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(served.url + "/readyz", timeout=2).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            served.terminate()
-            raise AssertionError(f"server not listening after {timeout} s:\n{served.log()[-3000:]}")
-        time.sleep(0.1)
-    if wait_ready_lane:
-        try:
+            return httpx.get(served.url + "/readyz", timeout=2).status_code == 200
+        return False
+
+    try:
+        eventually(listening, lambda: f"server listening:\n{served.log()[-3000:]}", timeout, 0.1)
+        if wait_ready_lane:
             served.wait_state(wait_ready_lane, "ready", timeout)
-        except BaseException:
-            served.terminate()
-            raise
+    except BaseException:
+        served.terminate()
+        raise
     return served
 
 
@@ -216,3 +213,46 @@ def fake_lanes_env(fake_python: Path, lanes: dict[str, dict[str, str]], **server
         for key, value in extra.items():
             env[f"VLLM_LANE_{lane.upper()}_{key}"] = value
     return env
+
+
+def chat_body(model: str, stream: bool = False, max_tokens: int = 4, content: str = "hi") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "stream": stream}
+
+
+def sse_events(text: str) -> list:
+    events = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def metric_samples(text: str) -> dict:
+    """Prometheus text -> {(name, sorted labels): value}."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_metric(served: Served, name: str, expected: float, timeout: float = 30, **labels) -> None:
+    """Until the server's /metrics shows `expected` for the sample."""
+    with served.client() as client:
+        def seen() -> float:
+            return value(metric_samples(client.get("/metrics").text), name, **labels)
+
+        eventually(lambda: seen() == expected, lambda: f"{name}{labels} = {expected} (is {seen()})", timeout)
+
+
+def engine_socket(pgid: int) -> str:
+    """The Unix socket an engine listens on (its --uds); engines have no --host or --port."""
+    argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
+    assert b"--port" not in argv and b"--host" not in argv, argv
+    return argv[argv.index(b"--uds") + 1].decode()

@@ -200,6 +200,7 @@ def test_add_refuses_a_wrong_file(wheels: Path, tmp_path: Path):
     assert result.exit_code == 1 and "nothing added" in result.output
 
 
+@pytest.mark.nix
 def test_add_with_real_nix_store(wheels: Path, tmp_path: Path):
     nix_store = shutil.which("nix-store")
     assert nix_store, "nix-store not found: install Debian's nix-bin (.ci/run does)"

@@ -17,7 +17,8 @@ import pytest
 from closure_env import CLOSURE_DIR, CLOSURE_PYTHON, VLLM_DIST_VERSION, closure_ready
 from launcher_cli import run_launcher
 
-pytestmark = pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")
+pytestmark = [pytest.mark.closure,
+              pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]
 
 LANES = {
     "text": "Qwen2ForCausalLM",

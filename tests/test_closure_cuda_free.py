@@ -26,7 +26,8 @@ from closure_env import (ALLOWED, API_SERVER, CLOSURE_DIR, CLOSURE_PYTHON, LOCK,
                          closure_ready, native_libraries, normalise, run_closure, scan, site_packages,
                          unloadable_on_target)
 
-pytestmark = pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")
+pytestmark = [pytest.mark.closure,
+              pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]
 
 # python-env/uv.lock before issue 18 (timm -> torchvision): PyPI's file, a CUDA 12.8 build.
 CUDA_TORCHVISION = ("torchvision==0.24.1 "

@@ -19,7 +19,8 @@ import pytest
 from closure_env import (API_SERVER, CLOSURE_DIR, EXTRA_PREFIXES, LOCK, ROOT, SWAPS, TORCH_VERSION, UV,
                          VLLM_DIST_VERSION, VLLM_VERSION, closure_ready, locked_versions, normalise, run_closure)
 
-pytestmark = pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")
+pytestmark = [pytest.mark.closure,
+              pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]
 
 REMOVED = "model-hosting-container-standards"       # imported at the top of 0.12's api_server.py
 

@@ -38,7 +38,7 @@ TORCH = "torch-2.9.1-cp311-cp311-linux_x86_64.whl"
 VLLM = "vllm-0.12.0+rocm711-cp311-cp311-linux_x86_64.whl"
 TRITON = "pytorch_triton_rocm-3.5.1-cp311-cp311-linux_x86_64.whl"
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.closure, pytest.mark.timeout(300)]
 # uv comes with the launcher's test extra; the Nix build's check phase has neither uv nor PyPI.
 needs_uv = pytest.mark.skipif(
     shutil.which("uv") is None and importlib.util.find_spec("uv") is None,

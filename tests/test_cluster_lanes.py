@@ -12,74 +12,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import fake_lanes_env
-from vllm_launcher.placement import ClusterState, Node
+
+from fake_cluster import FakeCluster, cluster_env, run_app
+from serving import chat_body
 from vllm_launcher.config import load_config
-from vllm_launcher.engines import sockets_dir
 from vllm_launcher.engines import supervisor as supervisor_module
-from vllm_launcher.http_app import create_app
-from vllm_launcher.metrics import Metrics
 from vllm_launcher.router import Router
-from vllm_launcher.vllm_info import VllmInfo
+from waiting import eventually_async
 
 pytestmark = pytest.mark.engine
-
-
-class FakeCluster:
-    """What the launcher's cluster query answers: a head with 1 GPU and `workers` more nodes."""
-
-    def __init__(self, workers: int = 0):
-        self.workers = workers
-        self.questions = 0
-
-    def __call__(self, config) -> ClusterState:
-        self.questions += 1
-        nodes = [Node("127.0.0.1", True, True, 1.0, 2.0)]
-        nodes += [Node(f"127.0.0.{2 + index}", False, True, 1.0, 2.0) for index in range(self.workers)]
-        return ClusterState("127.0.0.1:6379", "2.60.0", tuple(nodes))
-
-
-def cluster_env(tmp_path: Path, fake_python: Path, **server) -> dict[str, str]:
-    token = tmp_path / "cluster-token"
-    token.write_text("0" * 64 + "\n")
-    token.chmod(0o600)
-    lanes = {"small": {}, "big": {"TENSOR_PARALLEL_SIZE": "2"}}
-    return {**fake_lanes_env(fake_python, lanes, VLLM_STOP_TIMEOUT="5", VLLM_SWITCH_MAX_WAIT="1", **server),
-            "VLLM_CLUSTER_ROLE": "head", "VLLM_CLUSTER_INTERFACE": "lo", "VLLM_CLUSTER_TOKEN_FILE": str(token),
-            "VLLM_CLUSTER_GPUS": "1", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-
-
-def run_app(tmp_path: Path, environ: dict[str, str], cluster: FakeCluster, body) -> object:
-    config = load_config(environ)
-
-    async def run():
-        metrics = Metrics()
-        router = Router(config, VllmInfo("vllm", "0.32.0"), metrics, sockets=sockets_dir(tmp_path / "run"))
-        for supervisor in router.supervisors.values():
-            supervisor.cluster_query = cluster
-        app = create_app(config, VllmInfo("vllm", "0.32.0"), router, metrics)
-        await router.start(preload=config.default_lane)      # what the app's lifespan does
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server",
-                                         timeout=60) as client:
-                return await body(client, router)
-        finally:
-            await router.close()
-
-    return asyncio.run(run())
-
-
-async def wait_for(predicate, timeout: float = 30.0):
-    for _ in range(int(timeout / 0.05)):
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def chat(model: str, stream: bool = False) -> dict:
-    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environment(tmp_path, fake_python, monkeypatch):
@@ -87,15 +28,15 @@ def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environmen
     cluster = FakeCluster(workers=0)
 
     async def body(client: httpx.AsyncClient, router: Router):
-        await wait_for(lambda: _state(client, "small", "ready"))
-        request = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("big")))
+        await eventually_async(lambda: _state(client, "small", "ready"), "lane small ready")
+        request = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2)))
 
         async def waiting():
             lanes = (await client.get("/lanes")).json()["lanes"]
             return lanes["big"] if lanes["big"]["progress"] else None
 
-        lane = await wait_for(waiting)
-        health = await wait_for(lambda: _health_progress(client))
+        lane = await eventually_async(waiting, "lane big shows its progress")
+        health = await eventually_async(lambda: _health_progress(client), "/health shows the progress")
         assert not request.done()
         cluster.workers = 1                                   # the worker node joins
         answer = await asyncio.wait_for(request, 30)
@@ -121,19 +62,19 @@ def test_a_cluster_short_of_nodes_fails_the_start_with_503_after_the_start_timeo
     cluster = FakeCluster(workers=0)
 
     async def body(client: httpx.AsyncClient, router: Router):
-        await wait_for(lambda: _state(client, "small", "ready"))
-        plain = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("big")))
-        streamed = await client.post("/v1/chat/completions", json=chat("big", stream=True))
+        await eventually_async(lambda: _state(client, "small", "ready"), "lane small ready")
+        plain = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2)))
+        streamed = await client.post("/v1/chat/completions", json=chat_body("big", stream=True, max_tokens=2))
         refused = await plain
         lanes = (await client.get("/lanes")).json()["lanes"]["big"]
-        small_after = await client.post("/v1/chat/completions", json=chat("small"))
+        small_after = await client.post("/v1/chat/completions", json=chat_body("small", max_tokens=2))
         # Six more starts than VLLM_ENGINE_MAX_RESTARTS allows crash loops: still not failed.
         for _ in range(3):
-            again = await client.post("/v1/chat/completions", json=chat("big"))
+            again = await client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2))
             assert again.status_code == 503 and again.json()["error"]["code"] == "cluster_unavailable"
         still = (await client.get("/lanes")).json()["lanes"]["big"]
         cluster.workers = 1
-        served = await client.post("/v1/chat/completions", json=chat("big"))
+        served = await client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2))
         return refused, streamed.text, lanes, small_after, still, served
 
     environ = cluster_env(tmp_path, fake_python, VLLM_START_TIMEOUT="3", VLLM_ENGINE_MAX_RESTARTS="2")
@@ -166,8 +107,8 @@ def test_lanes_of_one_node_never_ask_the_cluster(tmp_path, fake_python):
     environ = {**cluster_env(tmp_path, fake_python), "VLLM_LANE_BIG_NODES": "1"}
 
     async def body(client: httpx.AsyncClient, router: Router):
-        await wait_for(lambda: _state(client, "small", "ready"))
-        return await client.post("/v1/chat/completions", json=chat("big"))
+        await eventually_async(lambda: _state(client, "small", "ready"), "lane small ready")
+        return await client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2))
 
     answer = run_app(tmp_path, environ, cluster, body)
     assert answer.status_code == 200 and cluster.questions == 0

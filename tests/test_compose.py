@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.compose
+
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"
 COMPOSE_FILE = OPS / "compose.yaml"

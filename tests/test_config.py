@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from launcher_cli import config_json, run_launcher
+from launcher_cli import BASE_ENV, config_json, run_launcher
 from vllm_launcher.config import ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.logs import setup_logging
@@ -154,18 +154,27 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("env,message", BAD_INPUTS, ids=[next(iter(env)) for env, _ in BAD_INPUTS])
-def test_bad_input_exits_2_naming_the_variable(env, message, tmp_path):
-    """Through the real CLI: status 2, the variable, the value and what is accepted; nothing runs."""
+def test_bad_input_is_a_configuration_error_naming_the_variable(env, message):
+    """The variable, the value (a secret's masked) and what is accepted, as the commands print it."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({**BASE_ENV, **MODEL, "VLLM_ENGINE_PYTHON": "/nonexistent/python", **env})
+    assert message in "\n".join(caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize("command", ["config", "engine", "check"])
+def test_bad_input_exits_2_through_the_cli_before_anything_starts(command, tmp_path):
+    """Through the real CLI: status 2, every problem (a secret masked by value), nothing runs."""
     marker = tmp_path / "engine-started"
     fake_python = tmp_path / "python"
     fake_python.write_text(f"#!/bin/sh\ntouch {marker}\n")
     fake_python.chmod(0o755)
-    full = {**MODEL, "VLLM_ENGINE_PYTHON": str(fake_python), **env}
-    for command in (["config"], ["engine"], ["check"]):
-        result = run_launcher(full, *command)
-        assert result.returncode == 2, (command, result.stdout, result.stderr)
-        assert message in result.stderr, result.stderr
-        assert "nothing started" in result.stderr
+    secret = {"VLLM_API_KEY": "sk-live-abcdef123456", "VLLM_LANE_DEFAULT_GPU_MEMORY_UTILIZATION": "sk-live-abcdef123456"}
+    result = run_launcher({**MODEL, "VLLM_ENGINE_PYTHON": str(fake_python), "VLLM_DTYPE": "int4", **secret}, command)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "2 configuration problem(s), nothing started" in result.stderr, result.stderr
+    assert "VLLM_DTYPE='int4': must be one of" in result.stderr
+    assert "VLLM_LANE_DEFAULT_GPU_MEMORY_UTILIZATION='***': must be a number" in result.stderr
+    assert "sk-live" not in result.stderr + result.stdout
     assert not marker.exists()
 
 

@@ -1,5 +1,5 @@
-"""`make demo`: two tiny lanes served by real vLLM, answering on both lanes; a second run
-installs nothing again."""
+"""`make demo`: two tiny lanes served by real vLLM, answering on both lanes (the run's shared
+demo_served, tests/real_engine.py); a second run installs nothing again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from measurements import record
 from real_engine import requires_vllm
-from serving import free_port, processes_with_tmpdir, start_server
 
 pytestmark = [pytest.mark.e2e, requires_vllm]
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,22 +25,15 @@ def test_second_make_demo_installs_nothing():
     assert "vllm_launcher demo" in plan
 
 
-def test_demo_serves_both_lanes(tmp_path):
-    port = free_port()
-    env = {"VLLM_START_TIMEOUT": "400", "VLLM_SWITCH_MAX_WAIT": "5"}
-    served = start_server(tmp_path, {**env, "VLLM_PORT": str(port)}, wait_ready_lane="alpha", timeout=400,
-                          command=("demo", "--dir", str(tmp_path / "demo"), "--port", str(port)))
-    try:
-        log = served.log()
-        assert "curl -s http://127.0.0.1:%d/v1/chat/completions" % port in log
-        for lane in ("alpha", "beta"):
-            response = httpx.post(f"{served.url}/v1/chat/completions", timeout=400, json={
-                "model": lane, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
-            assert response.status_code == 200 and response.json()["model"] == lane, response.text
-        lanes = served.lanes()
-        record(f"make demo: alpha start {lanes['alpha']['last_start_seconds']:.1f} s, "
-               f"switch to beta {lanes['beta']['last_switch_seconds']:.1f} s")
-        assert (tmp_path / "demo" / "models" / "alpha" / "config.json").exists()
-    finally:
-        assert served.terminate() == 0
-    assert not served.leftovers() and not processes_with_tmpdir(str(tmp_path))
+def test_demo_serves_both_lanes(demo_served):
+    served = demo_served
+    log = served.log()
+    assert f"curl -s {served.url}/v1/chat/completions" in log
+    for lane in ("alpha", "beta"):
+        response = httpx.post(f"{served.url}/v1/chat/completions", timeout=400, json={
+            "model": lane, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
+        assert response.status_code == 200 and response.json()["model"] == lane, response.text
+    lanes = served.lanes()
+    record(f"make demo: alpha start {lanes['alpha']['last_start_seconds']:.1f} s, "
+           f"switch to beta {lanes['beta']['last_switch_seconds']:.1f} s")
+    assert (served.log_path.parent / "demo" / "models" / "alpha" / "config.json").exists()

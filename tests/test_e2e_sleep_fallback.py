@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from real_engine import requires_vllm
-from serving import serving
-from test_e2e_real_vllm import START_TIMEOUT, lanes_env  # noqa: F401 - the fixture
-from test_server_operations import metric_samples, value
+from real_engine import START_TIMEOUT, requires_vllm
+from serving import metric_samples, serving, value
 
 pytestmark = [pytest.mark.e2e, requires_vllm]
 

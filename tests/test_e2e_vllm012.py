@@ -21,7 +21,8 @@ from measurements import record
 from real_engine import chat_completion_and_stream, shared_demo_models
 from serving import serving
 
-pytestmark = pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")
+pytestmark = [pytest.mark.closure,
+              pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]
 
 START_TIMEOUT = 400
 

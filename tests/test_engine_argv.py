@@ -82,6 +82,7 @@ def specs(environ: dict, vllm: VllmInfo, **where):
     return {lane: build_engine_spec(config, lane, vllm, **where) for lane in config.lanes}
 
 
+@pytest.mark.e2e
 @requires_vllm
 @pytest.mark.parametrize("seed", list(SEEDS))
 def test_seed_environment_parses_with_installed_vllm(seed):
@@ -104,6 +105,7 @@ def test_seed_environment_parses_with_installed_vllm(seed):
         assert "VLLM_PORT" not in env and "VLLM_HOST" not in env and "VLLM_TARGET_DEVICE" not in env
 
 
+@pytest.mark.e2e
 @requires_vllm
 def test_installed_vllm_parser_rejects_what_it_should():
     """The parser is the real one: it refuses what 0.32 dropped, so the tests above can fail."""

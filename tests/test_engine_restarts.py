@@ -12,9 +12,7 @@ import time
 import httpx
 import pytest
 
-from serving import fake_lanes_env, serving
-from test_server_operations import metric_samples, value
-from test_server_switching import CHAT, chat_body
+from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, value
 from vllm_launcher.config import load_config
 from vllm_launcher.engines import sockets_dir
 from vllm_launcher.engines.process import resource_error

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import fake_lanes_env, serving
-from test_server_operations import engine_socket
-from test_server_switching import CHAT, chat_body
+from serving import CHAT, chat_body, engine_socket, fake_lanes_env, serving
 
 pytestmark = pytest.mark.engine
 

@@ -20,14 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fake_cluster import FakeCluster, cluster_env, run_app
 from real_engine import requires_vllm
-from serving import group_alive, wait_gone
-from test_cluster_lanes import FakeCluster, chat, cluster_env, run_app, wait_for
+from serving import chat_body, group_alive, wait_gone
 from vllm_launcher.config import load_config
 from vllm_launcher.engine_command import ENGINE_MODULE, FOLLOWER_MODULE, build_engine_spec
 from vllm_launcher.engines import followers
 from vllm_launcher.engines.followers import FollowerProcess, follower_environment, lane_settings, pick_nodes
 from vllm_launcher.vllm_info import VllmInfo
+from waiting import eventually, eventually_async
 
 VLLM = VllmInfo("vllm", "0.32.0")
 FOLLOWERS_PY = Path(followers.__file__).resolve()
@@ -132,11 +134,7 @@ WITH_GRANDCHILD = ("import subprocess, sys, time\n"
 
 
 def wait_for_file(path: Path, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} not written within {timeout} s")
-        time.sleep(0.02)
+    eventually(path.exists, f"{path} written", timeout, 0.02)
     return path.read_text()
 
 
@@ -350,6 +348,7 @@ def vllm_serve_parser():
     return parser, validate_parsed_serve_args
 
 
+@pytest.mark.e2e
 @requires_vllm
 def test_the_follower_args_parse_with_vllms_own_serve_parser(tmp_path, fake_python):
     try:
@@ -397,8 +396,8 @@ def test_an_engine_exiting_75_while_starting_is_the_cluster_unavailable_not_a_cr
     environ = {**lane_environ(tmp_path, python), "VLLM_ENGINE_MAX_RESTARTS": "1"}
 
     async def body(client, router):
-        await wait_for(lambda: _lane_state(client, "small", "ready"))
-        answers = [await client.post("/v1/chat/completions", json=chat("big")) for _ in range(2)]
+        await eventually_async(lambda: _lane_state(client, "small", "ready"), "lane small ready")
+        answers = [await client.post("/v1/chat/completions", json=chat_body("big", max_tokens=2)) for _ in range(2)]
         return answers, (await client.get("/lanes")).json()["lanes"]["big"]
 
     answers, lane = run_app(tmp_path, environ, FakeCluster(workers=1), body)

@@ -11,33 +11,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from nix_evaluator import ROOT, nix_eval, nix_instantiate
+
+pytestmark = pytest.mark.nix
+
 NIX_FILES = sorted([ROOT / "flake.nix", *(ROOT / "nix").rglob("*.nix")])
-
-
-def nix_instantiate() -> str:
-    found = shutil.which("nix-instantiate")
-    assert found, "nix-instantiate not found: install Debian's nix-bin (.ci/run does)"
-    return found
-
-
-def nix_eval(expr: str, *, ok: bool = True) -> object:
-    result = subprocess.run(
-        [nix_instantiate(), "--eval", "--strict", "--json", "-E", expr],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    if not ok:
-        assert result.returncode != 0, result.stdout
-        return result.stderr
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("path", NIX_FILES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_nix_eval import ROOT, nix_eval
+import pytest
+
+from nix_evaluator import ROOT, nix_eval
+
+pytestmark = pytest.mark.nix
 
 LAUNCHER = Path(sys.executable).parent / "vllm-launcher"
 THREE = "(import ./nix/tests/three-lanes.nix).settings"

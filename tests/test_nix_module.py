@@ -18,19 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from test_nix_eval import ROOT, nix_instantiate
+from nix_evaluator import ROOT, nix_instantiate, nixpkgs_lib
 
-
-def nixpkgs_lib() -> Path:
-    value = os.environ.get("NIXPKGS_LIB")
-    if not value:
-        pytest.skip("NIXPKGS_LIB is unset: set it to a nix-community/nixpkgs.lib checkout to evaluate the module")
-    path = Path(value)
-    if (path / "lib" / "default.nix").exists():
-        path = path / "lib"
-    if not (path / "default.nix").exists():
-        pytest.fail(f"NIXPKGS_LIB={value}: no default.nix of nixpkgs' lib there")
-    return path
+pytestmark = pytest.mark.nix
 
 
 def run_eval(module: str, *, pkgs_has_server: bool = True) -> subprocess.CompletedProcess:

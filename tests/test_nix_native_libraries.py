@@ -14,11 +14,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from elf_wheels import rocm_wheels
-from test_nix_eval import nix_eval
+from nix_evaluator import nix_eval
 from vllm_launcher.artifacts import artifacts as artifacts_cli
+
+pytestmark = pytest.mark.nix
 
 TORCH = "torch-2.9.1-cp311-cp311-linux_x86_64.whl"
 VLLM = "vllm-0.12.0+rocm711-cp311-cp311-linux_x86_64.whl"

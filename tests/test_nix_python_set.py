@@ -29,8 +29,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from measurements import record
-from test_nix_eval import ROOT, nix_instantiate
-from test_nix_module import nixpkgs_lib
+from nix_evaluator import ROOT, nix_instantiate, nixpkgs_lib
+
+pytestmark = pytest.mark.nix
 
 TORCH_FILE = "torch-2.9.1-cp311-cp311-linux_x86_64.whl"
 VLLM_FILE = "vllm-0.12.0+rocm711-cp311-cp311-linux_x86_64.whl"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from test_host_checks import GIB, config, findings, only, tree
-from test_nix_eval import nix_eval
+from fake_host import GIB, config, findings, only, tree
+from nix_evaluator import nix_eval
+
+pytestmark = pytest.mark.nix
 
 
 def strix(args: str) -> dict:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_nix_eval import nix_eval
+from nix_evaluator import nix_eval
+
+pytestmark = pytest.mark.nix
 
 
 def limits(args: str) -> dict:

@@ -11,6 +11,7 @@ import signal
 import pytest
 
 from serving import fake_lanes_env
+from waiting import eventually_async
 from vllm_launcher.config import load_config
 from vllm_launcher.engines import Engine, sockets_dir
 from vllm_launcher.router import Router
@@ -45,8 +46,7 @@ def test_an_exit_reaches_the_scheduler_and_the_requests_before_the_pool_closes(t
             engine.client.aclose = recording_close
             os.killpg(engine.process.pgid, signal.SIGKILL)
             error = await asyncio.wait_for(ticket.aborted, 10)
-            while not at_close:
-                await asyncio.sleep(0.01)
+            await eventually_async(lambda: at_close, "the engine's pool closed after its exit", 10, 0.01)
             router.finish(ticket, error.status)
             return error, at_close, engine.ended
         finally:

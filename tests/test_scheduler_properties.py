@@ -26,6 +26,7 @@ from typing import get_args
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import pytest
 
 from bench.baselines import BASELINES
 from bench.simulator import simulate, steady_stream
@@ -33,6 +34,8 @@ from vllm_launcher.scheduler import (
     AbortInflight, AbortReason, CloseReason, LanePolicy, Reject, RejectCode, Scheduler, SchedulerSettings,
     SleepEngine, StopEngine, StopReason, SwitchPlanned, SwitchReason,
 )
+
+pytestmark = pytest.mark.properties
 
 FINAL = {"finished", "rejected", "aborted", "lost", "cancelled"}
 LANE_NAMES = ["a", "b", "c", "d"]

@@ -20,10 +20,8 @@ import httpx
 import pytest
 
 from measurements import record
-from serving import fake_lanes_env, serving, start_server
+from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, start_server, value
 from vllm_launcher.limits import connection_cap
-from test_server_operations import metric_samples, value
-from test_server_switching import CHAT, chat_body
 
 pytestmark = pytest.mark.engine
 

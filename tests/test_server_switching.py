@@ -4,7 +4,6 @@ starvation, clean shutdown, and no engine process left behind (checked by proces
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
@@ -13,32 +12,10 @@ import httpx
 import openai
 import pytest
 
-from serving import fake_lanes_env, serving
+from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, sse_events, value, wait_metric
+from waiting import eventually
 
 pytestmark = pytest.mark.engine
-
-CHAT = "/v1/chat/completions"
-
-
-def chat_body(model: str, stream: bool = False, max_tokens: int = 4, content: str = "hi") -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "stream": stream}
-
-
-def sse_events(text: str) -> list:
-    events = []
-    for block in text.split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
-    return events
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
@@ -98,8 +75,6 @@ def test_concurrent_mixed_traffic_three_lanes(tmp_path, fake_python, seed):
         for lane, status, model, content in results:
             assert status == 200, (lane, status, content)
             assert model == lane and content.startswith(lane), (lane, model, content)
-        from test_server_operations import metric_samples, value
-
         lanes_view = served.lanes()
         with served.client() as client:
             samples = metric_samples(client.get("/metrics").text)
@@ -150,13 +125,13 @@ def test_starvation_bound_under_back_to_back_traffic(tmp_path, fake_python):
         hammers = [threading.Thread(target=hammer) for _ in range(2)]
         for thread in hammers:
             thread.start()
-        wait_until(lambda: len(a_done) >= 10, "lane a's hammering did not get going")
+        eventually(lambda: len(a_done) >= 10, "lane a's hammering gets going", 60, 0.02)
         began = time.monotonic()
         with served.client() as client:
             b = client.post(CHAT, json=chat_body("b"))
         waited = time.monotonic() - began
         served_before_b = len(a_done)
-        wait_until(lambda: len(a_done) >= served_before_b + 2, "lane a was not served again after b")
+        eventually(lambda: len(a_done) >= served_before_b + 2, "lane a served again after b", 60, 0.02)
         stop.set()
         for thread in hammers:
             thread.join(60)
@@ -266,8 +241,6 @@ def test_health_readyz_livez_version(tmp_path, fake_python):
 
 
 def test_client_disconnect_mid_stream_closes_the_upstream_request(tmp_path, fake_python):
-    from test_server_operations import metric_samples, value, wait_metric
-
     env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.1"}})
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
         with client.stream("POST", CHAT, json=chat_body("a", True, 300)) as response:

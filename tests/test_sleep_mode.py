@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from closure_env import CLOSURE_PYTHON
-from serving import fake_lanes_env, serving
-from test_server_operations import metric_samples, value
-from test_server_switching import CHAT, chat_body
+from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, value
 from vllm_launcher.config import ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.proxy import PROGRESS_AFTER
@@ -120,6 +118,7 @@ def fake_routes(dev_mode: bool, sleep_mode: bool) -> set[tuple[str, str]]:
     return {tuple(item) for item in json.loads(answer.stdout)}
 
 
+@pytest.mark.closure
 @pytest.mark.skipif(not CLOSURE_PYTHON.exists(), reason="no vLLM 0.12 closure (.venv-closure)")
 def test_fake_sleep_routes_match_vllm_012_router():
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "VLLM_SERVER_DEV_MODE": "1",

@@ -24,7 +24,7 @@ from real_engine import (ENGINE_VERSION, KV_CACHE_LOG_RE, EngineArgvRejected, de
                          vllm_cache_root)
 from vllm_launcher.demo_models import ARCHITECTURE
 
-pytestmark = [requires_vllm, pytest.mark.usefixtures("no_leftover_vllm_processes")]
+pytestmark = [pytest.mark.e2e, requires_vllm, pytest.mark.usefixtures("no_leftover_vllm_processes")]
 _fixtures = (demo_models, no_leftover_vllm_processes, vllm_cache_root)  # imported for pytest
 
 API_KEY = "engine-facts-key"
