@@ -19,6 +19,7 @@ from pathlib import Path
 import tiers
 from closure_env import CLOSURE_PYTHON
 from netns import Machine
+from waiting import eventually
 
 UP_TIMEOUT = 120.0
 
@@ -96,15 +97,13 @@ def cluster_status(head: Node) -> dict | None:
 
 
 def wait_for_nodes(head: Node, count: int, timeout: float = UP_TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
+    def status() -> dict | None:
         assert head.process.poll() is None, f"the head exited:\n{head.log()[-3000:]}"
-        status = cluster_status(head)
-        if status and status["nodes_alive"] == count:
-            return status
-        time.sleep(1.0)
-    raise AssertionError(f"the cluster never had {count} nodes: {status}\n{head.log()[-3000:]}")
+        found = cluster_status(head)
+        return found if found and found["nodes_alive"] == count else None
+
+    return eventually(status, lambda: f"the cluster has {count} nodes: {cluster_status(head)}\n{head.log()[-3000:]}",
+                      timeout, 1.0)
 
 
 def stop_server(server: subprocess.Popen | None, timeout: float = 60.0) -> None:

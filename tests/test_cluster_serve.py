@@ -27,6 +27,7 @@ from measurements import record
 from netns import kill_all, skip_or_fail
 from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from serving import fake_lanes_env
+from waiting import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -106,10 +107,11 @@ def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_
         def lanes() -> dict:
             return json.loads(in_machine(head_machine, env, "GET", "/lanes", timeout=10)["body"])["lanes"]
 
-        deadline = time.monotonic() + 60
-        while in_machine(head_machine, env, "GET", "/health", timeout=5)["status"] != 200:
-            assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        def healthy() -> bool:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            return in_machine(head_machine, env, "GET", "/health", timeout=5)["status"] == 200
+
+        eventually(healthy, lambda: f"the server healthy: {log_path.read_text()[-3000:]}", 60, 0.5)
 
         started = time.monotonic()
         answer = in_machine(head_machine, env, "POST", "/v1/chat/completions", chat("big"))
@@ -125,11 +127,10 @@ def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_
         started = time.monotonic()
         assert in_machine(head_machine, env, "POST", "/v1/chat/completions", chat("small"))["status"] == 200
         assert lanes()["big"]["state"] == "stopped"
-        deadline = time.monotonic() + 30
-        while (left := left_on_cluster(head, ray_env)) != {"actors": [], "groups": []} \
-                or worker_processes(worker_machine):
-            assert time.monotonic() < deadline, (left, worker_processes(worker_machine))
-            time.sleep(1)
+        eventually(lambda: left_on_cluster(head, ray_env) == {"actors": [], "groups": []}
+                   and not worker_processes(worker_machine),
+                   lambda: f"nothing of big left: {left_on_cluster(head, ray_env)}, {worker_processes(worker_machine)}",
+                   30, 1)
         record(f"cluster serve: switch to the one-node lane, nothing of big left on the cluster after "
                f"{time.monotonic() - started:.1f} s")
         assert in_machine(head_machine, env, "POST", "/v1/chat/completions", chat("big"))["status"] == 200
@@ -138,10 +139,10 @@ def test_a_two_node_lane_on_ray_switches_cleanly_and_survives_a_lost_worker(tmp_
         started = time.monotonic()
         worker.process.kill()
         kill_all(worker_machine)
-        deadline = time.monotonic() + 60
-        while "lost the worker on node " + worker_machine.address not in (lanes()["big"]["last_error"] or ""):
-            assert time.monotonic() < deadline, (lanes()["big"], log_path.read_text()[-3000:])
-            time.sleep(0.5)
+        lost = "lost the worker on node " + worker_machine.address
+        eventually(lambda: lost in (lanes()["big"]["last_error"] or ""),
+                   lambda: f"big's error names the lost node: {lanes()['big']}\n{log_path.read_text()[-3000:]}",
+                   60, 0.5)
         record(f"cluster serve: the worker killed: big's error names the lost node after "
                f"{time.monotonic() - started:.1f} s")
         worker.close()

@@ -31,6 +31,7 @@ from measurements import record
 from netns import kill_all, skip_or_fail
 from ray_cluster import Node, new_token, stop_server, wait_for_nodes
 from real_engine import requires_vllm, shared_demo_models
+from waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, requires_vllm]
 
@@ -138,10 +139,11 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         with open(log_path, "w") as log:
             server = subprocess.Popen(head_machine.argv(sys.executable, "-m", "vllm_launcher", "serve"),
                                       env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while get(head_machine, env, "/health")[0] != 200:
-            assert time.monotonic() < deadline and server.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        def healthy() -> bool:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            return get(head_machine, env, "/health")[0] == 200
+
+        eventually(healthy, lambda: f"the server healthy: {log_path.read_text()[-3000:]}", 60, 0.5)
 
         started = time.monotonic()
         answer = ask(head_machine, env, "big")
@@ -161,10 +163,8 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         assert answer["ok"] and answer["model"] == "small", (answer, log_path.read_text()[-4000:])
         assert lanes(head_machine, env)["big"]["state"] == "stopped"
         assert "[followers] SIGTERM: leader and followers stopped" in log_path.read_text()
-        deadline = time.monotonic() + 60
-        while (left := (followers_on(worker_machine), follower_actors(head, ray_env))) != ([], []):
-            assert time.monotonic() < deadline, left
-            time.sleep(1)
+        eventually(lambda: (followers_on(worker_machine), follower_actors(head, ray_env)) == ([], []),
+                   lambda: f"no follower left: {followers_on(worker_machine)}, {follower_actors(head, ray_env)}", 60, 1)
         record(f"cluster vLLM: switched to the one-node lane in {time.monotonic() - started:.1f} s; no follower "
                "process or actor left on the worker")
 
@@ -177,12 +177,12 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
         started = time.monotonic()
         worker.process.kill()
         kill_all(worker_machine)
-        deadline = time.monotonic() + 120
         # "the follower on ... is lost", then (a restart before Ray has marked the node dead)
         # "cannot start the follower on ...", which ends the start as the cluster's, not a crash
-        while f"follower on {worker_machine.address}" not in (lanes(head_machine, env)["big"]["last_error"] or ""):
-            assert time.monotonic() < deadline, (lanes(head_machine, env)["big"], log_path.read_text()[-3000:])
-            time.sleep(0.5)
+        named = f"follower on {worker_machine.address}"
+        eventually(lambda: named in (lanes(head_machine, env)["big"]["last_error"] or ""),
+                   lambda: f"big's error names the follower: {lanes(head_machine, env)['big']}\n"
+                           f"{log_path.read_text()[-3000:]}", 120, 0.5)
         assert f"[followers] the follower on {worker_machine.address} is lost" in log_path.read_text()
         record(f"cluster vLLM: the worker killed: big's error names the lost node after {time.monotonic() - started:.1f} s")
         worker.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 import signal
 import subprocess
 import threading
@@ -25,6 +24,7 @@ from real_engine import (
     requires_vllm,
 )
 from serving import group_alive, metric_samples, processes_with_tmpdir, start_server, value
+from waiting import eventually
 
 pytestmark = [pytest.mark.e2e, requires_vllm]
 
@@ -101,10 +101,7 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
 
     threads = [threading.Thread(target=queued, args=(i,)) for i in range(3)]
     try:
-        deadline = time.monotonic() + 60
-        while not (stream_file.exists() and stream_file.stat().st_size) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert stream_file.exists() and stream_file.stat().st_size, "the stream did not start"
+        eventually(lambda: stream_file.exists() and stream_file.stat().st_size, "the stream started", 60, 0.1)
         for thread in threads:                         # alpha is busy: these must queue for beta
             thread.start()
         served.wait_queue("beta", 3)
@@ -155,12 +152,9 @@ def test_a_sigkilled_server_leaves_no_engine_process(tmp_path, lanes_env):
         return [*group_alive(pgid), *(p.pid for p in named if pid_alive(p.pid)),
                 *(p.pid for p in find_leftover_vllm_processes(pgids=[pgid], under=[tmp_path]))]
 
-    while left() and time.monotonic() < killed + 30:
-        time.sleep(0.05)
-    gone = time.monotonic() - killed
-    record(f"after SIGKILL of the server, {len(set(left()))} engine process(es) were alive {gone:.1f} s later, "
+    eventually(lambda: left() == [], lambda: f"no engine process left after SIGKILL: {left()}", 30)
+    record(f"after SIGKILL of the server, no engine process was alive {time.monotonic() - killed:.1f} s later, "
            f"by group and by name (the engine's were {sorted(p.name for p in named)})")
-    assert left() == []
     assert not processes_with_tmpdir(str(tmp_path))
 
 

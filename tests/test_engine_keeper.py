@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from serving import fake_lanes_env, group_alive, processes_with_tmpdir, serving, start_server
 from vllm_launcher.engines.process import KEEPER_SCRIPT
+from waiting import eventually
 
 # An "engine" that forks a child in its group (as vLLM's API server forks VLLM::EngineCore),
 # prints the child's pid, then sleeps, or exits with the status in argv[1] when given one.
@@ -25,14 +25,6 @@ ENGINE = ("import os, sys, time\n"
           "print(pid, flush=True)\n"
           "if len(sys.argv) > 1:\n    sys.exit(int(sys.argv[1]))\n"
           "time.sleep(600)\n")
-
-
-def until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.05)
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -64,26 +56,26 @@ def kept(*engine_args: str):
 
 def test_a_stop_ends_the_engine_and_the_keeper_leaves_with_its_status_and_nothing_behind():
     with kept() as (keeper, _, grandchild):
-        assert until(lambda: len(group_alive(keeper.pid)) == 3, 10, "keeper, engine and child in the group")
+        assert eventually(lambda: len(group_alive(keeper.pid)) == 3, "keeper, engine and child in the group", 10)
         assert os.getpgid(grandchild) == keeper.pid
         os.killpg(keeper.pid, signal.SIGTERM)              # a stop's SIGTERM: the engine dies of it
         assert keeper.wait(timeout=10) == -signal.SIGTERM  # the keeper ignores it, and leaves as the engine did
-        until(lambda: not group_alive(keeper.pid), 10, "the group gone")   # the child too (it ignored nothing:
+        eventually(lambda: not group_alive(keeper.pid), "the group gone", 10)   # the child too (it ignored nothing:
         # the keeper SIGKILLs what is left once the engine is gone)
 
 
 def test_the_engines_exit_status_is_the_keepers():
     with kept("3") as (keeper, _, grandchild):
         assert keeper.wait(timeout=10) == 3
-        until(lambda: not alive(grandchild), 10, "the engine's child gone")
+        eventually(lambda: not alive(grandchild), "the engine's child gone", 10)
 
 
 def test_the_pipe_closed_is_the_launchers_death_and_the_whole_group_dies():
     with kept() as (keeper, pipe, grandchild):
-        until(lambda: len(group_alive(keeper.pid)) == 3, 10, "keeper, engine and child in the group")
+        eventually(lambda: len(group_alive(keeper.pid)) == 3, "keeper, engine and child in the group", 10)
         os.close(pipe.pop())                               # what the kernel does when the launcher dies
         assert keeper.wait(timeout=10) == -signal.SIGKILL
-        until(lambda: not group_alive(keeper.pid), 10, "the group gone")
+        eventually(lambda: not group_alive(keeper.pid), "the group gone", 10)
         assert not alive(grandchild)
 
 
@@ -100,7 +92,7 @@ def test_a_sigkilled_server_leaves_no_engine_process(tmp_path, fake_python):
     assert [keeper.pid for keeper in keepers_of(served.process.pid)] == [pgid]
     served.process.send_signal(signal.SIGKILL)
     served.process.wait()
-    until(lambda: not group_alive(pgid), 30, "the engine group gone")
+    eventually(lambda: not group_alive(pgid), "the engine group gone", 30)
     assert processes_with_tmpdir(str(tmp_path)) == []      # nothing of the engine, whatever its group
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from measurements import record
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, start_server, value
+from waiting import eventually
 from vllm_launcher.limits import connection_cap
 
 pytestmark = pytest.mark.engine
@@ -293,10 +294,9 @@ def test_a_thousand_idle_connections_while_a_lane_starts(tmp_path, fake_python, 
             assert holder.stdout.readline().split()[0] == "waiting"
             report = holder.stdout.readline().split()
             assert report[:4] == ["closed", str(count), "open", "0"], report
-            deadline = time.monotonic() + 10
-            while (closed := closed_by(served, "idle") + closed_by(served, "evicted")) < count:
-                assert time.monotonic() < deadline, f"the server closed {closed} idle connections, not {count}"
-                time.sleep(0.1)
+            eventually(lambda: closed_by(served, "idle") + closed_by(served, "evicted") >= count,
+                       lambda: f"the server closed {count} idle connections (closed "
+                               f"{closed_by(served, 'idle') + closed_by(served, 'evicted')})", 10, 0.1)
             line = (f"{count} idle connections, server open-file limit {open_files} (cap {connection_cap(2048, open_files)}), while lane b "
                     f"started and served ({switched:.1f} s); all closed {report[-1]} s later: "
                     f"{closed_by(served, 'evicted'):.0f} to make room, {closed_by(served, 'idle'):.0f} idle")
@@ -315,10 +315,7 @@ def test_slow_bodies_do_not_hold_up_shutdown(tmp_path, fake_python):
         sock = connect(served.url)
         sock.sendall(head(len(BODY)) + BODY[:10])
         slow.append(sock)
-    deadline = time.monotonic() + 10
-    while open_connections(served) < 21:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: open_connections(served) >= 21, lambda: f"21 open connections ({open_connections(served)})", 10)
     began = time.monotonic()
     code = served.terminate(timeout=60)
     took = time.monotonic() - began

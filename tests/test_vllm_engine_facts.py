@@ -23,6 +23,7 @@ from real_engine import (ENGINE_VERSION, KV_CACHE_LOG_RE, EngineArgvRejected, de
                          start_engine, stop_engine, tiny_engine_argv, tiny_engine_env,
                          vllm_cache_root)
 from vllm_launcher.demo_models import ARCHITECTURE
+from waiting import eventually
 
 pytestmark = [pytest.mark.e2e, requires_vllm, pytest.mark.usefixtures("no_leftover_vllm_processes")]
 _fixtures = (demo_models, no_leftover_vllm_processes, vllm_cache_root)  # imported for pytest
@@ -107,10 +108,7 @@ def test_leftover_finder_follows_the_group_of_a_killed_server(tmp_path):
                               env={"PATH": os.environ["PATH"],
                                    "VLLM_CACHE_ROOT": str(tmp_path / "cache")})
     try:
-        deadline = time.monotonic() + 10
-        while len(find_leftover_vllm_processes([server.pid])) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: len(find_leftover_vllm_processes([server.pid])) >= 2, "both fake vLLM processes up", 10)
         os.kill(server.pid, signal.SIGKILL)
         server.wait()
         (orphan,) = find_leftover_vllm_processes([server.pid])
@@ -121,10 +119,8 @@ def test_leftover_finder_follows_the_group_of_a_killed_server(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while find_leftover_vllm_processes([server.pid]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: not find_leftover_vllm_processes([server.pid]),
+               lambda: f"the fake vLLM processes gone: {find_leftover_vllm_processes([server.pid])}", 10)
 
 
 # --- one real engine ----------------------------------------------------------------------

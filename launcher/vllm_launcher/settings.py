@@ -71,8 +71,8 @@ def _server(key, names, parse, help, default=None):
     return Setting(key, tuple(names), parse, help, default)
 
 
-def _engine(key, parse, help, flag=None, names=None, bool_style=None, lane_only=False):
-    return EngineSetting(key, tuple(names or (f"VLLM_{key}",)), parse, help,
+def _engine(key, parse, help, flag=None, names=None, bool_style=None, lane_only=False, default=None):
+    return EngineSetting(key, tuple(names or (f"VLLM_{key}",)), parse, help, default,
                          flag=flag, bool_style=bool_style, lane_only=lane_only)
 
 
@@ -195,6 +195,13 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
             "vLLM sleep mode: 0 off (stop/start); 1 or 2 start the engine with --enable-sleep-mode and "
             "VLLM_SERVER_DEV_MODE=1 and put it to sleep at that level (1: weights kept in host memory, "
             "2: discarded) instead of stopping it; a failed sleep or wake falls back to stop/start"),
+    _engine("WARMUP", values.parse_bool,
+            "after the engine answers /health and before the lane is ready (and its queue dispatched), send it "
+            "a warm-up, so the first user does not pay for kernels compiled on first use: a short chat through "
+            "the chat template, plain and streamed; without a template a completion; for a pooling model an "
+            "embedding, score, rerank or classify request (the first kind the engine accepts); refused by the "
+            "engine: logged, the lane is ready anyway; an engine that dies or does not answer within "
+            "VLLM_START_TIMEOUT (spawn to warmed up) failed to start. Off: ready at /health", default=True),
     _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
             names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
     _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",
