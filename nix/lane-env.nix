@@ -74,6 +74,11 @@ let
     { name = "attentionBackend"; setting = "ATTENTION_BACKEND"; kind = "str"; }
     { name = "distributedExecutorBackend"; setting = "DISTRIBUTED_EXECUTOR_BACKEND"; kind = "str"; }
     { name = "sleepLevel"; setting = "SLEEP_LEVEL"; kind = "int"; }
+    { name = "warmup"; setting = "WARMUP"; kind = "bool"; }
+    # agents (docs/agents.md); the launcher checks the names against the engines' vLLM
+    { name = "toolCallParser"; setting = "TOOL_CALL_PARSER"; kind = "str"; }
+    { name = "reasoningParser"; setting = "REASONING_PARSER"; kind = "str"; }
+    { name = "chatTemplate"; setting = "CHAT_TEMPLATE"; kind = "pathOrStr"; }
     { name = "extraArgs"; setting = "EXTRA_ARGS"; kind = "args"; }
     # lane only (VLLM_LANE_<LANE>_<SETTING>; the launcher reads no global VLLM_<SETTING>)
     { name = "idleTimeout"; setting = "IDLE_TIMEOUT"; kind = "int"; laneOnly = true; }
@@ -132,6 +137,8 @@ let
       toJSON value # 0.45 -> "0.45" (toString would give "0.450000")
     else if isString value then
       value
+    else if typeOf value == "path" then
+      toString value # a chat template file beside the configuration
     else if isList value && what == "args" then
       concatStringsSep " " (map shellQuote value)
     else if isList value then

@@ -38,6 +38,7 @@ let
     int = types.ints.unsigned;
     bool = types.bool;
     args = types.either types.str (types.listOf types.str);
+    pathOrStr = types.either types.path types.str;
   };
   descriptions = {
     model = "Hugging Face id or local model directory (`--model`).";
@@ -59,6 +60,13 @@ let
       many as its tensor x pipeline size needs at `cluster.gpus` each. More than one needs
       `services.vllm.cluster` (role head) on this machine.
     '';
+    toolCallParser = ''
+      vLLM tool-call parser of the model family (`--enable-auto-tool-choice --tool-call-parser`),
+      e.g. hermes (Qwen 2.5/3), llama3_json (Llama 3.1-3.3), mistral, qwen3_coder; checked against
+      the installed vLLM when the launcher starts (docs/agents.md lists the families).
+    '';
+    reasoningParser = "vLLM reasoning parser of a reasoning model (`--reasoning-parser`), e.g. deepseek_r1, qwen3.";
+    chatTemplate = "Chat template (`--chat-template`): a Jinja file, or the template itself.";
     idleTimeout = "Unload this lane after this many idle seconds (VLLM_LANE_<LANE>_IDLE_TIMEOUT).";
     sleepLevel = ''
       vLLM sleep mode (VLLM_LANE_<LANE>_SLEEP_LEVEL): 0 off (stop/start, the default), 1 (weights

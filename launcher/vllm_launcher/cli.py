@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .artifacts import artifacts
 from .demo_models import DEFAULT_LANES, demo_models_command, write_demo_models
-from .config import CONFIG_EXIT, ConfigError, LauncherConfig, load_config
+from .config import CONFIG_EXIT, ConfigError, LauncherConfig, check_parsers, load_config
 from .engine_command import build_engine_spec
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
@@ -30,6 +30,7 @@ def load_or_exit(overrides: dict[str, str] | None = None) -> LauncherConfig:
     environ.update({name: value for name, value in (overrides or {}).items() if value is not None})
     try:
         config = load_config(environ)
+        check_parsers(config)           # against the engines' vLLM: only when a lane names a parser
     except ConfigError as error:
         click.echo(f"vllm-launcher: {len(error.problems)} configuration problem(s), nothing started:", err=True)
         for problem in error.problems:

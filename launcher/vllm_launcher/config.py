@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from . import values
 from .settings import (
     CLUSTER_PORT_KEYS, CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY,
-    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, mask_secrets, masked,
+    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, lane_var, mask_secrets, masked,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -527,6 +527,41 @@ def _warnings(lanes: dict[str, LaneConfig]) -> list[str]:
                             f"{lane.model!r}: that id routes to {seen[lane.model]!r}")
         seen.setdefault(lane.model, lane.name)
     return warnings
+
+
+# (setting, what vLLM calls it, ParserNames field)
+PARSER_SETTINGS = (("TOOL_CALL_PARSER", "tool-call parser", "tool"), ("REASONING_PARSER", "reasoning parser", "reasoning"))
+
+
+def check_parsers(config: LauncherConfig) -> None:
+    """TOOL_CALL_PARSER and REASONING_PARSER against the engine Python's vLLM (its registries, with
+    the tool parsers of a lane's --tool-parser-plugin FILE): raises ConfigError naming the choices.
+    Only when a lane sets one (reading the registries imports vLLM's parsers; the answer is cached)."""
+    from .vllm_info import parser_names
+
+    problems = []
+    for lane in config.lanes.values():
+        if not any(lane.settings.get(key) for key, _, _ in PARSER_SETTINGS):
+            continue
+        extra = lane.settings.get("EXTRA_ARGS") or []
+        plugins = tuple(extra[i + 1] if word == "--tool-parser-plugin" else word.partition("=")[2]
+                        for i, word in enumerate(extra)
+                        if (word == "--tool-parser-plugin" and i + 1 < len(extra))
+                        or word.startswith("--tool-parser-plugin="))
+        names = parser_names(config.server.engine_python, plugins)
+        for key, what, field_name in PARSER_SETTINGS:
+            value = lane.settings.get(key)
+            if not value:
+                continue
+            variable = lane_var(lane.name, key) if lane_var(lane.name, key) in config.environ else f"VLLM_{key}"
+            if isinstance(names, str):
+                problems.append(f"{variable}={value!r}: cannot read the {what}s of the engines' vLLM "
+                                f"({config.server.engine_python}): {names}")
+            elif value not in getattr(names, field_name):
+                problems.append(f"{variable}={value!r} (lane {lane.name!r}): not a {what} of the engines' vLLM; "
+                                f"accepted: {', '.join(getattr(names, field_name))}")
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
 
 
 def route_table(config: LauncherConfig) -> dict[str, str]:

@@ -84,6 +84,8 @@ def engine_flags(lane: LaneConfig, vllm: VllmInfo) -> tuple[list[str], dict[str,
         if setting.key == "ATTENTION_BACKEND" and not vllm.has_attention_backend_flag:
             env["VLLM_ATTENTION_BACKEND"] = value
             continue
+        if setting.key == "TOOL_CALL_PARSER":
+            flags.append("--enable-auto-tool-choice")        # the parser is used only with it
         if setting.bool_style == "switch":
             flags += [setting.flag] if value else []
         elif setting.bool_style == "toggle":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import values
@@ -202,6 +203,17 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
             "embedding, score, rerank or classify request (the first kind the engine accepts); refused by the "
             "engine: logged, the lane is ready anyway; an engine that dies or does not answer within "
             "VLLM_START_TIMEOUT (spawn to warmed up) failed to start. Off: ready at /health", default=True),
+    # agents (docs/agents.md): checked against the installed vLLM's parser registries (config.check_parsers)
+    _engine("TOOL_CALL_PARSER", _identifier,
+            "vLLM tool-call parser for this model family (hermes, llama3_json, mistral, qwen3_coder ...); turns on "
+            "auto tool choice (--enable-auto-tool-choice --tool-call-parser NAME); names added by a "
+            "--tool-parser-plugin FILE in EXTRA_ARGS are accepted", "--tool-call-parser"),
+    _engine("REASONING_PARSER", _identifier,
+            "vLLM reasoning parser for a reasoning model (deepseek_r1, qwen3 ...): its thinking is returned apart "
+            "from the answer", "--reasoning-parser"),
+    _engine("CHAT_TEMPLATE", lambda raw: _chat_template(raw),
+            "chat template for models whose own is missing or lacks tool calls: a Jinja file, or the template "
+            "itself", "--chat-template"),
     _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
             names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
     _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",
@@ -212,6 +224,16 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
             "DISTRIBUTED_EXECUTOR_BACKEND ray vLLM places its workers, with mp the launcher starts vLLM's "
             "own followers on the other nodes", lane_only=True),
 )
+
+
+def _chat_template(raw: str) -> str:
+    """A template file that exists, or the template itself (vLLM takes either)."""
+    if "{{" in raw or "{%" in raw:
+        return raw
+    path = Path(raw.strip()).expanduser()
+    if not path.is_file():
+        raise ValueError("no such file: give a Jinja chat template file, or the template itself")
+    return str(path)
 
 
 def _nonnegative_int(raw: str) -> int:

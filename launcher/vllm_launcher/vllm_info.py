@@ -208,3 +208,71 @@ def model_registry(python: str, architectures: tuple[str, ...] = ()) -> ModelReg
         except OSError:
             pass                     # no writable cache (a service user): probe again next time
     return ModelRegistry(info.version, frozenset(facts["supported"]), dict(facts["removed"]), dict(facts["errors"]))
+
+
+# The tool-call and reasoning parser names the installed vLLM accepts (--tool-call-parser,
+# --reasoning-parser), for the configuration's check of TOOL_CALL_PARSER / REASONING_PARSER.
+# The tool parser registry is vllm/tool_parsers/ since 0.13 (0.12: vllm/entrypoints/openai/
+# tool_parsers/); parsers registered by `--tool-parser-plugin FILE` join it when FILE is imported.
+# Importing the registries takes 15-25 s here, so the answer is kept like the model registry's.
+_PARSER_PROBE = """
+import json, sys
+try:
+    from vllm.tool_parsers import ToolParserManager
+except ImportError:
+    from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+from vllm.reasoning import ReasoningParserManager
+for plugin in sys.argv[1:]:
+    ToolParserManager.import_tool_parser(plugin)
+def names(manager, attribute):
+    return sorted(set(getattr(manager, attribute)) | set(getattr(manager, "lazy_parsers", {})))
+print(json.dumps({"tool": names(ToolParserManager, "tool_parsers"),
+                  "reasoning": names(ReasoningParserManager, "reasoning_parsers")}))
+"""
+
+
+@dataclass(frozen=True)
+class ParserNames:
+    tool: tuple[str, ...]
+    reasoning: tuple[str, ...]
+
+
+def _plugin_key(plugins: tuple[str, ...]) -> str:
+    stamps = []
+    for plugin in plugins:
+        try:
+            stamps.append(f"{plugin}:{os.stat(plugin).st_mtime_ns}")
+        except OSError:
+            stamps.append(plugin)
+    return hashlib.sha256("\0".join(stamps).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def parser_names(python: str, plugins: tuple[str, ...] = ()) -> ParserNames | str:
+    """The parser names `python`'s vLLM accepts (with PLUGINS' tool parsers), or why they could
+    not be read."""
+    if not detect(python).installed:
+        return f"no vLLM in {python}"
+    cache = _cache_file(python)
+    if cache is not None:
+        cache = cache.with_name(cache.name.replace("model-registry-", "parsers-").replace(
+            ".json", f"-{_plugin_key(plugins)}.json"))
+        try:
+            found = json.loads(cache.read_text())
+            return ParserNames(tuple(found["tool"]), tuple(found["reasoning"]))
+        except (OSError, ValueError, KeyError):
+            pass
+    try:
+        result = subprocess.run([python, "-c", _PARSER_PROBE, *plugins], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot run {python}: {error}"
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["no output"])[-1]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(found))
+    except OSError:
+        pass                         # no writable cache: probe again next time
+    return ParserNames(tuple(found["tool"]), tuple(found["reasoning"]))
