@@ -224,9 +224,10 @@ def switch_text(switch: dict) -> str:
         f"{_num(s['switch_first_data']['max'])}), first byte (`: waiting` comment) "
         f"{_ms(s['switch_first_byte']['median'])} |",
         f"| **switch / cold start alone** | **{_ratio(s.get('switch_over_cold_alone'))}** |",
-        f"| phases of the switch: drain / stop / start / scheduling gap / first token | "
+        f"| phases of the switch: drain / stop / start / warm-up / scheduling gap / first token | "
         f"{_num(s['switch_drain']['median'], 2)} / {_num(s['switch_stop']['median'], 2)} / "
-        f"{_num(s['switch_start']['median'], 1)} / {_num(s['switch_scheduling_gap']['median'], 2)} / "
+        f"{_num(s['switch_start']['median'], 1)} / {_num((s.get('switch_warmup') or {}).get('median'), 1)} / "
+        f"{_num(s['switch_scheduling_gap']['median'], 2)} / "
         f"{_num(s['switch_first_token']['median'], 2)} s |",
         f"| server's first start of lane alpha (`/lanes` last_start_seconds) | "
         f"{_num((switch.get('server_first_start') or {}).get('start_seconds'))} s |",

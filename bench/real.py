@@ -9,7 +9,7 @@ One real engine at a time, always stopped as a whole process group:
    alpha's engine, direct vs through (bench/overhead.py).
 3. Switches through the server: a streaming request for the unloaded lane, timed to its
    first byte (the server's `: waiting` comment) and first data event; the phase split from
-   /metrics (vllm_launcher_switch_phase_seconds drain/stop/start sums) and /lanes
+   /metrics (vllm_launcher_switch_phase_seconds drain/stop/start/warmup sums) and /lanes
    (last_start_phases, last_switch_seconds); first token = time to first data - switch total.
 """
 
@@ -100,15 +100,16 @@ def switch_once(served, target: str, source: str) -> dict:
 
     rec = lanes[target]
     drain, stop, start = delta(source, "drain"), delta(source, "stop"), delta(target, "start")
+    warmup = delta(target, "warmup")              # the lane's warm-up, after start (0 when off)
     switch_total = rec["last_switch_seconds"]
     out = {"from": source, "to": target, "first_byte_seconds": stream["first_byte"],
            "first_data_seconds": stream["ttfb"], "drain_seconds": drain, "stop_seconds": stop,
-           "start_seconds": start, "start_phases": rec["last_start_phases"],
+           "start_seconds": start, "warmup_seconds": warmup, "start_phases": rec["last_start_phases"],
            "switch_total_seconds": switch_total,
-           "scheduling_gap_seconds": switch_total - drain - stop - start,
+           "scheduling_gap_seconds": switch_total - drain - stop - start - warmup,
            "first_token_seconds": stream["ttfb"] - switch_total}
     log(f"switch {source} -> {target}: first data {stream['ttfb']:.1f} s (drain {drain:.2f}, stop {stop:.2f}, "
-        f"start {start:.1f}, first token {out['first_token_seconds']:.2f} s)")
+        f"start {start:.1f}, warm-up {warmup:.1f}, first token {out['first_token_seconds']:.2f} s)")
     return out
 
 
@@ -181,8 +182,8 @@ def summarize_switch(s: dict) -> dict:
         "switch_first_data": spread([r["first_data_seconds"] for r in sw]),
         "switch_first_byte": spread([r["first_byte_seconds"] for r in sw]),
     }
-    for phase in ("drain", "stop", "start", "scheduling_gap", "first_token"):
-        out[f"switch_{phase}"] = spread([r[f"{phase}_seconds"] for r in sw])
+    for phase in ("drain", "stop", "start", "warmup", "scheduling_gap", "first_token"):
+        out[f"switch_{phase}"] = spread([r.get(f"{phase}_seconds", 0.0) for r in sw])   # no warmup before issue 23
     if warm["median"] and sw:
         out["switch_over_cold_alone"] = spread([r["first_data_seconds"] / warm["median"] for r in sw])
     return out

@@ -27,6 +27,17 @@ FAKE_WAKE_DELAY=s       /wake_up takes this long
 
 /v1/responses, /v1/rerank and /v1/score answer with a small JSON echo; /v1/audio/transcriptions
 and /v1/audio/translations take multipart form data and answer with the form's model.
+
+The launcher's warm-ups (X-Request-Id launcher-warmup-...) are answered like any request of
+their route, but without FAKE_TOKEN_DELAY, FAKE_DIE_AFTER_TOKENS or a count in /metrics, and
+go to FAKE_WARMUP_LOG instead of FAKE_PATH_LOG:
+FAKE_WARMUP_LOG=file    append "warmup POST <path>[ stream]" per warm-up (may be FAKE_PATH_LOG's file)
+FAKE_WARMUP=refuse|hang|die  answer warm-ups 400 / never / by exiting (status 9)
+FAKE_WARMUP_DELAY=s     each warm-up takes this long
+FAKE_TASK=base|pooling  a model without a chat template (chat: vLLM's 400) or a pooling model
+                        (chat and completions: vLLM 0.12's 400s); unset: a chat model
+FAKE_FIRST_DELAY=s      the first generation the engine serves (warm-up or not) takes this much
+                        longer, as kernels compiled on first use make it on a real engine
 """
 
 from __future__ import annotations
@@ -125,11 +136,46 @@ def sleep_routes(state: dict) -> list[Route]:
     return routes
 
 
+WARMUP_ID = b"launcher-warmup-"
+NO_CHAT_TEMPLATE = ("Cannot use chat template functions because tokenizer.chat_template is not set and no "
+                    "template argument was passed! For information about writing templates and setting the "
+                    "tokenizer.chat_template attribute, please see the documentation at "
+                    "https://huggingface.co/docs/transformers/main/en/chat_templating")
+
+
+def is_warmup(scope) -> bool:
+    return any(name == b"x-request-id" and value.startswith(WARMUP_ID) for name, value in scope.get("headers", ()))
+
+
+def bad_request(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}},
+                        status_code=400)
+
+
+async def warmup_faults(request: Request, body: dict):
+    """A warm-up: logged, delayed, and failed as FAKE_WARMUP says (a response), else None."""
+    if path := os.environ.get("FAKE_WARMUP_LOG"):
+        with open(path, "a") as log:
+            log.write(f"warmup POST {request.url.path}{' stream' if body.get('stream') else ''}\n")
+    await asyncio.sleep(env_float("FAKE_WARMUP_DELAY"))
+    fault = os.environ.get("FAKE_WARMUP")
+    if fault == "refuse":
+        return bad_request("fake engine: warm-ups refused (FAKE_WARMUP=refuse)")
+    if fault == "hang":
+        print("fake engine: hanging in the warm-up (FAKE_WARMUP=hang)", flush=True)
+        await asyncio.sleep(3600)
+    if fault == "die":
+        print("fake engine: dying in the warm-up (FAKE_WARMUP=die)", flush=True)
+        os._exit(9)
+    return None
+
+
 def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
     key = os.environ.get("VLLM_API_KEY")
     token_delay = env_float("FAKE_TOKEN_DELAY")
     die_after = int(os.environ.get("FAKE_DIE_AFTER_TOKENS") or 0)
-    state = {"requests": 0, "running": 0, "sleeping": 0}
+    task = os.environ.get("FAKE_TASK")
+    state = {"requests": 0, "running": 0, "sleeping": 0, "generated": 0}
 
     def unauthorized(request: Request):
         if key and request.headers.get("authorization") != f"Bearer {key}":
@@ -170,13 +216,24 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
                                            "type": "NotFoundError", "param": "model", "code": 404}},
                                 status_code=404)
         chat = request.url.path.endswith("chat/completions")
+        warmup = is_warmup(request.scope)
+        if warmup and (refused := await warmup_faults(request, body)) is not None:
+            return refused
+        if task == "pooling":
+            return bad_request(f"The model does not support {'Chat Completions' if chat else 'Completions'} API")
+        if task == "base" and chat:
+            return bad_request(NO_CHAT_TEMPLATE)
+        state["generated"] += 1
+        if state["generated"] == 1:
+            await asyncio.sleep(env_float("FAKE_FIRST_DELAY"))
+        delay, dies_after = (0.0, 0) if warmup else (token_delay, die_after)
         if chat:
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         else:
             prompt = str(body.get("prompt", ""))
         tokens = [f"{served}"] + [f" t{i}" for i in range(max(0, int(body.get("max_tokens") or 4) - 1))]
         created = int(time.time())
-        state["requests"] += 1
+        state["requests"] += 0 if warmup else 1
         ident = f"fake-{state['requests']}"
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(tokens),
                  "total_tokens": len(prompt.split()) + len(tokens)}
@@ -196,8 +253,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         if not body.get("stream"):
             async def generate_all():
                 for count, _ in enumerate(tokens, 1):
-                    await asyncio.sleep(token_delay)
-                    if die_after and count >= die_after:
+                    await asyncio.sleep(delay)
+                    if dies_after and count >= dies_after:
                         os._exit(9)
 
             try:                            # like vLLM, a client that leaves aborts its generation
@@ -211,8 +268,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         async def events():
             try:
                 for count, token in enumerate(tokens, 1):
-                    await asyncio.sleep(token_delay)
-                    if die_after and count >= die_after:
+                    await asyncio.sleep(delay)
+                    if dies_after and count >= dies_after:
                         os._exit(9)
                     chunk = {"id": ident, "object": kind + ".chunk", "created": created, "model": served,
                              "choices": [delta(token, None)]}
@@ -280,6 +337,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         if (denied := unauthorized(request)) is not None:
             return denied
         body = await request.json()
+        if is_warmup(request.scope) and (refused := await warmup_faults(request, body)) is not None:
+            return refused
         return JSONResponse({"object": request.url.path.rsplit("/", 1)[-1], "model": body.get("model")})
 
     async def audio(request: Request):
@@ -298,7 +357,9 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
     async def embeddings(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
-        await request.json()
+        body = await request.json()
+        if is_warmup(request.scope) and (refused := await warmup_faults(request, body)) is not None:
+            return refused
         return JSONResponse({"object": "list", "model": served, "data": [
             {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
             "usage": {"prompt_tokens": 1, "total_tokens": 1}})
@@ -340,7 +401,7 @@ async def until_disconnect(request: Request, work) -> bool:
 def record_paths(app, path_log: str):
     """Every request's method and raw path, one line each, before the app sees it."""
     async def recorded(scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not is_warmup(scope):
             raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
             query = scope.get("query_string", b"").decode("latin-1")
             with open(path_log, "a") as log:

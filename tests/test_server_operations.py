@@ -8,7 +8,6 @@ import json
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ from serving import (
     CHAT, chat_body, engine_socket, fake_lanes_env, group_alive, metric_samples, serving, sse_events, start_server, value,
     wait_gone, wait_metric,
 )
+from waiting import eventually
 from test_engine_keeper import keepers_of
 
 pytestmark = pytest.mark.engine
@@ -256,12 +256,9 @@ def test_request_logs_json_and_log_files(tmp_path, fake_python):
                          LOG_DIRECTORY=str(logs))
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
         assert client.post(CHAT, json=chat_body("a", max_tokens=3)).status_code == 200
-        deadline = time.monotonic() + 10
-        while not (request := [line for line in map(json.loads, (logs / "launcher.log").read_text().splitlines())
-                               if line["logger"] == "vllm_launcher.requests"]):
-            assert time.monotonic() < deadline, "no request line logged"
-            time.sleep(0.05)
-        assert request and request[0]["lane"] == "a" and request[0]["status"] == 200
+        request = eventually(lambda: [line for line in map(json.loads, (logs / "launcher.log").read_text().splitlines())
+                                      if line["logger"] == "vllm_launcher.requests"], "a request line logged", 10)
+        assert request[0]["lane"] == "a" and request[0]["status"] == 200
         assert request[0]["usage"]["completion_tokens"] == 3 and "queue_wait" in request[0]
         engine_lines = [json.loads(line) for line in (logs / "engine-a.log").read_text().splitlines()]
         assert any("fake engine pid" in line["message"] for line in engine_lines)

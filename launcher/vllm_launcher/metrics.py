@@ -30,7 +30,8 @@ class Metrics:
         self.switches = Counter("vllm_launcher_switches", "Lane switches, by lanes and reason",
                                 ["from_lane", "to_lane", "reason"], registry=registry)
         self.switch_phase = Histogram("vllm_launcher_switch_phase_seconds",
-                                      "Duration of the phases of a switch: drain, stop, start",
+                                      "Duration of the phases of a switch: drain, stop (or sleep), start "
+                                      "(spawn to /health ready, or wake), warmup (the lane's warm-up)",
                                       ["lane", "phase"], buckets=PHASE_BUCKETS, registry=registry)
         self.engine_starts = Counter("vllm_launcher_engine_starts", "Engine starts attempted", ["lane"],
                                      registry=registry)

@@ -38,6 +38,7 @@ from .process import (
     EngineProcess, EngineStartError, engine_client, private_directory, resource_error, upstream_session,
 )
 from .reaper import ENGINE_ID_VARIABLE, EngineRecords, new_engine_id
+from .warmup import Warmup, WarmupFailed, warm_up
 
 log = logging.getLogger("vllm_launcher.supervisor")
 
@@ -102,6 +103,7 @@ class Timings:
     started_at: float | None = None      # monotonic: when the last start began
     sleep_seconds: float | None = None   # the last POST /sleep (vLLM sleep mode)
     wake_seconds: float | None = None    # the last POST /wake_up until /is_sleeping said false
+    warmup_seconds: float | None = None  # the last start's warm-up (None: off)
 
 
 class Supervisor:
@@ -265,6 +267,7 @@ class Supervisor:
             if self.records:
                 self.records.record(self.lane, process.pgid, engine_id)
             await process.wait_ready(self.config.server.start_timeout)
+            warmup = await self._warm_up(process, key)
         except (EngineStartError, OSError) as error:
             if isinstance(error, EngineStartError):
                 cause, resource = error.cause(), error.resource
@@ -292,7 +295,7 @@ class Supervisor:
             await self._stop_process()
             raise
         self._starting = None
-        self._record_start(process)
+        self._record_start(process, warmup)
         client = engine_client(socket_path, timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS,
                                headers={"Authorization": f"Bearer {key}"})
         engine = Engine(self.lane, process, client, upstream_session(socket_path, key))
@@ -329,15 +332,46 @@ class Supervisor:
                     f"{timeout:g} s it had {self.progress.removeprefix('waiting for cluster ')}: {seen}")
             await asyncio.sleep(CLUSTER_POLL)
 
-    def _record_start(self, process: EngineProcess) -> None:
+    async def _warm_up(self, process: EngineProcess, key: str) -> Warmup | None:
+        """The lane's warm-up (engines/warmup.py) unless WARMUP is off; EngineStartError when
+        the engine dies, breaks or runs out of VLLM_START_TIMEOUT in it. A lane woken from
+        sleep is not warmed again: sleep keeps the process, and with it what it compiled."""
+        if not self.config.lane(self.lane).settings.get("WARMUP", True):
+            return None
+        self.progress = "warming up"            # /lanes, /health and the waiting streams say so
+        try:
+            async with engine_client(process.socket_path, timeout=httpx.Timeout(None, connect=10.0),
+                                     headers={"Authorization": f"Bearer {key}"}) as client:
+                result = await warm_up(client, process.served_name, process.started_at + self.config.server.start_timeout,
+                                       process.wait_exit, process.mask)
+        except WarmupFailed as error:
+            await process.drain_output()
+            raise EngineStartError(f"engine for lane {self.lane!r}: {error}", process.log_tail(),
+                                   status=process.process.returncode) from None
+        finally:
+            self.progress = None
+        refused = "; ".join(result.refused)
+        if result.kind is None:
+            log.warning("lane %s: the engine refused every warm-up; the lane is ready without one: %s", self.lane, refused)
+        elif refused:
+            log.info("lane %s: warm-up kinds the engine refused before %s: %s", self.lane, result.kind, refused)
+        return result
+
+    def _record_start(self, process: EngineProcess, warmup: Warmup | None) -> None:
         spawn_to_listen = (process.listening_at or process.ready_at) - process.started_at
         total = process.ready_at - process.started_at
         self.timings.start_seconds = total
+        self.timings.warmup_seconds = warmup.seconds if warmup else None
         self.timings.start_phases = {"spawn_to_listening": round(spawn_to_listen, 3),
-                                     "listening_to_ready": round(total - spawn_to_listen, 3)}
+                                     "listening_to_ready": round(total - spawn_to_listen, 3),
+                                     "warmup": round(warmup.seconds, 3) if warmup else None,
+                                     "warmup_kind": warmup.describe() if warmup else "off"}
         self.metrics.switch_phase.labels(self.lane, "start").observe(total)
-        log.info("lane %s: engine ready in %.1f s (spawn to listening %.1f s, to ready %.1f s)",
-                 self.lane, total, spawn_to_listen, total - spawn_to_listen)
+        if warmup:
+            self.metrics.switch_phase.labels(self.lane, "warmup").observe(warmup.seconds)
+        log.info("lane %s: engine ready in %.1f s (spawn to listening %.1f s, to ready %.1f s), warm-up %s",
+                 self.lane, total + (warmup.seconds if warmup else 0.0), spawn_to_listen, total - spawn_to_listen,
+                 f"{warmup.seconds:.1f} s ({warmup.describe()})" if warmup else "off")
 
     async def _watch(self, engine: Engine) -> None:
         code = await engine.process.wait_exit()
