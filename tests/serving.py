@@ -26,6 +26,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 import tiers
+from vllm_launcher.engines.process import KEEPER_SCRIPT
 from waiting import eventually
 
 TESTS = Path(__file__).resolve().parent
@@ -256,3 +257,8 @@ def engine_socket(pgid: int) -> str:
     argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
     assert b"--port" not in argv and b"--host" not in argv, argv
     return argv[argv.index(b"--uds") + 1].decode()
+
+
+def keepers_of(server_pid: int) -> list[psutil.Process]:
+    """A server's engine keepers (engines/keeper.py): its children running the keeper script."""
+    return [p for p in psutil.Process(server_pid).children() if str(KEEPER_SCRIPT) in " ".join(p.cmdline())]

@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from serving import fake_lanes_env, group_alive, processes_with_tmpdir, serving, start_server
+from serving import fake_lanes_env, group_alive, keepers_of, processes_with_tmpdir, serving, start_server
 from vllm_launcher.engines.process import KEEPER_SCRIPT
 from waiting import eventually
 
@@ -77,10 +77,6 @@ def test_the_pipe_closed_is_the_launchers_death_and_the_whole_group_dies():
         assert keeper.wait(timeout=10) == -signal.SIGKILL
         eventually(lambda: not group_alive(keeper.pid), "the group gone", 10)
         assert not alive(grandchild)
-
-
-def keepers_of(server_pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(server_pid).children() if str(KEEPER_SCRIPT) in " ".join(p.cmdline())]
 
 
 @pytest.mark.engine
