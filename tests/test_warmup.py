@@ -12,9 +12,7 @@ import time
 import httpx
 import pytest
 
-from serving import fake_lanes_env, serving, start_server
-from test_server_operations import metric_samples, value
-from test_server_switching import CHAT, chat_body
+from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, start_server, value
 from test_sleep_mode import one_awake_env
 
 pytestmark = pytest.mark.engine
