@@ -17,6 +17,7 @@ from real_engine import shared_demo_models
 from serving import CHAT, chat_body, fake_lanes_env, serving
 from vllm_launcher.anthropic import PING, StreamRepair, count_tokens, translate_request
 from vllm_launcher.config import load_config
+from vllm_launcher.errors import APIError
 
 KEY = "k-anthropic"
 MESSAGES = "/v1/messages"
@@ -186,3 +187,49 @@ def test_translations_only_for_engines_that_need_them():
     assert translate_request(untouched, "0.32.0") is False and untouched == request
     assert translate_request(request, "0.12.0") is True
     assert request == {"messages": [{"role": "assistant", "content": []}]}
+
+
+# A tool-calling template in the style of Qwen's (tools as JSON, tool calls, tool results),
+# with transformers' extras: raise_exception and a {% generation %} block.
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>{% endif %}"
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('bad role ' + message['role']) }}{% endif %}"
+    "<|{{ message['role'] }}|>{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_count_tokens_renders_as_transformers_does(tokenizer_model, tmp_path):
+    """The count here reads tokenizer.json with `tokenizers` and renders with jinja2 (transformers
+    imports torch: seconds and hundreds of MiB in the front server); against transformers'
+    own apply_chat_template on the same conversation, with tools, tool calls and results."""
+    from transformers import AutoTokenizer
+
+    from vllm_launcher.anthropic import _conversation, chat_request
+
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    env = {"VLLM_MODEL": str(tokenizer_model), "VLLM_CHAT_TEMPLATE": str(template)}
+    request = {"system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+               "tools": [{"name": "read", "description": "read a file", "input_schema": {
+                   "type": "object", "properties": {"path": {"type": "string"}}}}],
+               "messages": [{"role": "user", "content": "read a.txt"},
+                            {"role": "assistant", "content": [{"type": "text", "text": "Reading."},
+                                                              {"type": "tool_use", "id": "t1", "name": "read",
+                                                               "input": {"path": "a.txt"}}]},
+                            {"role": "user", "content": [{"type": "tool_result", "id": "t1", "content": "héllo"}]}]}
+    ours = count_tokens(load_config(env).lane("default"), request)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_model))
+    messages, tools = chat_request(request)
+    prompt = tokenizer.apply_chat_template(_conversation(messages, TOOL_TEMPLATE), tools=tools,
+                                           chat_template=TOOL_TEMPLATE, add_generation_prompt=True, tokenize=False)
+    assert "<tool_call>" in prompt and '"read"' in prompt and "héllo" in prompt
+    assert ours == len(tokenizer.encode(prompt, add_special_tokens=False))
+    # the template's raise_exception is the engine's 400, its message the client's
+    refusing = {"VLLM_MODEL": str(tokenizer_model),
+                "VLLM_CHAT_TEMPLATE": "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"}
+    with pytest.raises(APIError, match="no system") as refused:
+        count_tokens(load_config(refusing).lane("default"), request)
+    assert refused.value.status == 400

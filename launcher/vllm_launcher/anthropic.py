@@ -10,7 +10,7 @@ gets it right is passed through untouched.
   Anthropic-shaped: {"type": "error", "error": {"type": <Anthropic's type>, "message": ...}}.
 - A stream waiting for its lane is kept alive with `event: ping` (AnthropicDialect.keepalive).
 - count_tokens is answered here from the lane's tokenizer and chat template (files in the model
-  directory, read with transformers), without loading or switching a lane; an engine that serves
+  directory, read with `tokenizers` and jinja2), without loading or switching a lane; an engine that serves
   it itself (COUNT_TOKENS_SINCE) answers it when its lane is loaded.
 """
 
@@ -19,10 +19,17 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import threading
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import LaneConfig
 from .errors import APIError
@@ -349,60 +356,138 @@ def _conversation(messages: list[dict], template: str) -> list[dict]:
 
 
 class TokenizerUnavailable(Exception):
-    """The lane's tokenizer is not on this machine (a hub id never downloaded), or no transformers."""
+    """The lane's tokenizer files are not on this machine (a hub id never downloaded here), or
+    the model has no tokenizer.json (a slow-only tokenizer)."""
+
+
+# What transformers passes a chat template besides the messages (its special tokens by name).
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@dataclass(frozen=True)
+class LaneTokenizer:
+    tokenizer: Any                      # tokenizers.Tokenizer
+    templates: dict[str, str]           # name -> template ("default", "tool_use", ...)
+    special: dict[str, Any]             # bos_token, ... as the template sees them
+
+
+def _token_text(value) -> Any:
+    if isinstance(value, dict):                      # a serialised AddedToken
+        return value.get("content")
+    if isinstance(value, list):
+        return [_token_text(item) for item in value]
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tokenizer(directory: str) -> LaneTokenizer:
+    """The files vLLM's tokenizer (transformers' fast tokenizer) is made of: tokenizer.json (the
+    `tokenizers` library encodes exactly as the fast tokenizer does), the special tokens and the
+    chat template (chat_template.jinja, else tokenizer_config.json's, else a processor's
+    chat_template.json). Read with `tokenizers` and jinja2 alone: transformers imports torch."""
+    from tokenizers import Tokenizer
+
+    folder = Path(directory)
+    if not (folder / "tokenizer.json").is_file():
+        raise TokenizerUnavailable(f"{folder} has no tokenizer.json (a slow-only tokenizer): count_tokens reads "
+                                   "fast tokenizers only")
+    config = _read_json(folder / "tokenizer_config.json")
+    special = {key: _token_text(value) for key, value in _read_json(folder / "special_tokens_map.json").items()}
+    special.update({key: _token_text(config[key]) for key in (*SPECIAL_TOKENS, "additional_special_tokens")
+                    if config.get(key) is not None})
+    templates: dict[str, str] = {}
+    found = config.get("chat_template")
+    if isinstance(found, list):
+        templates.update({item["name"]: item["template"] for item in found if isinstance(item, dict)})
+    elif isinstance(found, str):
+        templates["default"] = found
+    if (folder / "chat_template.jinja").is_file():
+        templates["default"] = (folder / "chat_template.jinja").read_text()
+    if not templates and isinstance(processor := _read_json(folder / "chat_template.json").get("chat_template"), str):
+        templates["default"] = processor
+    return LaneTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), templates, special)
+
+
+def lane_tokenizer(lane: LaneConfig, environ) -> LaneTokenizer:
+    """The lane's tokenizer (TOKENIZER, else its model): its directory, or for a hub id its
+    snapshot in the Hugging Face cache; never downloaded here (the engine's start does that)."""
+    from .preflight import model_config_file
+
+    source = lane.settings.get("TOKENIZER") or lane.model
+    local = source.startswith(("/", "./", "../", "~")) or Path(source).is_dir()
+    found = model_config_file(source, local, environ)
+    if found is None or not found.parent.is_dir():
+        raise TokenizerUnavailable(f"the tokenizer of {source!r} is not on this machine yet (not in the Hugging "
+                                   "Face cache): it arrives with the lane's first start")
+    with _load_lock:                     # one read per lane even when requests arrive together
+        return _load_tokenizer(str(found.parent))
 
 
 _load_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=16)
-def _tokenizer(source: str, trust_remote_code: bool):
-    """The lane's tokenizer, read once per lane from the model directory or the Hugging Face
-    cache (never downloaded here: that is the engine's start's job)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as error:
-        raise TokenizerUnavailable(f"count_tokens needs the transformers package beside the launcher "
-                                   f"(the engines' closure has it): {error}") from None
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise TokenizerUnavailable(f"the tokenizer of {source!r} is not on this machine yet ({error}); it "
-                                   "arrives with the lane's first start") from None
-
-
-def lane_tokenizer(lane: LaneConfig):
-    with _load_lock:                      # one load per lane even when requests arrive together
-        return _tokenizer(lane.settings.get("TOKENIZER") or lane.model, bool(lane.settings.get("TRUST_REMOTE_CODE")))
-
-
-def lane_template(lane: LaneConfig, tokenizer, tools) -> str | None:
+def lane_template(lane: LaneConfig, tokenizer: LaneTokenizer, tools) -> str | None:
     """The chat template the lane's engine uses: CHAT_TEMPLATE (a file or the template itself),
-    else the tokenizer's (the tool-use one of a named set when tools are given)."""
+    else the tokenizer's (its tool_use one, when it names templates and tools are given)."""
     configured = lane.settings.get("CHAT_TEMPLATE")
     if configured:
         path = Path(configured)
         return path.read_text() if not any(mark in configured for mark in ("{{", "{%")) and path.is_file() \
             else configured
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("tool_use" if tools else "default") or template.get("default")
-    return template
+    templates = tokenizer.templates
+    return templates.get("tool_use") if tools and "tool_use" in templates else templates.get("default")
 
 
-def count_tokens(lane: LaneConfig, data: dict) -> int:
-    """The prompt tokens lane's engine (vLLM 0.12) counts for a Messages request (translated):
+class _Generation(Extension):
+    """transformers' {% generation %} block (it marks assistant tokens): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A chat template compiled as transformers compiles it (chat_template_utils)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[_Generation, loopcontrols])
+    environment.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    environment.globals["raise_exception"] = _raise
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return environment.from_string(template)
+
+
+def count_tokens(lane: LaneConfig, data: dict, environ=None) -> int:
+    """The prompt tokens the lane's engine (vLLM 0.12) counts for a Messages request (translated):
     its chat conversion, the chat template with the tools and the generation prompt, tokens
     without added special tokens. Raises APIError (the engine's answer) or TokenizerUnavailable."""
-    tokenizer = lane_tokenizer(lane)
+    tokenizer = lane_tokenizer(lane, os.environ if environ is None else environ)
     messages, tools = chat_request(data)
     template = lane_template(lane, tokenizer, tools)
     if not template:
         raise APIError(400, NO_TEMPLATE, "no_chat_template")
     try:
-        prompt = tokenizer.apply_chat_template(_conversation(messages, template), tools=tools, chat_template=template,
-                                               add_generation_prompt=True, continue_final_message=False,
-                                               tokenize=False)
+        prompt = _compiled(template).render(messages=_conversation(messages, template), tools=tools, documents=None,
+                                            add_generation_prompt=True, **tokenizer.special)
     except Exception as error:       # the template's own raise_exception(), a jinja error: the engine's 400
         raise APIError(400, str(error), "invalid_request") from None
-    return len(tokenizer.encode(prompt, add_special_tokens=False))
+    return len(tokenizer.tokenizer.encode(prompt, add_special_tokens=False).ids)

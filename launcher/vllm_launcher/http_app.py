@@ -330,7 +330,7 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                             await send({"type": "http.response.body", "body": content})
                             return
         try:
-            tokens = await asyncio.to_thread(anthropic.count_tokens, config.lane(lane), data)
+            tokens = await asyncio.to_thread(anthropic.count_tokens, config.lane(lane), data, config.environ)
         except anthropic.TokenizerUnavailable as error:
             raise APIError(503, f"count_tokens for lane {lane!r}: {error}", "tokenizer_unavailable") from None
         answer = json.dumps({"input_tokens": tokens}).encode()
