@@ -351,8 +351,57 @@ BAD_REQUESTS = [
 ]
 
 
+MESSAGES = "/v1/messages"
+COUNT = "/v1/messages/count_tokens"
+ONE = [{"role": "user", "content": "hi"}]
+KEYED = {"x-api-key": "k", "Content-Type": "application/json"}
+# The Anthropic routes (issue 22): Anthropic-shaped errors, {"type": "error", "error": {"type", "message"}};
+# (method, path, request, status, Anthropic's error type, a word the message names)
+ANTHROPIC_BAD_REQUESTS = [
+    ("POST", MESSAGES, {"content": b"{not json", "headers": KEYED}, 400, "invalid_request_error", "JSON"),
+    ("POST", MESSAGES, {"json": []}, 400, "invalid_request_error", "object"),
+    ("POST", MESSAGES, {"json": {"messages": ONE, "max_tokens": 1}}, 400, "invalid_request_error", "model"),
+    ("POST", MESSAGES, {"json": {"model": "claude-x", "messages": ONE, "max_tokens": 1}}, 404, "not_found_error",
+     "claude-x"),
+    ("POST", MESSAGES, {"json": {"model": "a", "max_tokens": 1}}, 400, "invalid_request_error", "messages"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": "hi", "max_tokens": 1}}, 400, "invalid_request_error",
+     "messages"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": [{"role": "system", "content": "x"}], "max_tokens": 1}},
+     400, "invalid_request_error", "messages.0"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": [{"role": "user"}], "max_tokens": 1}}, 400,
+     "invalid_request_error", "messages.0"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": ONE}}, 400, "invalid_request_error", "max_tokens"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": ONE, "max_tokens": "9"}}, 400, "invalid_request_error",
+     "max_tokens"),
+    ("POST", MESSAGES, {"json": {"model": "a", "messages": ONE, "max_tokens": 1, "stream": "yes"}}, 400,
+     "invalid_request_error", "stream"),
+    ("POST", MESSAGES, {"content": b"{}", "headers": {"x-api-key": "k", "Content-Type": "text/plain"}}, 415,
+     "invalid_request_error", "Content-Type"),
+    ("POST", MESSAGES, {"content": b"{" + b" " * (2 * 1024 * 1024) + b"}", "headers": KEYED}, 413,
+     "request_too_large", "VLLM_MAX_BODY_BYTES"),
+    ("POST", MESSAGES, {"json": {"model": "a"}, "headers": {"x-api-key": "wrong"}}, 401, "authentication_error",
+     "x-api-key"),
+    ("POST", MESSAGES, {"json": {"model": "a"}, "headers": {}}, 401, "authentication_error", "key"),
+    ("POST", MESSAGES, {"json": {"model": "a"}, "headers": [("x-api-key", "k"), ("x-api-key", "k")]}, 400,
+     "invalid_request_error", "x-api-key headers"),
+    ("POST", MESSAGES, {"json": {"model": "a"}, "headers": {"x-api-key": "k", "Authorization": "Bearer j"}}, 400,
+     "invalid_request_error", "different keys"),
+    ("GET", MESSAGES, {}, 405, "invalid_request_error", "Method Not Allowed"),
+    ("POST", COUNT, {"json": {"model": "a"}}, 400, "invalid_request_error", "messages"),
+    ("POST", COUNT, {"json": {"model": "nope", "messages": ONE}}, 404, "not_found_error", "nope"),
+    ("POST", COUNT, {"content": b"[", "headers": KEYED}, 400, "invalid_request_error", "JSON"),
+    ("POST", COUNT, {"json": {"model": "a", "messages": ONE}, "headers": {"x-api-key": "wrong"}}, 401,
+     "authentication_error", "key"),
+    ("PUT", COUNT, {}, 405, "invalid_request_error", "Method Not Allowed"),
+    # a lane whose hub id is not on this machine: its tokenizer is not either (nothing is downloaded)
+    ("POST", COUNT, {"json": {"model": "a", "messages": ONE}}, 503, "overloaded_error", "fake-org/a-model"),
+]
+
+
 def test_bad_input_sweep_gets_4xx_openai_errors_and_the_server_keeps_serving(tmp_path, fake_python):
-    env = fake_lanes_env(fake_python, {"a": {}}, VLLM_API_KEY="k", VLLM_MAX_BODY_BYTES="1Mi")
+    paths = tmp_path / "engine-paths"
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_PATH_LOG": str(paths)}}, VLLM_API_KEY="k",
+                         VLLM_MAX_BODY_BYTES="1Mi")
     auth = AUTH
     with serving(tmp_path, env, wait_ready_lane="a", ) as served, served.client() as client:
         assert len(BAD_REQUESTS) >= 45
@@ -365,8 +414,17 @@ def test_bad_input_sweep_gets_4xx_openai_errors_and_the_server_keeps_serving(tmp
                 error = response.json()["error"]
                 assert set(error) == {"message", "type", "param", "code"}, error
                 assert code is None or error["code"] == code, (path, error)
+        for method, path, kwargs, status, kind, named in ANTHROPIC_BAD_REQUESTS:
+            kwargs = dict(kwargs)
+            response = client.request(method, path, headers=kwargs.pop("headers", KEYED), **kwargs)
+            assert response.status_code == status, (method, path, status, response.text[:300])
+            body = response.json()
+            assert set(body) == {"type", "error"} and body["type"] == "error", (path, body)
+            assert body["error"]["type"] == kind and named in body["error"]["message"], (path, body)
         ok = client.post(CHAT, json=chat_body("a"), headers=auth)
         assert ok.status_code == 200 and ok.json()["model"] == "a"
+    # nothing of the Anthropic sweep reached the engine
+    assert not [line for line in paths.read_text().splitlines() if line.startswith("POST /v1/messages")]
 
 
 class ListeningProxy:

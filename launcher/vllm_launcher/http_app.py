@@ -368,10 +368,10 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
             metrics.rejected.labels("", error.code).inc()
             await send_error(send, error)
 
-    async def not_allowed(scope, receive, send) -> None:
+    async def not_allowed(scope, receive, send, route: str) -> None:
         error = APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed", "method_not_allowed")
         metrics.rejected.labels("", error.code).inc()
-        await send_error(send, error)
+        await send_error(send, error, anthropic_dialect(()) if route in ANTHROPIC_ROUTES else OPENAI)
 
     # ---------------------------------------------------------------- health and info
 
@@ -496,8 +496,8 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                 return await not_stored(scope, receive, send)
             if scope["method"] == "POST":
                 return await openai_post(scope, receive, send)
-            if forwarded_route(scope.get("raw_path") or scope["path"].encode()) is not None:
-                return await not_allowed(scope, receive, send)
+            if (route := forwarded_route(scope.get("raw_path") or scope["path"].encode())) is not None:
+                return await not_allowed(scope, receive, send, route)
         return await app(scope, receive, send)
 
     return dispatch
