@@ -27,10 +27,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError, nodes
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from .config import LaneConfig
 from .errors import APIError
 from .vllm_info import version_tuple
@@ -427,8 +423,12 @@ def lane_tokenizer(lane: LaneConfig, environ) -> LaneTokenizer:
     if found is None or not found.parent.is_dir():
         raise TokenizerUnavailable(f"the tokenizer of {source!r} is not on this machine yet (not in the Hugging "
                                    "Face cache): it arrives with the lane's first start")
-    with _load_lock:                     # one read per lane even when requests arrive together
-        return _load_tokenizer(str(found.parent))
+    try:
+        with _load_lock:                 # one read per lane even when requests arrive together
+            return _load_tokenizer(str(found.parent))
+    except ImportError as error:
+        raise TokenizerUnavailable(f"count_tokens needs the tokenizers and jinja2 packages beside the launcher "
+                                   f"(vLLM's own dependencies): {error}") from None
 
 
 _load_lock = threading.Lock()
@@ -446,34 +446,42 @@ def lane_template(lane: LaneConfig, tokenizer: LaneTokenizer, tools) -> str | No
     return templates.get("tool_use") if tools and "tool_use" in templates else templates.get("default")
 
 
-class _Generation(Extension):
-    """transformers' {% generation %} block (it marks assistant tokens): rendered as its body."""
+@functools.lru_cache(maxsize=1)
+def _environment():
+    """Jinja as transformers sets it up for chat templates (chat_template_utils); jinja2 and
+    `tokenizers` are imported only here (vLLM's own dependencies, not the launcher's)."""
+    from jinja2 import TemplateError, nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    tags = {"generation"}
+    class Generation(Extension):
+        """transformers' {% generation %} block (it marks assistant tokens): rendered as its body."""
 
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+        tags = {"generation"}
 
-    def _body(self, caller):
-        return caller()
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
+        def _body(self, caller):
+            return caller()
 
-def _raise(message):
-    raise TemplateError(message)
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[Generation, loopcontrols])
+    environment.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return environment
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(template: str):
-    """A chat template compiled as transformers compiles it (chat_template_utils)."""
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[_Generation, loopcontrols])
-    environment.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    environment.globals["raise_exception"] = _raise
-    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return environment.from_string(template)
+    return _environment().from_string(template)
 
 
 def count_tokens(lane: LaneConfig, data: dict, environ=None) -> int:
@@ -485,6 +493,10 @@ def count_tokens(lane: LaneConfig, data: dict, environ=None) -> int:
     template = lane_template(lane, tokenizer, tools)
     if not template:
         raise APIError(400, NO_TEMPLATE, "no_chat_template")
+    try:
+        _environment()
+    except ImportError as error:
+        raise TokenizerUnavailable(f"count_tokens needs jinja2 beside the launcher: {error}") from None
     try:
         prompt = _compiled(template).render(messages=_conversation(messages, template), tools=tools, documents=None,
                                             add_generation_prompt=True, **tokenizer.special)
