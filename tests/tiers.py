@@ -76,7 +76,7 @@ def require(*markers: str, doing: str, now: bool = True) -> None:
 
 # --- the runner ---------------------------------------------------------------------------------
 
-SUMMARY = re.compile(r"^=+ (.*\bin [0-9.]+s.*?) =+$")
+SUMMARY = re.compile(r"^=* ?(\d+ \w+.*\bin [0-9.]+s\b.*?) ?=*$")      # with or without -q's borders
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|warnings?)\b")
 
 
@@ -85,16 +85,20 @@ def run_tier(tier: Tier, extra: list[str]) -> tuple[int, float, dict[str, int]]:
     argv = [sys.executable, "-m", "pytest", "-m", expression(tier), *tier.pytest_args, *extra]
     print(f">> tier {tier.name}: {' '.join(argv[1:])}", flush=True)
     started = time.monotonic()
+    tail = b""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as process:
+        while chunk := process.stdout.read1(65536):      # as it comes: progress dots end no line
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            tail = (tail + chunk)[-8192:]
     counts: dict[str, int] = {}
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1) as process:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            found = SUMMARY.match(line.strip())
-            if found:
-                counts = {}
-                for number, kind in COUNT.findall(found.group(1)):
-                    kind = {"error": "errors", "warning": "warnings"}.get(kind, kind)
-                    counts[kind] = counts.get(kind, 0) + int(number)
+    for line in tail.decode(errors="replace").splitlines():
+        found = SUMMARY.match(line.strip())     # the last such line is pytest's summary
+        if found:
+            counts = {}
+            for number, kind in COUNT.findall(found.group(1)):
+                kind = {"error": "errors", "warning": "warnings"}.get(kind, kind)
+                counts[kind] = counts.get(kind, 0) + int(number)
     return process.returncode, time.monotonic() - started, counts
 
 
