@@ -404,6 +404,7 @@ class Router:
             "state": self.scheduler.state(lane).value, "queue_depth": self.scheduler.queue_depth(lane),
             "inflight": self.scheduler.inflight(lane), "restarts": snapshot.get("restarts", 0),
             "failures": snapshot.get("failures", 0), "last_error": self.supervisors[lane].last_error,
+            "retry_at": self._wall(snapshot.get("retry_at")),     # back-off, or a failed lane's cool-off
             "progress": self.supervisors[lane].progress,
             "last_start_seconds": timings.start_seconds, "last_start_phases": timings.start_phases,
             "last_stop_seconds": timings.stop_seconds, "last_switch_at": record.last_switch_at,
@@ -411,6 +412,10 @@ class Router:
             "sleep": self.sleep_status(lane), "last_wake_seconds": timings.wake_seconds,
             "last_sleep_seconds": timings.sleep_seconds,
         }
+
+    def _wall(self, monotonic: float | None) -> float | None:
+        """A scheduler time as wall-clock seconds (as last_switch_at)."""
+        return None if monotonic is None else time.time() + monotonic - self.clock()
 
     def sleep_status(self, lane: str) -> str:
         """`off`, `level N`, or `off (<why it fell back>)`."""

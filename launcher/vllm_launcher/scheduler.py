@@ -160,16 +160,27 @@ Choices the issues left open
   keep their place: they load the lane again when it is their turn.
 * ``load(lane)`` on a draining or stopping lane makes it the first candidate once
   it has stopped (it is started again; nothing is cancelled).
-* Restarts: a failed start, or an engine that exits before it has finished
-  ``healthy_after_requests`` (3, "a few") requests since it became ready, is a
-  crash loop and counts as one failure; ``max_restarts`` consecutive ones make the
-  lane FAILED.  An engine that finished that many requests (or was stopped
-  cleanly) resets the count, so one that crashes every 20 requests is restarted
-  for ever, each time after the back-off (``backoff_initial`` doubling per
-  consecutive failure up to ``backoff_max``).  A crashed lane restarts after the
+* Restarts (issue 23: a crash loop is judged by what the engine did, not by what
+  finished).  A failed start, a hang (:meth:`~Scheduler.engine_hung`) or an exit of an
+  engine that had *not served* is a crash loop and counts as one failure;
+  ``max_restarts`` consecutive ones make the lane FAILED.  An engine *served* when,
+  since it became ready, some of its output reached a client (:meth:`~Scheduler.
+  output_started`: bytes flowed), or it finished ``healthy_after_requests`` requests,
+  or it was ready for ``healthy_after_seconds`` (60 s: longer than the longest
+  back-off, so no tight loop); its exit or hang resets the count first (it counts as
+  the first failure of a new run), and so does a clean stop while ready.  Hence an
+  engine that crashes every 20 requests, even with all of them in flight at once and
+  none finished, is restarted for ever, and its back-off stays at its start: the
+  back-off (``backoff_initial`` doubling per consecutive failure up to
+  ``backoff_max``) resets after a healthy period.  A crashed lane restarts after the
   back-off if requests wait for it, or if it fits without evicting anything.
   ``engine_start_failed(..., counts=False)`` (the server's own resources, e.g.
   EMFILE, not the engine's fault) backs off the same way but never fails the lane.
+  A FAILED lane is not failed for good (systemd's start limit, not an operator's
+  pager): its queue and newcomers get 503 ``lane_failed`` naming the cause and when it
+  is tried again (``Retry-After`` too); after ``failed_cooloff`` (300 s) it is STOPPED
+  with one attempt left before FAILED again, and starts at once if it fits without
+  evicting anything (else at the next request for it).  ``load`` tries it at once.
 * After ``shutdown`` nothing is started again and every submit is rejected.
 """
 
@@ -289,6 +300,8 @@ class SchedulerSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     healthy_after_requests: int = 3  # requests an engine finishes before its crash is no crash loop
+    healthy_after_seconds: float = 60.0  # an engine ready this long served: its crash is no crash loop
+    failed_cooloff: float = 300.0  # a FAILED lane is tried again after this long (systemd's start limit)
     switch_seconds_estimate: float = 60.0  # initial estimate for Retry-After
     request_seconds_estimate: float = 1.0  # initial per-queued-request cost
     # Per-lane cost estimates before the first measurement (then measured: see observe_engine_seconds).
@@ -319,6 +332,8 @@ class SchedulerSettings:
             raise ValueError("service_window must be >= 1")
         if self.healthy_after_requests < 1:
             raise ValueError("healthy_after_requests must be >= 1")
+        if not (self.healthy_after_seconds > 0 and self.failed_cooloff > 0):
+            raise ValueError("healthy_after_seconds and failed_cooloff must be > 0")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise ValueError("memory_budget must be > 0")
 
@@ -423,6 +438,7 @@ class _Lane:
     failures: int = 0  # consecutive crash loops: failed starts, crashes before serving a few requests
     setbacks: int = 0  # failed starts that do not count (the server's own resources), for the back-off
     served: int = 0  # requests finished by the current engine since it became ready
+    output_seen: bool = False  # some output of the current engine reached a client since it became ready
     restarts: int = 0  # starts that were retries, for /lanes and metrics
     retry_at: float | None = None  # back-off: no start before this time
     restart_pending: bool = False  # crashed while ready: restart even without waiters
@@ -566,6 +582,7 @@ class Scheduler:
             self._transition(ln, Stage.READY, "engine woke" if woke else "engine ready", out)
             ln.setbacks = 0
             ln.served = 0
+            ln.output_seen = False
             ln.ready_since = now
             ln.last_used = now
             ln.load_requested = None
@@ -619,6 +636,8 @@ class Scheduler:
                 del self._requests[request_id]
             ln.inflight.clear()
             ln.op_since = None
+            if ln.state is not LaneState.STARTING and self._served_well(ln, now):
+                ln.failures = 0  # it served: this crash is the first of a new count
             self._failure(ln, now, cause, restart=was_ready, out=out)
         self._schedule(now, out)
         return out
@@ -760,6 +779,8 @@ class Scheduler:
             if ln.state is LaneState.READY and ln.inflight and waiting:
                 # the cost test's R reaches 0 (ext is largest) when the in-flight requests are due
                 deadlines.append(self._now + self._remaining(ln, self._now))
+            if ln.state is LaneState.FAILED and ln.retry_at is not None and not self._shutting_down:
+                deadlines.append(ln.retry_at)  # its cool-off ends
             if (
                 ln.state is LaneState.STOPPED
                 and ln.retry_at is not None
@@ -929,7 +950,32 @@ class Scheduler:
 
     def _failed_reject(self, request_id: Hashable, ln: _Lane) -> Reject:
         message = f"lane {ln.name} failed to start: {ln.last_cause or 'unknown cause'}"
-        return Reject(request_id, ln.name, 503, "lane_failed", message)
+        retry = None
+        if ln.retry_at is not None:
+            retry = float(max(1, math.ceil(ln.retry_at - self._now)))
+            message += (f" (lane failed after {ln.failures} consecutive crash loops; it is tried again in "
+                        f"{retry:.0f} s, after a cool-off of {self.settings.failed_cooloff:g} s, or at once by "
+                        f"POST /lanes/{ln.name}/load)")
+        return Reject(request_id, ln.name, 503, "lane_failed", message, retry)
+
+    def _served_well(self, ln: _Lane, now: float) -> bool:
+        """The current (ready or draining) engine served (see "Restarts"): its crash or hang is no
+        crash loop."""
+        s = self.settings
+        return (ln.output_seen or ln.served >= s.healthy_after_requests
+                or (ln.ready_since is not None and now - ln.ready_since >= s.healthy_after_seconds))
+
+    def _end_cooloffs(self, now: float, out: list[Action]) -> None:
+        """FAILED lanes whose cool-off is over are STOPPED with one attempt left (see "Restarts")."""
+        if self._shutting_down:
+            return
+        for ln in self._lanes.values():
+            if ln.stage is Stage.FAILED and ln.retry_at is not None and now >= ln.retry_at:
+                ln.failures = self.settings.max_restarts - 1
+                ln.retry_at = None
+                ln.restart_pending = True  # started if it fits without evicting anything
+                self._transition(ln, Stage.STOPPED, f"cool-off over ({self.settings.failed_cooloff:g} s): "
+                                 "tried again", out)
 
     def _retry_after(self, ln: _Lane) -> float:
         """Seconds a request for ``ln`` joining now should expect to wait.
@@ -959,7 +1005,7 @@ class Scheduler:
         ln.last_cause = cause
         if ln.failures >= s.max_restarts:
             self._transition(ln, Stage.FAILED, f"{ln.failures} consecutive failures", out)
-            ln.retry_at = None
+            ln.retry_at = now + s.failed_cooloff  # tried again then (_end_cooloffs)
             ln.restart_pending = False
             ln.load_requested = None
             for req in list(ln.queue.values()):
@@ -1040,6 +1086,7 @@ class Scheduler:
 
     def _schedule(self, now: float, out: list[Action]) -> None:
         s = self.settings
+        self._end_cooloffs(now, out)
         for ln in self._lanes.values():
             while ln.queue:
                 req = next(iter(ln.queue.values()))
