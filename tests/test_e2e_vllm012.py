@@ -58,6 +58,7 @@ def served012(tmp_path_factory, models):
            "VLLM_DTYPE": "float32", "VLLM_MAX_MODEL_LEN": "4096", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CACHE_ROOT": str(cache), "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT),
            "VLLM_SWITCH_MAX_WAIT": "5", "VLLM_API_KEY": KEY, "VLLM_TOOL_CALL_PARSER": "llama3_json",
+           "VLLM_LANE_ALPHA_WARMUP": "off",       # beta: warm-up on (the default)
            **{f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()}}
     with serving(tmp_path_factory.mktemp("e2e012"), env, wait_ready_lane="alpha", timeout=START_TIMEOUT) as served:
         yield served
@@ -65,6 +66,37 @@ def served012(tmp_path_factory, models):
 
 def openai_client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=START_TIMEOUT)
+
+
+def chat_seconds(client: openai.OpenAI, lane: str) -> float:
+    began = time.monotonic()
+    chat = client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    assert chat.model == lane and chat.usage.completion_tokens >= 1
+    return time.monotonic() - began
+
+
+@pytest.mark.e2e
+def test_vllm012_the_warm_up_takes_the_first_use_cost(served012):
+    """Fresh engines, the first user requests after ready: alpha's warm-up off (the fixture's
+    start), beta's on. Without, the first request pays what the engine compiles on first use;
+    with, it is as fast as the ones after it, and the warm-up is its own phase."""
+    served = served012
+    client = openai_client(served)
+    assert served.lanes()["alpha"]["last_start_phases"]["warmup_kind"] == "off"
+    off = [chat_seconds(client, "alpha") for _ in range(3)]
+    with served.client() as http:
+        loading = http.post("/lanes/beta/load?wait=false", headers=served.auth)
+        assert loading.status_code in (200, 202), loading.text
+    beta = served.wait_state("beta", "ready", START_TIMEOUT)
+    on = [chat_seconds(client, "beta") for _ in range(3)]
+    phases = beta["last_start_phases"]
+    record(f"vLLM 0.12.0 first chat after ready, warm-up off: {off[0]:.2f} s (then {off[1]:.2f}, {off[2]:.2f} s); "
+           f"on: {on[0]:.2f} s (then {on[1]:.2f}, {on[2]:.2f} s); beta's start {beta['last_start_seconds']:.1f} s "
+           f"+ warm-up {phases['warmup']:.1f} s ({phases['warmup_kind']})")
+    assert phases["warmup_kind"] == "chat"
+    assert off[0] > 1.0 + 3 * max(off[1:]), off          # without a warm-up the first user pays (else: nothing shown)
+    assert on[0] < 0.5 + 3 * max(on[1:]), on             # with it, the first is like the others
+    assert phases["warmup"] > 1.0 + 3 * max(on), phases   # the warm-up took that cost (how much: the machine's load)
 
 
 @pytest.mark.e2e
@@ -76,7 +108,7 @@ def test_vllm012_serves_chat_completion_and_stream(served012):
     with served.client() as http:
         assert http.get("/version").json()["vllm_version"] == VLLM_VERSION       # the running engine's
     client = openai_client(served)
-    seconds = chat_completion_and_stream(client, "alpha")
+    seconds = chat_completion_and_stream(client, "beta")         # ready (the test above loaded it): no switch
     record("vLLM 0.12.0 on a ready engine, seconds per request: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
 
 
@@ -85,7 +117,7 @@ def test_vllm012_switches_to_the_other_lane_and_back(served012):
     served = served012
     client = openai_client(served)
     seconds = {}
-    for lane in ("beta", "alpha"):
+    for lane in ("alpha", "beta"):                  # beta is ready (see above)
         began = time.monotonic()
         chat = client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hello"}],
                                               max_tokens=4)
@@ -93,10 +125,11 @@ def test_vllm012_switches_to_the_other_lane_and_back(served012):
         assert chat.model == lane and chat.usage.completion_tokens >= 1
         assert served.lanes()[lane]["state"] == "ready"
     lanes = served.lanes()
-    record(f"vLLM 0.12.0 switch alpha->beta: first answer after {seconds['beta']:.1f} s (switch "
-           f"{lanes['beta']['last_switch_seconds']:.1f} s, beta start {lanes['beta']['last_start_seconds']:.1f} s); "
-           f"beta->alpha: {seconds['alpha']:.1f} s (switch {lanes['alpha']['last_switch_seconds']:.1f} s, "
-           f"alpha start {lanes['alpha']['last_start_seconds']:.1f} s)")
+    record(f"vLLM 0.12.0 switch beta->alpha (no warm-up): first answer after {seconds['alpha']:.1f} s (switch "
+           f"{lanes['alpha']['last_switch_seconds']:.1f} s, alpha start {lanes['alpha']['last_start_seconds']:.1f} s); "
+           f"alpha->beta: {seconds['beta']:.1f} s (switch {lanes['beta']['last_switch_seconds']:.1f} s, "
+           f"beta start {lanes['beta']['last_start_seconds']:.1f} s, warm-up "
+           f"{lanes['beta']['last_start_phases']['warmup']:.1f} s)")
 
 
 # --- agents as clients (issue 22): the Anthropic Messages API and tool calls on vLLM 0.12 ------
