@@ -75,6 +75,7 @@ let
     { name = "distributedExecutorBackend"; setting = "DISTRIBUTED_EXECUTOR_BACKEND"; kind = "str"; }
     { name = "sleepLevel"; setting = "SLEEP_LEVEL"; kind = "int"; }
     { name = "warmup"; setting = "WARMUP"; kind = "bool"; }
+    { name = "engineStallTimeout"; setting = "ENGINE_STALL_TIMEOUT"; kind = "float"; }
     # agents (docs/agents.md); the launcher checks the names against the engines' vLLM
     { name = "toolCallParser"; setting = "TOOL_CALL_PARSER"; kind = "str"; }
     { name = "reasoningParser"; setting = "REASONING_PARSER"; kind = "str"; }

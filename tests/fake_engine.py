@@ -13,6 +13,10 @@ FAKE_FAIL_STARTS_AFTER=n:file  succeed n starts, fail every later one
 FAKE_HANG_ON_TERM=1     ignore SIGTERM                    FAKE_CHILD=1  fork a child like EngineCore
 FAKE_TOKEN_DELAY=s      delay per generated token         FAKE_DIE_AFTER_TOKENS=n  exit mid-stream
 FAKE_CRASH_AFTER=s      exit this long after becoming ready
+FAKE_CRASH_EVERY=lo-hi  exit (status 9) when the Nth generation request arrives, N drawn from lo..hi
+                        at each start (every request in flight dies with it)
+FAKE_STALL_AFTER=n      a hung engine: from the nth generation request on, no token comes for any
+                        request (new ones too), while /health and /metrics keep answering
 FAKE_PATH_LOG=file      append every request's method and raw path (as received, ?query too) to file
 FAKE_PRINT=text         print this line at start (before any FAKE_*START* failure)
 
@@ -46,6 +50,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -152,6 +157,33 @@ def bad_request(message: str) -> JSONResponse:
                         status_code=400)
 
 
+def chaos(state: dict) -> None:
+    """FAKE_CRASH_EVERY and FAKE_STALL_AFTER, at the arrival of a generation request."""
+    if state["crash_at"] and state["requests"] >= state["crash_at"]:
+        print(f"fake engine: crashing at request {state['requests']} (FAKE_CRASH_EVERY)", flush=True)
+        os._exit(9)
+    stall_after = int(os.environ.get("FAKE_STALL_AFTER") or 0)
+    if stall_after and state["requests"] >= stall_after and not state["stalled"].is_set():
+        print(f"fake engine: stalled at request {state['requests']} (FAKE_STALL_AFTER)", flush=True)
+        state["stalled"].set()
+
+
+async def token(state: dict, delay: float) -> None:
+    """One generated token: its delay, then counted in vllm:generation_tokens_total; never, once stalled."""
+    await asyncio.sleep(delay)
+    if state["stalled"].is_set():
+        await asyncio.Event().wait()
+    state["tokens"] += 1
+
+
+def crash_at() -> int:
+    spec = os.environ.get("FAKE_CRASH_EVERY")
+    if not spec:
+        return 0
+    low, _, high = spec.partition("-")
+    return random.randint(int(low), int(high or low))
+
+
 async def warmup_faults(request: Request, body: dict):
     """A warm-up: logged, delayed, and failed as FAKE_WARMUP says (a response), else None."""
     if path := os.environ.get("FAKE_WARMUP_LOG"):
@@ -175,7 +207,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
     token_delay = env_float("FAKE_TOKEN_DELAY")
     die_after = int(os.environ.get("FAKE_DIE_AFTER_TOKENS") or 0)
     task = os.environ.get("FAKE_TASK")
-    state = {"requests": 0, "running": 0, "sleeping": 0, "generated": 0}
+    state = {"requests": 0, "running": 0, "sleeping": 0, "generated": 0, "tokens": 0, "crash_at": crash_at(),
+             "stalled": asyncio.Event()}
 
     def unauthorized(request: Request):
         if key and request.headers.get("authorization") != f"Bearer {key}":
@@ -197,6 +230,9 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
             "# HELP vllm:prompt_tokens_total Prompt tokens.\n"
             "# TYPE vllm:prompt_tokens_total counter\n"
             f'vllm:prompt_tokens_total{{model_name="{served}"}} {state["requests"] * 3}\n'
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f'vllm:generation_tokens_total{{model_name="{served}"}} {state["tokens"]}\n'
             "# HELP python_gc_objects_collected_total not ours\n"
             "# TYPE python_gc_objects_collected_total counter\n"
             'python_gc_objects_collected_total{generation="0"} 1.0\n')
@@ -234,6 +270,8 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         tokens = [f"{served}"] + [f" t{i}" for i in range(max(0, int(body.get("max_tokens") or 4) - 1))]
         created = int(time.time())
         state["requests"] += 0 if warmup else 1
+        if not warmup:
+            chaos(state)
         ident = f"fake-{state['requests']}"
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(tokens),
                  "total_tokens": len(prompt.split()) + len(tokens)}
@@ -253,7 +291,7 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         if not body.get("stream"):
             async def generate_all():
                 for count, _ in enumerate(tokens, 1):
-                    await asyncio.sleep(delay)
+                    await token(state, delay)
                     if dies_after and count >= dies_after:
                         os._exit(9)
 
@@ -267,12 +305,12 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
 
         async def events():
             try:
-                for count, token in enumerate(tokens, 1):
-                    await asyncio.sleep(delay)
+                for count, word in enumerate(tokens, 1):
+                    await token(state, delay)
                     if dies_after and count >= dies_after:
                         os._exit(9)
                     chunk = {"id": ident, "object": kind + ".chunk", "created": created, "model": served,
-                             "choices": [delta(token, None)]}
+                             "choices": [delta(word, None)]}
                     yield f"data: {json.dumps(chunk)}\n\n"
                 final = {"id": ident, "object": kind + ".chunk", "created": created, "model": served,
                          "choices": [delta("", "length")]}

@@ -39,6 +39,8 @@ class Metrics:
                                        ["lane"], registry=registry)
         self.engine_restarts = Counter("vllm_launcher_engine_restarts", "Engines restarted after a crash",
                                        ["lane"], registry=registry)
+        self.engine_hangs = Counter("vllm_launcher_engine_hangs", "Engines the stall watchdog declared hung",
+                                    ["lane"], registry=registry)
         self.lane_state = Gauge("vllm_launcher_lane_state", "1 for the lane's current state, 0 otherwise",
                                 ["lane", "state"], registry=registry)
 

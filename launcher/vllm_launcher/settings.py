@@ -214,6 +214,13 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
     _engine("CHAT_TEMPLATE", lambda raw: _chat_template(raw),
             "chat template for models whose own is missing or lacks tool calls: a Jinja file, or the template "
             "itself", "--chat-template"),
+    _engine("ENGINE_STALL_TIMEOUT", values.parse_positive_float,
+            "seconds a busy engine (requests in flight) may go without generating a token (vLLM's "
+            "vllm:generation_tokens_total on its /metrics) before the watchdog probes it with a one-token "
+            "generation on a fresh connection; a probe unanswered within min(60 s, this) declares it hung: "
+            "stopped, its unanswered requests back in line, restarted with back-off. Must exceed the longest "
+            "prefill expected (no token comes during one): 600 s covers a 131072-token prompt at 220 tokens/s",
+            default=600.0),
     _engine("EXTRA_ARGS", values.parse_shell_words, "more vLLM flags, shell-split, appended last",
             names=["VLLM_EXTRA_ARGS", "EXTRA_VLLM_ARGS"]),
     _engine("IDLE_TIMEOUT", values.parse_positive_float, "unload this lane after this many idle seconds",
