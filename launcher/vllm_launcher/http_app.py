@@ -183,8 +183,12 @@ def check_key(headers: list[tuple[bytes, bytes]], key: bytes | None) -> None:
     last: a proxy in front may read the other one."""
     if key is None:
         return
-    given = [value for name, value in headers if name == b"authorization"]
-    api_keys = [value for name, value in headers if name == b"x-api-key"]
+    given, api_keys = [], []                # one pass over the headers: every request takes this path
+    for name, value in headers:
+        if name == b"authorization":
+            given.append(value)
+        elif name == b"x-api-key":
+            api_keys.append(value)
     for values, header in ((given, "Authorization"), (api_keys, "x-api-key")):
         if len(values) > 1:
             raise APIError(400, f"{len(values)} {header} headers: send exactly one, 'Authorization: Bearer <key>' "
