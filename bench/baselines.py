@@ -7,6 +7,9 @@ Scheduler's event methods so that bench/simulator.py plays them on identical inp
 * ``llama_swap``: llama-swap's rule: the loaded lane is served whenever it has requests (fast
   path); when it is idle, the lane of the oldest waiter is loaded.  No bound on waiting: a
   steady stream for the loaded lane starves the others.
+* ``capped``: ours before issue 21: the cost-gated policy capped at B, frozen at commit bf47fea in
+  bench/capped_scheduler.py: a ready lane takes every request at once (no dispatch limit; the
+  engine queues beyond its batch) and what is still in flight at the drain bound is aborted.
 * ``hold``: the rule before issue 13 ("ours before this change": another lane's request waits
   at most VLLM_SWITCH_MAX_WAIT before the loaded lane is drained for it, and a lane that loads
   takes only the requests queued for it then): the launcher's Scheduler frozen at commit
@@ -25,7 +28,7 @@ from dataclasses import fields
 from vllm_launcher.scheduler import (AbortInflight, Action, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject,
                                      SchedulerSettings, StartEngine, StopEngine, SwitchPlanned)
 
-from . import hold_scheduler
+from . import capped_scheduler, hold_scheduler
 
 
 class _ExclusiveBaseline(ABC):
@@ -210,11 +213,18 @@ class LlamaSwapPolicy(_ExclusiveBaseline):
             self._switch_to(oldest_lane, now, out, "idle")
 
 
-def HoldPolicy(lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None) -> hold_scheduler.Scheduler:  # noqa: N802
-    """The frozen pre-issue-13 Scheduler, with the settings it knows taken from ``settings``."""
-    known = {f.name for f in fields(hold_scheduler.SchedulerSettings)}
-    given = {name: getattr(settings, name) for name in known if settings is not None and hasattr(settings, name)}
-    return hold_scheduler.Scheduler(lanes, hold_scheduler.SchedulerSettings(**given))
+def _frozen(module):
+    """A frozen Scheduler of ``module``, with the settings it knows taken from ``settings``."""
+    def policy(lanes: Sequence[LanePolicy], settings: SchedulerSettings | None = None):
+        known = {f.name for f in fields(module.SchedulerSettings)}
+        given = {name: getattr(settings, name) for name in known if settings is not None and hasattr(settings, name)}
+        return module.Scheduler(lanes, module.SchedulerSettings(**given))
+    return policy
 
 
-BASELINES: dict[str, Callable] = {"fcfs": FcfsPolicy, "llama_swap": LlamaSwapPolicy, "hold": HoldPolicy}
+HoldPolicy = _frozen(hold_scheduler)  # the pre-issue-13 Scheduler
+CappedPolicy = _frozen(capped_scheduler)  # the pre-issue-21 Scheduler
+
+
+BASELINES: dict[str, Callable] = {"fcfs": FcfsPolicy, "llama_swap": LlamaSwapPolicy, "hold": HoldPolicy,
+                                  "capped": CappedPolicy}

@@ -11,6 +11,13 @@ Besides the real scheduler (``policy="scheduler"``) any object with the same
 event methods can be simulated (``policy=<factory>``): the benchmark's baselines
 (fcfs, llama-swap's rule, today's hold rule) live in bench/baselines.py.
 
+A policy may put a request back in line (``Preempt``): its service is lost and it is dispatched
+again later (``RequestRecord.preempted``, ``dispatches``).  With ``streams`` those requests'
+output reaches their client when their service starts (``policy.output_started``); with
+``gauges`` the engines report their running and waiting counts (``policy.engine_load``) after
+every event; ``stalls`` (time, lane) call ``policy.preempt(lane, now, "stalled")`` on a ready
+engine, as the stalled-engine watchdog does.
+
 Engines: with ``batch_size`` an engine serves at most that many requests at once;
 dispatched requests beyond it wait in the engine's own FIFO (as vLLM's scheduler
 queues beyond ``max_num_seqs``), so a request's service starts at ``start`` >=
@@ -40,6 +47,7 @@ from vllm_launcher.scheduler import (
     Dispatch,
     LanePolicy,
     LaneStateChanged,
+    Preempt,
     Reject,
     Scheduler,
     SchedulerSettings,
@@ -72,6 +80,14 @@ class RequestRecord:
     start: float | None = None  # service began (== dispatch unless the engine's batch was full)
     client: str | None = None  # closed-loop client that sent it
     task: Hashable = None  # the client's task (e.g. one agent loop iteration) it belongs to
+    preempted: list[float] = field(default_factory=list)  # when it went back in line (Preempt)
+    dispatches: list[float] = field(default_factory=list)  # every Dispatch of it
+    abort_reason: str | None = None
+    attempt: int = 0  # bumped by every dispatch: a finish of an earlier attempt is void
+
+    def waits(self) -> list[tuple[float, float]]:
+        """Its waits for a dispatch: (arrival or preemption, dispatch)."""
+        return list(zip([self.arrival, *self.preempted], self.dispatches))
 
     @property
     def wait(self) -> float | None:
@@ -105,6 +121,20 @@ class SimResult:
     end_time: float
     policy: object = None  # the policy object, in its final state
     failed_loads: list[tuple[float, str]] = field(default_factory=list)  # start or wake failed: (time, lane)
+    peak_inflight: dict[str, int] = field(default_factory=dict)  # most requests dispatched to a lane's engine at once
+
+    def not_ready_seconds(self, lane: str, start: float, end: float) -> float:
+        """How long, within (start, end], the lane was not READY (its requests waited for a load)."""
+        state, since, total = "stopped", 0.0, 0.0
+        for time, name, _old, new, _reason in self.timeline:
+            if name != lane:
+                continue
+            if state != "ready":
+                total += max(0.0, min(time, end) - max(since, start))
+            state, since = new, time
+        if state != "ready":
+            total += max(0.0, end - max(since, start))
+        return total
 
     @property
     def switch_count(self) -> int:
@@ -217,6 +247,9 @@ def simulate(
     wake_seconds: Seconds = 2.0,
     sleep_failures: Callable[[str, int], bool] | None = None,
     wake_failures: Callable[[str, int], bool] | None = None,
+    streams: Iterable[Hashable] = (),
+    gauges: bool = False,
+    stalls: Iterable[tuple[float, str]] = (),
 ) -> SimResult:
     """Run the simulation; see the module docstring.
 
@@ -260,6 +293,11 @@ def simulate(
         push(time, "arrival", request_id)
     for time, lane in crashes:
         push(time, "crash", lane)
+    for time, lane in stalls:
+        push(time, "stall", lane)
+    # policies without these events (the baselines) are not told
+    streams = frozenset(streams) if hasattr(pol, "output_started") else frozenset()
+    gauges = gauges and hasattr(pol, "engine_load")
     for time, request_id in cancels:
         push(time, "cancel", request_id)
     client_steps: dict[str, Iterator] = {}
@@ -313,7 +351,9 @@ def simulate(
         rec = records[request_id]
         rec.start = now
         serving[lane].add(request_id)
-        push(now + rec.service, "finish", request_id, lane)
+        push(now + rec.service, "finish", request_id, lane, rec.attempt)
+        if request_id in streams:
+            pol.output_started(request_id, now)
 
     def fill(lane: str) -> None:
         queue = engine_queue[lane]
@@ -325,6 +365,11 @@ def simulate(
     def drop(lane: str, request_id: Hashable) -> None:
         running[lane].discard(request_id)
         serving[lane].discard(request_id)
+    peak: dict[str, int] = {}
+
+    def lanes_up() -> list[str]:
+        return [name for name, up in engine_up.items() if up and running[name]]
+
     last_dispatched_lane: str | None = None
     scheduled_ticks: set[float] = set()
     now = 0.0
@@ -339,7 +384,8 @@ def simulate(
     def decide(action: Dispatch | Reject) -> RequestRecord:
         """The record of a request the policy dispatches or rejects: once, and for its own lane."""
         rec = records[action.request_id]
-        if rec.dispatch is not None or rec.reject is not None or rec.outcome == "cancelled":
+        if rec.outcome != "preempted" and (rec.dispatch is not None or rec.reject is not None
+                                           or rec.outcome == "cancelled"):
             raise AssertionError(f"request {action.request_id!r} decided twice: {action}")
         if action.lane != rec.lane:
             raise AssertionError(f"request {action.request_id!r} routed to {action.lane}")
@@ -352,10 +398,13 @@ def simulate(
                 case Dispatch(request_id=request_id, lane=lane):
                     rec = decide(action)
                     rec.dispatch = now
+                    rec.dispatches.append(now)
+                    rec.attempt += 1
                     rec.outcome = "dispatched"
                     rec.previous_lane = last_dispatched_lane
                     last_dispatched_lane = lane
                     running[lane].add(request_id)
+                    peak[lane] = max(peak.get(lane, 0), len(running[lane]))
                     if len(serving[lane]) < capacity(lane):
                         serve(lane, request_id)
                     else:
@@ -400,8 +449,21 @@ def simulate(
                             raise AssertionError(f"abort of {request_id!r}, not in flight on {lane}")
                         drop(lane, request_id)
                         records[request_id].outcome = "aborted"
+                        records[request_id].abort_reason = action.reason
                         records[request_id].finish = now
                         ended(records[request_id])
+                    fill(lane)
+                case Preempt(lane=lane):
+                    for request_id in action.request_ids:
+                        if request_id not in running[lane]:
+                            raise AssertionError(f"preemption of {request_id!r}, not in flight on {lane}")
+                        drop(lane, request_id)
+                        if request_id in engine_queue[lane]:
+                            engine_queue[lane].remove(request_id)
+                        rec = records[request_id]
+                        rec.outcome = "preempted"
+                        rec.preempted.append(now)
+                        rec.start = None
                     fill(lane)
                 case LaneStateChanged():
                     timeline.append((now, action.lane, str(action.old), str(action.new), action.reason))
@@ -418,8 +480,8 @@ def simulate(
             (request_id,) = data
             play(pol.submit(request_id, records[request_id].lane, now))
         elif kind == "finish":
-            request_id, lane = data
-            if request_id in running[lane]:
+            request_id, lane, attempt = data
+            if request_id in running[lane] and records[request_id].attempt == attempt:
                 drop(lane, request_id)
                 records[request_id].finish = now
                 records[request_id].outcome = "finished"
@@ -457,16 +519,24 @@ def simulate(
                 serving[lane].clear()
                 engine_queue[lane].clear()
                 play(pol.engine_exited(lane, now, f"{lane}: injected crash"))
+        elif kind == "stall":
+            (lane,) = data
+            if engine_up[lane]:
+                play(pol.preempt(lane, now, "stalled"))
         elif kind == "tick":
             scheduled_ticks.discard(now)
             play(pol.tick(now))
+        if gauges:
+            for lane in lanes_up():
+                play(pol.engine_load(lane, now, len(serving[lane]),
+                                     sum(1 for i in engine_queue[lane] if i in running[lane])))
         if check and hasattr(pol, "check_invariants"):
             pol.check_invariants()
         deadline = pol.next_deadline()
         if deadline is not None and deadline > now and deadline not in scheduled_ticks:
             scheduled_ticks.add(deadline)
             push(deadline, "tick")
-    return SimResult(records, timeline, switches, starts, ready, now, pol, failed_loads)
+    return SimResult(records, timeline, switches, starts, ready, now, pol, failed_loads, peak)
 
 
 def random_workload(

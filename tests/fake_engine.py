@@ -17,6 +17,9 @@ FAKE_CRASH_EVERY=lo-hi  exit (status 9) when the Nth generation request arrives,
                         at each start (every request in flight dies with it)
 FAKE_STALL_AFTER=n      a hung engine: from the nth generation request on, no token comes for any
                         request (new ones too), while /health and /metrics keep answering
+FAKE_BATCH=n            a finite batch like vLLM's scheduler (its KV cache, whatever --max-num-seqs says):
+                        n requests generate at once, the rest wait in the engine; /metrics shows
+                        vllm:num_requests_running and vllm:num_requests_waiting as vLLM does
 FAKE_PATH_LOG=file      append every request's method and raw path (as received, ?query too) to file
 FAKE_PRINT=text         print this line at start (before any FAKE_*START* failure)
 
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -202,13 +206,34 @@ async def warmup_faults(request: Request, body: dict):
     return None
 
 
+@contextlib.asynccontextmanager
+async def in_batch(state: dict, slots: asyncio.Semaphore | None):
+    """A place in the engine's batch (FAKE_BATCH: waiting in the engine until one frees), counted
+    in vLLM's gauges: waiting until it has one, then running."""
+    state["waiting"] += 1
+    try:
+        if slots is not None:
+            await slots.acquire()
+    finally:
+        state["waiting"] -= 1
+    state["running"] += 1
+    try:
+        yield
+    finally:
+        state["running"] -= 1
+        if slots is not None:
+            slots.release()
+
+
 def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
     key = os.environ.get("VLLM_API_KEY")
     token_delay = env_float("FAKE_TOKEN_DELAY")
     die_after = int(os.environ.get("FAKE_DIE_AFTER_TOKENS") or 0)
     task = os.environ.get("FAKE_TASK")
     state = {"requests": 0, "running": 0, "sleeping": 0, "generated": 0, "tokens": 0, "crash_at": crash_at(),
-             "stalled": asyncio.Event()}
+             "stalled": asyncio.Event(), "waiting": 0}
+    batch = int(os.environ.get("FAKE_BATCH") or 0)
+    slots = asyncio.Semaphore(batch) if batch else None
 
     def unauthorized(request: Request):
         if key and request.headers.get("authorization") != f"Bearer {key}":
@@ -227,6 +252,9 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
             "# HELP vllm:num_requests_running Number of requests running.\n"
             "# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{model_name="{served}"}} {state["running"]}\n'
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="{served}"}} {state["waiting"]}\n'
             "# HELP vllm:prompt_tokens_total Prompt tokens.\n"
             "# TYPE vllm:prompt_tokens_total counter\n"
             f'vllm:prompt_tokens_total{{model_name="{served}"}} {state["requests"] * 3}\n'
@@ -287,24 +315,22 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
         kind = "chat.completion" if chat else "text_completion"
-        state["running"] += 1
         if not body.get("stream"):
             async def generate_all():
-                for count, _ in enumerate(tokens, 1):
-                    await token(state, delay)
-                    if dies_after and count >= dies_after:
-                        os._exit(9)
+                async with in_batch(state, slots):
+                    for count, _ in enumerate(tokens, 1):
+                        await token(state, delay)
+                        if dies_after and count >= dies_after:
+                            os._exit(9)
 
-            try:                            # like vLLM, a client that leaves aborts its generation
-                if not await until_disconnect(request, generate_all()):
-                    return PlainTextResponse("", status_code=499)
-            finally:
-                state["running"] -= 1
+            # like vLLM, a client that leaves aborts its generation
+            if not await until_disconnect(request, generate_all()):
+                return PlainTextResponse("", status_code=499)
             return JSONResponse({"id": ident, "object": kind, "created": created, "model": served,
                                  "choices": [choice("".join(tokens), "length")], "usage": usage})
 
         async def events():
-            try:
+            async with in_batch(state, slots):
                 for count, word in enumerate(tokens, 1):
                     await token(state, delay)
                     if dies_after and count >= dies_after:
@@ -318,8 +344,6 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
                 yield "data: [DONE]\n\n"
                 # vLLM ends the response a moment after its last event; a client may leave first
                 await asyncio.sleep(float(os.environ.get("FAKE_LINGER_AFTER_DONE") or 0))
-            finally:
-                state["running"] -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

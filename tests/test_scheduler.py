@@ -8,6 +8,7 @@ import pytest
 
 from vllm_launcher.scheduler import (
     AbortInflight,
+    Preempt,
     Dispatch,
     LanePolicy,
     LaneState,
@@ -191,7 +192,7 @@ def test_ready_dispatches_whole_queue_and_hold_applies_to_later_arrivals():
     s.check_invariants()
 
 
-def test_drain_timeout_aborts_inflight_then_stops():
+def test_drain_timeout_puts_unanswered_requests_back_in_line_then_stops():
     s = make(switch_max_wait=30.0, drain_timeout=120.0)
     bring_up(s, "a", 0.0)
     s.submit("a1", "a", 0.0)
@@ -200,10 +201,11 @@ def test_drain_timeout_aborts_inflight_then_stops():
     s.tick(31.0)
     assert s.next_deadline() == pytest.approx(151.0)
     acts = s.tick(151.0)
-    assert acts[0] == AbortInflight("a", ("a1", "a2"), "drain_timeout")
+    assert acts[0] == Preempt("a", ("a1", "a2"), "drain_timeout")
+    assert not of(acts, AbortInflight)
     assert StopEngine("a", "max_wait") in acts
-    assert s.inflight("a") == 0
-    assert s.finish("a1", 152.0) == []  # forgotten
+    assert s.inflight("a") == 0 and s.queue_depth("a") == 2 and s.queued_ahead("a1") == 0
+    assert s.finish("a1", 152.0) == []  # no longer in flight: ignored
     s.check_invariants()
 
 
@@ -238,30 +240,31 @@ def test_queue_full_counts_only_waiting_requests():
     assert of(s.submit("b2", "b", 1.0), Reject)[0].code == "queue_full"
 
 
-def test_queue_timeout_rejects_with_retry_after_growing_with_queue():
-    def run(extra: int) -> Reject:
-        s = make(queue_timeout=100.0, switch_max_wait=1000.0, fair_wait=None)
-        bring_up(s, "a", 0.0)
-        s.submit("a0", "a", 0.0)
-        s.submit("b0", "b", 1.0)
-        for i in range(extra):
-            s.submit(f"b{i + 1}", "b", 50.0)
-        assert s.next_deadline() == pytest.approx(101.0)
-        acts = s.tick(101.0)
-        (reject,) = of(acts, Reject)
-        assert (reject.request_id, reject.status, reject.code) == ("b0", 503, "queue_timeout")
-        assert s.queue_depth("b") == extra
-        s.check_invariants()
-        return reject
+def test_queue_timeout_only_for_a_loaded_lane_that_takes_nothing():
+    """Waiting for other lanes' turns never times out; a loaded lane whose engine takes none of
+    its queue for queue_timeout answers its queue 503 queue_timeout with a Retry-After."""
+    s = Scheduler([LanePolicy("a", max_inflight=1), LanePolicy("b")],
+                  SchedulerSettings(queue_timeout=100.0, switch_max_wait=1000.0, fair_wait=None))
+    bring_up(s, "a", 0.0)
+    s.submit("a0", "a", 0.0)
+    s.submit("b0", "b", 1.0)  # waits for a's turn to end: no queue timeout
+    for i in range(3):
+        s.submit(f"a{i + 1}", "a", 1.0)  # a's window (1) is full: queued in the launcher
+    assert s.queue_depth("a") == 3
+    assert not of(s.tick(99.0), Reject)
+    acts = s.tick(100.0)  # a took nothing of its queue since it became ready at 0
+    rejects = of(acts, Reject)
+    assert [(r.request_id, r.status, r.code) for r in rejects] == [(f"a{i}", 503, "queue_timeout") for i in (1, 2, 3)]
+    assert all(r.retry_after >= 1 for r in rejects)
+    assert s.queue_depth("b") == 1  # b's request waits on
+    s.check_invariants()
 
-    assert run(10).retry_after > run(1).retry_after >= 1
 
-
-def test_retry_after_follows_observed_switch_time():
+def test_retry_after_follows_the_lanes_own_start_time():
     def reject_after(observed):
         s = make(queue_max=1)
         for seconds in observed:
-            s.observe_switch_seconds(seconds)
+            s.observe_engine_seconds("b", "start", seconds)
         bring_up(s, "a", 0.0)
         s.submit("a0", "a", 0.0)
         s.submit("b0", "b", 1.0)

@@ -2,19 +2,29 @@
 
 The wait bound (test_wait_bound), stated and proved in vllm_launcher/scheduler.py
 ---------------------------------------------------------------------------------
-A request that arrives at t0 and is dispatched at d waited
+A request that waits from t0 (its arrival, or the moment it went back in line) until its
+dispatch at d spent, of that time, while its lane was not READY (waiting for a load)
 
-    d - t0 <= B + K * P,   P = D + T_down + T_up + X,
+    at most B + K * P,   P = D + T_down + T_up + X;
 
-B the cap (``switch_max_wait``), D the drain bound (min(drain_timeout, longest service)
-here: engines of unlimited batch), T_up the longest way up of any lane (start, wake, or a
+the rest of its wait its lane was serving earlier requests of its own (the dispatch limit).
+B the cap (``switch_max_wait``), D the drain bound (min(2 drain_timeout, longest service):
+at drain_timeout what may go back in line does, a started stream or a request back in line
+once has until 2 drain_timeout), T_up the longest way up of any lane (start, wake, or a
 failed start or wake reported), T_down the longest way down (stop; for a sleep lane a sleep
 or a failed sleep, then a stop), X = ``backoff_max`` when starts may fail or engines crash
 (else 0), and K the number of *load outcomes* in (t0, d] (a lane leaving STARTING: ready,
 woken, start or wake failed, crashed while starting) plus the switches abandoned in that
 interval (a lane that others were taken down for, whose waiters all left before it started).
 Checked over random arrivals with sleeping lanes, co-residency, start, sleep and wake
-failures, crashes, cancels and queue limits.  With one awake lane at a time and no failures
+failures, crashes, stalled engines, cancels, queue limits, dispatch limits (engines whose batch
+is the limit, or smaller and reported by their gauges) and streams.
+
+The dispatch limit and going back in line (test_dispatch_limit_and_requeue): no engine holds
+more than its lane's max_inflight; a request goes back in line at most once, only before any of
+its output reached its client; one that was back in line once and holds its engine past the
+drain bound again fails (hung_twice); a started stream is only cut at 2 drain_timeout; every
+request ends (answered once, or refused, cancelled, lost in a crash).  With one awake lane at a time and no failures
 K also stays small: at most (lanes + 1) loads complete after the request has waited F
 (fair_wait).  (With co-residency, lanes that fit may also load beside the request's own
 starting lane: K counts them too, though they do not delay it.)
@@ -31,8 +41,8 @@ import pytest
 from bench.baselines import BASELINES
 from bench.simulator import simulate, steady_stream
 from vllm_launcher.scheduler import (
-    AbortInflight, AbortReason, CloseReason, LanePolicy, Reject, RejectCode, Scheduler, SchedulerSettings,
-    SleepEngine, StopEngine, StopReason, SwitchPlanned, SwitchReason,
+    AbortInflight, AbortReason, CloseReason, LanePolicy, Preempt, PreemptReason, Reject, RejectCode, Scheduler,
+    SchedulerSettings, SleepEngine, StopEngine, StopReason, SwitchPlanned, SwitchReason,
 )
 
 pytestmark = pytest.mark.properties
@@ -73,8 +83,13 @@ def scenarios(draw, failures: bool = False, co_resident: bool = False, sleep: bo
             budget = max(shares) + draw(st.sampled_from([0.0, 0.1, 0.3]))
     else:
         levels, keeps = [0] * n, [0.0] * n
-    lanes = [LanePolicy(name, share, sleep_level=level, sleep_share=keep)
-             for name, share, level, keep in zip(names, shares, levels, keeps)]
+    limits = [draw(st.sampled_from([None, 1, 2, 4])) for _ in names]
+    lanes = [LanePolicy(name, share, sleep_level=level, sleep_share=keep, max_inflight=limit)
+             for name, share, level, keep, limit in zip(names, shares, levels, keeps, limits)]
+    # the engine's batch: the dispatch limit, or smaller (its gauges then tell the scheduler)
+    smaller = draw(st.booleans())
+    batch = {name: draw(st.sampled_from([1, 2])) if smaller and limit is not None else (limit or 10**6)
+             for name, limit in zip(names, limits)}
     count = draw(st.integers(1, 40))
     arrivals = []
     for i in range(count):
@@ -86,6 +101,7 @@ def scenarios(draw, failures: bool = False, co_resident: bool = False, sleep: bo
         (arrivals[i][0] + draw(st.floats(0, 60)), arrivals[i][1])
         for i in draw(st.lists(st.integers(0, count - 1), max_size=4, unique=True))
     ]
+    streams = [arrivals[i][1] for i in draw(st.lists(st.integers(0, count - 1), max_size=count, unique=True))]
     cap = draw(st.sampled_from([0.0, 5.0, 30.0, 60.0, 120.0]))
     cfg = SchedulerSettings(
         switch_max_wait=cap,
@@ -103,13 +119,14 @@ def scenarios(draw, failures: bool = False, co_resident: bool = False, sleep: bo
     )
     start = {name: draw(st.floats(0.5, 60).map(lambda x: round(x, 1))) for name in names}
     stop = {name: draw(st.floats(0, 10).map(lambda x: round(x, 1))) for name in names}
-    extra = {}
+    extra = {"batch_size": batch, "gauges": smaller, "streams": streams}
     if sleep:
         extra["sleep_seconds"] = {name: draw(st.floats(0, 5).map(lambda x: round(x, 1))) for name in names}
         extra["wake_seconds"] = {name: draw(st.floats(0.1, 10).map(lambda x: round(x, 1))) for name in names}
     if failures:
         extra["start_failures"] = {name: draw(st.integers(0, 5)) for name in names}
         extra["crashes"] = draw(st.lists(st.tuples(st.floats(0, 400), st.sampled_from(names)), max_size=3))
+        extra["stalls"] = draw(st.lists(st.tuples(st.floats(0, 400), st.sampled_from(names)), max_size=2))
         if sleep:
             extra["sleep_failures"] = FailsEvery(tuple(draw(st.lists(st.booleans(), min_size=1, max_size=4))))
             extra["wake_failures"] = FailsEvery(tuple(draw(st.lists(st.booleans(), min_size=1, max_size=4))))
@@ -125,7 +142,7 @@ def assert_nothing_lost(result):
         if rec.outcome == "rejected":
             assert rec.dispatch is None and rec.reject is not None
         if rec.outcome == "finished":
-            assert rec.finish == rec.dispatch + rec.service
+            assert rec.finish >= rec.dispatch + rec.service - 1e-9  # the engine's own queue may delay it
     snap = result.policy.snapshot()
     assert snap["queued"] == 0
     assert all(lane["inflight"] == 0 for lane in snap["lanes"].values())
@@ -168,6 +185,8 @@ def assert_reason_typed(action) -> None:
             assert reason in get_args(CloseReason), action
         case AbortInflight(reason=reason):
             assert reason in get_args(AbortReason), action
+        case Preempt(reason=reason):
+            assert reason in get_args(PreemptReason), action
         case Reject(code=code):
             assert code in get_args(RejectCode), action
 
@@ -223,30 +242,33 @@ def per_load(sc) -> float:
     """P = D + T_down + T_up + X (see the module docstring)."""
     cfg = sc["settings"]
     sleepy = {lane.name for lane in sc["lanes"] if lane.sleep_level}
-    drain = min(cfg.drain_timeout, max(a[3] for a in sc["arrivals"]))
+    # an engine's own queue (at most the dispatch limit beyond its batch) is drained too
+    rounds = max(-(-(lane.max_inflight or 1) // min(sc["batch_size"][lane.name], lane.max_inflight or 1))
+                 for lane in sc["lanes"])
+    drain = min(2 * cfg.drain_timeout, rounds * max(a[3] for a in sc["arrivals"]))
     up = max([*sc["start_seconds"].values(), *sc.get("wake_seconds", {}).values(), START_FAIL_SECONDS])
     down = max(
         sc["stop_seconds"][name] + (max(sc["sleep_seconds"][name], START_FAIL_SECONDS) if name in sleepy else 0.0)
         for name in sc["stop_seconds"]
     )
-    failing = bool(sc.get("start_failures") or sc.get("crashes") or sc.get("wake_failures"))
+    failing = bool(sc.get("start_failures") or sc.get("crashes") or sc.get("wake_failures") or sc.get("stalls"))
     return drain + down + up + (cfg.backoff_max if failing else 0.0)
 
 
 def check_bound(sc, result) -> int:
-    """Every dispatched request within B + K P; returns the largest K seen."""
+    """Every wait for a dispatch spent at most B + K P with its lane not READY; returns the largest K seen."""
     cfg = sc["settings"]
     outcomes = load_outcomes(result)
     abandoned = abandoned_switches(result)
     worst = 0
     for rec in result.requests.values():
-        if rec.dispatch is None:
-            continue
-        k = sum(1 for t in outcomes if rec.arrival < t <= rec.dispatch)
-        k += sum(1 for start, end in abandoned if start < rec.dispatch and end > rec.arrival)
-        bound = cfg.switch_max_wait + k * per_load(sc)
-        assert rec.wait <= bound + 1e-6, (rec, bound, k)
-        worst = max(worst, k)
+        for begun, dispatched in rec.waits():
+            k = sum(1 for t in outcomes if begun < t <= dispatched)
+            k += sum(1 for start, end in abandoned if start < dispatched and end > begun)
+            bound = cfg.switch_max_wait + k * per_load(sc)
+            waited = result.not_ready_seconds(rec.lane, begun, dispatched)
+            assert waited <= bound + 1e-6, (rec, waited, bound, k)
+            worst = max(worst, k)
     return worst
 
 
@@ -267,17 +289,69 @@ def test_wait_bound_without_failures(sc):
 @given(scenarios(sleep=True))
 def test_wait_bound_one_awake_lane_counts_few_loads(sc):
     """One awake lane at a time (sleepers beside it), no failures: the bound holds and K is
-    small: once a request has waited F the oldest waiter goes first, so at most one load per
-    lane (its own included) plus the switch already planned complete before it is served."""
+    small: once a request at the head of its lane's queue has waited F the oldest waiter goes
+    first, so at most one load per lane (its own included), the switch already planned, one more
+    for each request that went back in line meanwhile, and one per window of another lane's
+    older requests (a turn serves at least its window) complete before it is served."""
     result = simulate(**sc)
     check_bound(sc, result)
     cfg = sc["settings"]
     fair = cfg.switch_max_wait if cfg.fair_wait is None else min(cfg.fair_wait, cfg.switch_max_wait)
     outcomes = load_outcomes(result)
+    dispatches: dict[str, list[float]] = {}
+    preemptions = sorted(t for rec in result.requests.values() for t in rec.preempted)
     for rec in result.requests.values():
-        if rec.dispatch is not None:
-            late = sum(1 for t in outcomes if rec.arrival + fair < t <= rec.dispatch)
-            assert late <= len(sc["lanes"]) + 1, (rec, late)
+        dispatches.setdefault(rec.lane, []).extend(rec.dispatches)
+    for rec in result.requests.values():
+        for begun, dispatched in rec.waits():
+            # from when it is the head of its lane's queue (the lane's earlier requests all sent)
+            head = max([begun, *(t for t in dispatches[rec.lane] if t < dispatched)])
+            late = sum(1 for t in outcomes if head + fair < t <= dispatched)
+            # a request back in line is older than r: its lane may load once more before r's
+            again = sum(1 for t in preemptions if begun < t <= dispatched)
+            # and a lane's older backlog is served a window per turn (at least 1 with gauges)
+            backlog = sum(
+                -(-sum(1 for o in result.requests.values() if o.lane == lane.name and o.arrival <= rec.arrival
+                       and any(head + fair < t <= dispatched for t in o.dispatches))
+                  // (1 if sc["gauges"] else lane.max_inflight))
+                for lane in sc["lanes"] if lane.max_inflight is not None and lane.name != rec.lane)
+            assert late <= len(sc["lanes"]) + 1 + again + backlog, (rec, late, again, backlog)
+
+
+@common
+@given(scenarios(failures=True, co_resident=True, sleep=True))
+def test_dispatch_limit_and_requeue(sc):
+    result = simulate(**sc, check=True)
+    assert_nothing_lost(result)
+    limits = {lane.name: lane.max_inflight for lane in sc["lanes"]}
+    for lane, peak in result.peak_inflight.items():
+        assert limits[lane] is None or peak <= limits[lane], (lane, peak)
+    streams = set(sc["streams"])
+    drain = sc["settings"].drain_timeout
+    for rec in result.requests.values():
+        assert len(rec.preempted) <= 1, rec
+        if rec.abort_reason == "hung_twice":
+            assert rec.preempted, rec  # only a request that was back in line once
+        if rec.abort_reason == "drain_timeout":
+            assert rec.request_id in streams and rec.finish - rec.dispatch >= 2 * drain - 1e-6, rec
+
+
+@common
+@given(scenarios())
+def test_without_failures_nothing_fails_but_long_requests_after_two_bounds(sc):
+    """No failures injected: every request not cancelled is answered, except one that held its
+    engine past the drain bound twice (hung_twice: D, then 2 D) or a stream cut once it held its
+    engine 2 D."""
+    result = simulate(**sc, check=True)
+    drain = sc["settings"].drain_timeout
+    for rec in result.requests.values():
+        assert rec.outcome in ("finished", "cancelled", "aborted"), rec
+        if rec.abort_reason == "hung_twice":
+            assert rec.preempted[0] - rec.dispatches[0] >= drain - 1e-9, rec
+            assert rec.finish - rec.dispatches[1] >= 2 * drain - 1e-9, rec
+        elif rec.outcome == "aborted":
+            assert rec.abort_reason == "drain_timeout" and rec.request_id in sc["streams"], rec
+            assert rec.finish - rec.dispatch >= 2 * drain - 1e-9, rec
 
 
 @settings(max_examples=40, deadline=None)

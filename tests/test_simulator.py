@@ -3,6 +3,7 @@ clients, sleep and wake, failed loads."""
 
 from __future__ import annotations
 
+from bench.baselines import BASELINES
 from bench.simulator import Client, simulate
 from vllm_launcher.scheduler import LanePolicy, SchedulerSettings
 
@@ -20,14 +21,36 @@ def test_finite_batch_queues_at_the_engine():
     assert all(r.start == r.dispatch for r in unlimited.requests.values())
 
 
-def test_drain_timeout_aborts_the_engine_queue_too():
+def test_drain_timeout_puts_the_engine_queue_back_in_line():
+    """Batch 1, no dispatch limit: before issue 21 (the frozen scheduler) the drain bound aborted
+    what the engine still held; now it goes back in line and is served at a's next turn."""
     lanes = [LanePolicy("a"), LanePolicy("b")]
     settings = SchedulerSettings(switch_max_wait=0.0, drain_timeout=15.0)
     arrivals = [(0.0, f"a{i}", "a", 10.0) for i in range(3)] + [(6.0, "b0", "b", 1.0)]
-    result = simulate(lanes, arrivals, settings=settings, start_seconds=5.0, stop_seconds=1.0, batch_size=1)
-    outcomes = {rid: r.outcome for rid, r in result.requests.items()}
+    before = simulate(lanes, arrivals, settings=settings, start_seconds=5.0, stop_seconds=1.0, batch_size=1,
+                      policy=BASELINES["capped"])
+    outcomes = {rid: r.outcome for rid, r in before.requests.items()}
     assert outcomes == {"a0": "finished", "a1": "aborted", "a2": "aborted", "b0": "finished"}
-    assert result.requests["a2"].start is None  # never left the engine's queue
+    assert before.requests["a2"].start is None  # never left the engine's queue
+    now = simulate(lanes, arrivals, settings=settings, start_seconds=5.0, stop_seconds=1.0, batch_size=1)
+    assert all(r.outcome == "finished" for r in now.requests.values())
+    a1, a2 = now.requests["a1"], now.requests["a2"]
+    assert a1.preempted == a2.preempted == [6.0 + 15.0]  # b0 waited B = 0: a drained from 6 s
+    assert a1.dispatches[1] == a2.dispatches[1] > now.requests["b0"].finish  # a's next turn, after b
+
+
+def test_dispatch_limit_keeps_the_backlog_in_the_launcher():
+    """max_inflight 2 on an engine of batch 2: the engine never queues, the rest waits in the
+    launcher's queue, and a drain holds only what the engine generates."""
+    lanes = [LanePolicy("a", max_inflight=2), LanePolicy("b")]
+    settings = SchedulerSettings(switch_max_wait=0.0, drain_timeout=15.0)
+    arrivals = [(0.0, f"a{i}", "a", 10.0) for i in range(6)] + [(6.0, "b0", "b", 1.0)]
+    result = simulate(lanes, arrivals, settings=settings, start_seconds=5.0, stop_seconds=1.0, batch_size=2)
+    assert result.peak_inflight["a"] == 2
+    assert all(r.outcome == "finished" and not r.preempted for r in result.requests.values())
+    assert all(r.start == r.dispatch for r in result.requests.values())  # no engine queue
+    b0 = result.requests["b0"]
+    assert b0.dispatch == 5.0 + 10.0 + 1.0 + 5.0  # a's two in flight finish at 15, stop 1 s, start 5 s
 
 
 def test_closed_loop_client_waits_for_its_answer():

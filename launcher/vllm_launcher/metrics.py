@@ -21,7 +21,9 @@ class Metrics:
                                 ["lane", "status"], registry=registry)
         self.rejected = Counter("vllm_launcher_requests_rejected", "Requests refused before reaching an engine, by reason",
                                 ["lane", "reason"], registry=registry)
-        self.queue_depth = Gauge("vllm_launcher_queue_depth", "Requests waiting for their lane",
+        self.queue_depth = Gauge("vllm_launcher_queue_depth",
+                                 "Requests waiting in the launcher for their lane (its backlog beyond the "
+                                 "dispatch limit included)",
                                  ["lane"], registry=registry)
         self.queue_wait = Histogram("vllm_launcher_queue_wait_seconds", "Time from arrival to dispatch",
                                     ["lane"], buckets=WAIT_BUCKETS, registry=registry)
@@ -43,6 +45,13 @@ class Metrics:
                                     ["lane"], registry=registry)
         self.lane_state = Gauge("vllm_launcher_lane_state", "1 for the lane's current state, 0 otherwise",
                                 ["lane", "state"], registry=registry)
+        self.preempted = Counter("vllm_launcher_requests_preempted",
+                                 "Requests put back in line (cancelled upstream before any output reached the "
+                                 "client, dispatched again later), by reason", ["lane", "reason"], registry=registry)
+        self.dispatch_window = Gauge("vllm_launcher_dispatch_window",
+                                     "Requests the lane's engine may hold now: the dispatch limit (MAX_NUM_SEQS), "
+                                     "lowered while the engine's vllm:num_requests_waiting says it queues",
+                                     ["lane"], registry=registry)
 
         self._lanes: dict[str, LaneMetrics] = {}
 

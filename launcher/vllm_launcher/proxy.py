@@ -11,6 +11,12 @@ While a request is with its engine, the task serving it is cancelled when the cl
 (a watch on ASGI receive: closing the upstream connection makes vLLM abort the generation) or
 when the router aborts the ticket (drain timeout, engine crash); `_Exchange.why` says which,
 and the request ends accordingly. No other task and no wait on several futures per request.
+
+A request the router puts back in line (`Ticket.requeued`: none of its engine output reached
+the client) has its upstream connection closed and waits for its lane again, then is sent
+again; a stream that had its 200 keeps it and is kept alive meanwhile. The router is told
+(`output_started`) right before the first engine output goes to the client: from then on the
+request is never sent again.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ class _Exchange:
     """One request between its client and its engine: the ASGI callables, the task serving
     it, and why that task was cancelled (CLIENT left, ABORT by the router) once it was."""
 
-    __slots__ = ("ticket", "receive", "send", "task", "why", "watcher", "dialect")
+    __slots__ = ("ticket", "receive", "send", "task", "why", "watcher", "dialect", "started")
 
     def __init__(self, ticket: Ticket, receive, send, dialect: Dialect = OPENAI):
         self.dialect = dialect
@@ -110,6 +116,7 @@ class _Exchange:
         self.task = asyncio.current_task()
         self.why: str | None = None
         self.watcher: asyncio.Future | None = None
+        self.started = False                # the client has its 200 (a stream)
 
     def watch(self) -> None:
         """From now on the client leaving or the router aborting cancels the serving task."""
@@ -145,6 +152,10 @@ class _Exchange:
         if self.watcher is not None:
             self.watcher.cancel()
 
+    def rewind(self) -> None:
+        """Back in line: the next dispatch may be watched again."""
+        self.why = None
+
 
 class Forwarder:
     def __init__(self, router: Router, log_requests: bool):
@@ -158,15 +169,23 @@ class Forwarder:
         ticket = self.router.admit(lane)
         exchange = _Exchange(ticket, receive, send, dialect)
         try:
-            if not ticket.decided.done() and not await self._queued(exchange, path, body, content_type, stream):
-                return
-            outcome = ticket.decided.result()
-            if isinstance(outcome, APIError):
-                self._log(ticket, outcome.status)
-                await send_error(send, outcome, dialect)
-                return
-            exchange.watch()
-            await self._forward(exchange, path, body, content_type, stream)
+            while True:                         # once more for each time the request goes back in line
+                if not ticket.decided.done() and not await self._queued(exchange, stream):
+                    return
+                outcome = ticket.decided.result()
+                if isinstance(outcome, APIError):
+                    if exchange.started:
+                        self._close(ticket, outcome.status)
+                        await send({"type": "http.response.body", "body": dialect.sse_error(outcome)})
+                    else:
+                        self._log(ticket, outcome.status)
+                        await send_error(send, outcome, dialect)
+                    return
+                ticket.requeued = False
+                exchange.watch()
+                if not await self._forward(exchange, path, body, content_type, stream):
+                    return
+                exchange.rewind()
         except asyncio.CancelledError:
             self.router.cancel(ticket)
             self._close(ticket, CLIENT_CLOSED)
@@ -182,34 +201,45 @@ class Forwarder:
         finally:
             exchange.settle()
 
-    async def _queued(self, exchange: _Exchange, path: str, body: bytes, content_type: str, stream: bool) -> bool:
-        """Wait for the lane: True once decided; False when the request was answered here (the
-        client left, or a stream answered 200 early and relayed from here)."""
-        ticket = exchange.ticket
+    async def _queued(self, exchange: _Exchange, stream: bool) -> bool:
+        """Wait for the lane: True once decided; False when the client left (answered here). A
+        stream still waiting after PROGRESS_AFTER is answered 200 and kept alive with the
+        dialect's keep-alives (which are no engine output) until it is decided."""
+        ticket, send = exchange.ticket, exchange.send
         disconnect = asyncio.ensure_future(exchange.receive())
-        waiters = [ticket.decided, disconnect]
-        if stream:
-            waiters.append(asyncio.ensure_future(asyncio.sleep(PROGRESS_AFTER)))    # patience
         try:
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            while not ticket.decided.done():        # `decided` is a new future after going back in line
+                patience = None if not stream else PROGRESS_EVERY if exchange.started else PROGRESS_AFTER
+                await asyncio.wait([ticket.decided, disconnect], timeout=patience,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if ticket.decided.done():
+                    break
+                if disconnect.done():
+                    self.router.cancel(ticket)
+                    self._close(ticket, CLIENT_CLOSED)
+                    return False
+                if stream:
+                    if not exchange.started:
+                        await send({"type": "http.response.start", "status": 200,
+                                    "headers": [(b"content-type", EVENT_STREAM)]})
+                        exchange.started = True
+                    state = self.router.lane_state(ticket.lane).value
+                    if progress := self.router.lane_progress(ticket.lane):
+                        state = f"{state}, {progress}"       # e.g. "starting, waiting for cluster (1/2 nodes)"
+                    waited = time.monotonic() - ticket.arrived
+                    await send({"type": "http.response.body", "more_body": True, "body": exchange.dialect.keepalive(
+                        f"waiting for lane {ticket.lane} ({state}, {waited:.0f} s)")})
         finally:
-            for waiter in waiters[1:]:
-                waiter.cancel()
-        if ticket.decided.done():
-            return True
-        if disconnect in done:
-            self.router.cancel(ticket)
-            self._close(ticket, CLIENT_CLOSED)
-            return False
-        await self._waiting_stream(exchange, path, body, content_type)
-        return False
+            disconnect.cancel()
+        return True
 
-    async def _forward(self, exchange: _Exchange, path: str, body: bytes, content_type: str, stream: bool,
-                       started: bool = False) -> None:
+    async def _forward(self, exchange: _Exchange, path: str, body: bytes, content_type: str, stream: bool) -> bool:
         """The engine's answer: a whole body, or a stream byte for byte; an error answer, or an
-        error event once a stream has begun, if it breaks or is aborted. With STARTED the client
-        has its 200 already (a stream that waited for its lane)."""
+        error event once a stream has begun, if it breaks or is aborted. True when the request
+        went back in line instead (its upstream closed; nothing of the engine's was sent)."""
         ticket, send, dialect = exchange.ticket, exchange.send, exchange.dialect
+        started = exchange.started          # the client has its 200 (a stream that waited for its lane)
+        relayed = False
         done_event = dialect.done_event
         error = upstream = None
         tail = b""                          # the stream's last bytes: has the client had [DONE]?
@@ -230,16 +260,19 @@ class Forwarder:
                         headers.append((b"content-type", kind.encode("latin-1")))
                     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                     await send({"type": "http.response.body", "body": content})
-                    return
+                    return False
             else:
                 if not started:
                     kind = upstream.headers.get("Content-Type", "text/event-stream").encode("latin-1")
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
-                    started = True
+                    started = exchange.started = True
                 repair = dialect.stream()
                 async for chunk in upstream.content.iter_any():
                     if repair is not None and not (chunk := repair.feed(chunk)):
                         continue
+                    if not relayed:             # from here on it can no longer go back in line
+                        relayed = True
+                        self.router.output_started(ticket)
                     # a reference to the chunk, copied only when a chunk is shorter than the event
                     tail = chunk if len(chunk) >= len(done_event) else (tail + chunk)[-len(done_event):]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -249,7 +282,9 @@ class Forwarder:
             if exchange.stopped() == CLIENT:
                 # A client that leaves once it has the stream's last event was served in full.
                 self._close(ticket, 200 if tail.endswith(done_event) else CLIENT_CLOSED)
-                return
+                return False
+            if ticket.requeued:
+                return True                 # finally closes the upstream: the engine aborts it
             error = ticket.aborted.result()
         except _Aborted:
             error = ticket.aborted.result()
@@ -270,37 +305,7 @@ class Forwarder:
         else:
             self._close(ticket, error.status)
             await send_error(send, error, dialect)
-
-    async def _waiting_stream(self, exchange: _Exchange, path: str, body: bytes, content_type: str) -> None:
-        """A stream answered 200 before its lane was ready: comments while it waits, then the
-        engine's stream, or an SSE error event for whatever ends it."""
-        ticket, send = exchange.ticket, exchange.send
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", EVENT_STREAM)]})
-        disconnect = asyncio.ensure_future(exchange.receive())
-        try:
-            while not ticket.decided.done():
-                state = self.router.lane_state(ticket.lane).value
-                progress = self.router.lane_progress(ticket.lane)
-                if progress:
-                    state = f"{state}, {progress}"       # e.g. "starting, waiting for cluster (1/2 nodes)"
-                waited = time.monotonic() - ticket.arrived
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": exchange.dialect.keepalive(f"waiting for lane {ticket.lane} ({state}, {waited:.0f} s)")})
-                await asyncio.wait([ticket.decided, disconnect], timeout=PROGRESS_EVERY,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if disconnect.done():
-                    self.router.cancel(ticket)
-                    self._close(ticket, CLIENT_CLOSED)
-                    return
-        finally:
-            disconnect.cancel()
-        outcome = ticket.decided.result()
-        if isinstance(outcome, APIError):
-            self._close(ticket, outcome.status)
-            await send({"type": "http.response.body", "body": exchange.dialect.sse_error(outcome)})
-            return
-        exchange.watch()
-        await self._forward(exchange, path, body, content_type, stream=True, started=True)
+        return False
 
     def _close(self, ticket: Ticket, status: int, usage: dict | None = None) -> None:
         if ticket.finished:

@@ -26,14 +26,17 @@ from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
 from .scheduler import (
-    AbortInflight, Action, CloseReason, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject, Scheduler,
-    SchedulerSettings, SleepEngine, StartEngine, StopEngine, StopReason, SwitchPlanned, WakeEngine,
+    AbortInflight, Action, CloseReason, Dispatch, LanePolicy, LaneState, LaneStateChanged, Preempt, PreemptReason,
+    Reject, Scheduler, SchedulerSettings, SleepEngine, StartEngine, StopEngine, StopReason, SwitchPlanned,
+    WakeEngine,
 )
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.router")
 
 IDLE_POLL = 0.5
+GAUGE_EVERY = 0.25      # seconds between reads of a busy engine's vllm:num_requests_running / _waiting
+_GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Ticket:
     engine: Engine | None = None
     finished: bool = False
     on_abort: Callable[[], None] | None = None     # closes the upstream response of a stream
+    requeued: bool = False                         # back in line (Preempt): `decided` is a new future
 
 
 @dataclass
@@ -86,13 +90,16 @@ class Router:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._changed = asyncio.Event()
+        self._gauges: asyncio.Task | None = None
         for lane in config.lanes:
             self.metrics.set_state(lane, LaneState.STOPPED.value)
+            self._show_window(lane)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, preload: str | None) -> None:
         self._set_timer()
+        self._gauges = asyncio.create_task(self._read_gauges())
         if preload:
             self._apply(self.scheduler.load(preload, self.clock()))
 
@@ -106,7 +113,7 @@ class Router:
         """After shutdown: wait until every engine is stopped, bounded, then make sure of it."""
         self.begin_shutdown()
         server = self.config.server
-        bound = server.drain_timeout + server.stop_timeout + server.start_timeout + 30
+        bound = 2 * server.drain_timeout + server.stop_timeout + server.start_timeout + 30
         try:
             await asyncio.wait_for(self._wait_idle(), bound)
         except asyncio.TimeoutError:
@@ -117,6 +124,9 @@ class Router:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        if self._gauges is not None:
+            self._gauges.cancel()
+            self._gauges = None
 
     async def _wait_idle(self) -> None:
         while not (self.scheduler.is_idle() and not any(s.busy() for s in self.supervisors.values())):
@@ -152,6 +162,18 @@ class Router:
             lane_metrics.inflight.dec()
             self._apply(self.scheduler.finish(ticket.id, self.clock()))
 
+    def output_started(self, ticket: Ticket) -> None:
+        """Some of the engine's output is about to reach the client: the request can no longer go
+        back in line. Call it synchronously right before that output is sent."""
+        if ticket.dispatched_at is not None:
+            self._apply(self.scheduler.output_started(ticket.id, self.clock()))
+
+    def preempt(self, lane: str, reason: PreemptReason = "stalled") -> None:
+        """The lane's engine stalled (the watchdog): its unanswered requests go back in line (at
+        most once; a request back in line before fails, a started stream is cut) and the engine
+        is stopped; it loads again for its queue."""
+        self._apply(self.scheduler.preempt(lane, self.clock(), reason))
+
     # ------------------------------------------------------------------ lane control
 
     def load(self, lane: str) -> None:
@@ -186,6 +208,8 @@ class Router:
                     self._spawn(self._wake_engine(lane))
                 case AbortInflight():
                     self._abort_inflight(action)
+                case Preempt():
+                    self._preempt(action)
                 case LaneStateChanged():
                     self._lane_state_changed(action)
                 case SwitchPlanned():
@@ -224,13 +248,47 @@ class Router:
         record.switch_began = record.switch_began or self.clock()
 
     def _abort_inflight(self, action: AbortInflight) -> None:
-        error = APIError(503, f"lane {action.lane!r} was switched out before this request finished "
-                              f"({action.reason}, VLLM_DRAIN_TIMEOUT={self.config.server.drain_timeout:g} s)",
-                         "drain_timeout")
+        error = self._abort_error(action)
         for request_id in action.request_ids:
             ticket = self.tickets.get(request_id)
             if ticket is not None:
                 self._abort(ticket, error)
+
+    def _abort_error(self, action: AbortInflight) -> APIError:
+        drain = self.config.server.drain_timeout
+        match action.reason:
+            case "drain_timeout":
+                return APIError(503, f"lane {action.lane!r} was switched out: this stream had already sent output "
+                                     f"and was cut at twice the drain bound ({2 * drain:g} s, VLLM_DRAIN_TIMEOUT="
+                                     f"{drain:g} s); retry, or raise VLLM_DRAIN_TIMEOUT", "drain_timeout")
+            case "hung_twice":
+                return APIError(503, f"this request went back in line once and held lane {action.lane!r} again: "
+                                     f"past the drain bound (twice {drain:g} s, VLLM_DRAIN_TIMEOUT) while other "
+                                     f"lanes waited, or on an engine that hung ({self.supervisors[action.lane].last_error}"
+                                     "); it is not sent a third time: ask for fewer tokens, or raise "
+                                     "VLLM_DRAIN_TIMEOUT", "hung_twice")
+            case "stalled":
+                return APIError(503, f"the engine of lane {action.lane!r} hung after this stream had begun: "
+                                     f"{self.supervisors[action.lane].last_error}", "engine_hung")
+            case _:
+                assert_never(action.reason)
+
+    def _preempt(self, action: Preempt) -> None:
+        """Back in line: cancel each request upstream (the proxy closes its connection and waits
+        again) and give its ticket a new `decided`."""
+        self.metrics.preempted.labels(action.lane, action.reason).inc(len(action.request_ids))
+        lane_metrics = self.metrics.lane(action.lane)
+        lane_metrics.queue_depth.set(self.scheduler.queue_depth(action.lane))
+        for request_id in action.request_ids:
+            ticket = self.tickets.get(request_id)
+            if ticket is None or ticket.dispatched_at is None:
+                continue
+            lane_metrics.inflight.dec()
+            ticket.dispatched_at = ticket.engine = None
+            ticket.requeued = True
+            ticket.decided = asyncio.get_running_loop().create_future()
+            if ticket.on_abort is not None:
+                ticket.on_abort()
 
     def _abort(self, ticket: Ticket, error: APIError) -> None:
         if not ticket.aborted.done():
@@ -334,6 +392,35 @@ class Router:
         for ticket in [t for t in self.tickets.values() if t.engine is engine]:
             self._abort(ticket, crashed)
 
+    # ------------------------------------------------------------------ the engines' gauges
+
+    async def _read_gauges(self) -> None:
+        """Every GAUGE_EVERY, each lane with requests in its engine and a dispatch limit reports
+        its engine's vllm:num_requests_running and _waiting (the engine's /metrics) to the
+        scheduler, which holds back while the engine queues internally."""
+        while True:
+            await asyncio.sleep(GAUGE_EVERY)
+            for lane, supervisor in self.supervisors.items():
+                engine = supervisor.engine
+                if engine is None or not self.scheduler.inflight(lane) or not self.scheduler.window(lane):
+                    continue
+                try:
+                    text = (await engine.get("/metrics", timeout=GAUGE_EVERY * 4)).text
+                except Exception:                   # noqa: BLE001 - no reading this time; the crash path reports
+                    continue
+                counts = {"running": 0.0, "waiting": 0.0}
+                for kind, value in _GAUGE.findall(text):
+                    counts[kind] += float(value)
+                if supervisor.engine is engine:
+                    self._apply(self.scheduler.engine_load(lane, self.clock(), int(counts["running"]),
+                                                           int(counts["waiting"])))
+                    self._show_window(lane)
+
+    def _show_window(self, lane: str) -> None:
+        window = self.scheduler.window(lane)
+        if window is not None:
+            self.metrics.dispatch_window.labels(lane).set(window)
+
     # ------------------------------------------------------------------ timer
 
     def _set_timer(self) -> None:
@@ -411,6 +498,8 @@ class Router:
             "last_switch_seconds": record.last_switch_seconds,
             "sleep": self.sleep_status(lane), "last_wake_seconds": timings.wake_seconds,
             "last_sleep_seconds": timings.sleep_seconds,
+            "max_inflight": snapshot.get("max_inflight"), "dispatch_window": snapshot.get("window"),
+            "preempted": snapshot.get("preemptions", 0),
         }
 
     def _wall(self, monotonic: float | None) -> float | None:
@@ -458,4 +547,4 @@ def lane_policy(lane, config: LauncherConfig) -> LanePolicy:
         elif device:
             sleep_share = config.server.sleep_overhead_gb * 1e9 / device
     return LanePolicy(lane.name, share, lane.idle_timeout, sleep_level=level,
-                      sleep_share=min(max(sleep_share, 0.0), share))
+                      sleep_share=min(max(sleep_share, 0.0), share), max_inflight=lane.settings.get("MAX_NUM_SEQS"))

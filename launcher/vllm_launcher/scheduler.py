@@ -263,9 +263,13 @@ _GOING_TO_SLEEP = frozenset({Stage.FALLING_ASLEEP, Stage.FALLING_ASLEEP_THEN_STO
 # Reasons the actions carry (metrics labels, logs, error codes): these strings and no others.
 CloseReason = Literal["idle", "max_wait", "cost", "load"]  # why a lane is switched out (see Policy)
 SwitchReason = Literal[CloseReason, "co_resident"]  # SwitchPlanned: co_resident = it fits beside others
-StopReason = Literal[CloseReason, "unload", "idle_timeout", "shutdown", "sleep_failed", "wake_failed"]
+StopReason = Literal[CloseReason, "unload", "idle_timeout", "shutdown", "sleep_failed", "wake_failed", "stalled"]
 RejectCode = Literal["queue_full", "queue_timeout", "lane_failed", "shutting_down", "cluster_unavailable"]
-AbortReason = Literal["drain_timeout"]
+# AbortInflight: drain_timeout = a started stream cut at the second drain bound (2 D); hung_twice = a request
+# that held its engine past the drain bound (or stalled it) a second time; stalled = a started stream on a
+# stalled engine
+AbortReason = Literal["drain_timeout", "hung_twice", "stalled"]
+PreemptReason = Literal["drain_timeout", "stalled"]  # Preempt: why unanswered requests went back in line
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ class LanePolicy:
     idle_timeout: float | None = None  # stop the lane after this long unused
     sleep_level: int = 0  # vLLM sleep mode: 0 off (stop/start), 1 or 2 (sleep/wake)
     sleep_share: float = 0.0  # memory a sleeping engine holds (level 1: its weights; level 2: overhead)
+    max_inflight: int | None = None  # N_L: requests in its engine at once (--max-num-seqs); None: no limit
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -287,14 +292,16 @@ class LanePolicy:
             raise ValueError(f"lane {self.name}: sleep_level must be 0, 1 or 2")
         if not 0 <= self.sleep_share <= self.share:
             raise ValueError(f"lane {self.name}: sleep_share must be in [0, share]")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"lane {self.name}: max_inflight must be >= 1")
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
     switch_max_wait: float = 120.0  # the cap B (VLLM_SWITCH_MAX_WAIT), chosen by bench/scheduling.py
     drain_timeout: float = 120.0
-    queue_max: int = 1024
-    queue_timeout: float = 600.0
+    queue_max: int = 4096  # requests waiting in the launcher's queues, all lanes
+    queue_timeout: float = 600.0  # a loaded lane that takes none of its queue for this long: its queue gets 503
     memory_budget: float | None = None  # None: the largest lane share
     max_restarts: int = 5
     backoff_initial: float = 1.0
@@ -394,6 +401,17 @@ class AbortInflight:
 
 
 @dataclass(frozen=True)
+class Preempt:
+    """Cancel these in-flight requests upstream (none of their engine output reached the client):
+    they are back at the head of their lane's queue and a later ``Dispatch`` sends them again.
+    Do not call ``finish`` for them; a ``finish`` for them before that ``Dispatch`` is ignored."""
+
+    lane: str
+    request_ids: tuple[Hashable, ...]
+    reason: PreemptReason
+
+
+@dataclass(frozen=True)
 class LaneStateChanged:
     lane: str
     old: LaneState
@@ -408,8 +426,8 @@ class SwitchPlanned:
     reason: SwitchReason
 
 
-Action = (Dispatch | Reject | StartEngine | StopEngine | SleepEngine | WakeEngine | AbortInflight | LaneStateChanged
-          | SwitchPlanned)
+Action = (Dispatch | Reject | StartEngine | StopEngine | SleepEngine | WakeEngine | AbortInflight | Preempt
+          | LaneStateChanged | SwitchPlanned)
 
 
 # ----------------------------------------------------------------- internals
@@ -422,6 +440,8 @@ class _Request:
     submitted: float
     dispatched: float | None = None
     seq: int = 0  # submission order (FIFO between requests submitted at the same time)
+    preempted: int = 0  # times it went back in line (at most once: see "Preemption")
+    started: bool = False  # some of its engine output reached its client: it can no longer go back in line
 
 
 @dataclass
@@ -435,6 +455,9 @@ class _Lane:
     ready_since: float | None = None
     drain_started: float | None = None
     drain_reason: StopReason = "unload"  # DRAINING: the reason it stops or sleeps with (set by each drain)
+    window: int | None = None  # requests sent to its engine at most now (<= max_inflight; the gauges lower it)
+    progress_at: float = -math.inf  # READY: when it last took a request of its queue (or became ready)
+    preemptions: int = 0  # requests that went back in line, for /lanes and metrics
     failures: int = 0  # consecutive crash loops: failed starts, crashes before serving a few requests
     setbacks: int = 0  # failed starts that do not count (the server's own resources), for the back-off
     served: int = 0  # requests finished by the current engine since it became ready
@@ -452,6 +475,9 @@ class _Lane:
     costs: dict[str, float] = field(default_factory=dict)  # measured seconds: start, stop, sleep, wake
     services: deque[float] = field(default_factory=deque)  # recent service times (dispatch to finish)
 
+    def __post_init__(self) -> None:
+        self.window = self.policy.max_inflight
+
     @property
     def state(self) -> LaneState:
         return self.stage.state
@@ -459,6 +485,10 @@ class _Lane:
     @property
     def name(self) -> str:
         return self.policy.name
+
+    def has_room(self) -> bool:
+        """Its engine may take one more request (the dispatch limit)."""
+        return self.window is None or len(self.inflight) < self.window
 
     @property
     def share(self) -> float:
@@ -520,7 +550,7 @@ class Scheduler:
             return out
         self._seq += 1
         req = _Request(request_id, lane, now, seq=self._seq)
-        if ln.state is LaneState.READY:
+        if ln.state is LaneState.READY and not ln.queue and ln.has_room():
             self._requests[request_id] = req
             self._dispatch(ln, req, now, out)
             return out
@@ -573,6 +603,44 @@ class Scheduler:
         self._schedule(now, out)
         return out
 
+    def output_started(self, request_id: Hashable, now: float) -> list[Action]:
+        """Some of the request's engine output reached its client (a stream's first engine byte
+        relayed; a whole answer read): it can no longer go back in line (see "Preemption")."""
+        now, out = self._begin(now)
+        req = self._requests.get(request_id)
+        if req is not None and req.dispatched is not None:
+            req.started = True
+            self._lanes[req.lane].output_seen = True  # its engine served (see "Restarts")
+        return out
+
+    def engine_load(self, lane: str, now: float, running: int, waiting: int) -> list[Action]:
+        """The engine's own gauges (vLLM's ``vllm:num_requests_running`` / ``_waiting``): while it
+        queues requests internally (``waiting > 0``) the lane's window is what it really runs
+        (at least 1); while it runs all it was given and queues none, the window doubles, up to
+        ``max_inflight``."""
+        ln = self._lane(lane)
+        now, out = self._begin(now)
+        limit = ln.policy.max_inflight
+        if limit is not None and ln.window is not None and ln.state in (LaneState.READY, LaneState.DRAINING):
+            if waiting > 0:
+                ln.window = min(limit, max(1, running))
+            elif running >= ln.window:
+                ln.window = min(limit, 2 * ln.window)
+        self._schedule(now, out)
+        return out
+
+    def preempt(self, lane: str, now: float, reason: PreemptReason = "stalled") -> list[Action]:
+        """The lane's engine holds requests it does not answer (the stalled-engine watchdog): the
+        preemption rule for each request in flight (see "Preemption"), then the engine is stopped
+        (``StopEngine(lane, "stalled")``); the requests back in line load the lane again."""
+        ln = self._lane(lane)
+        now, out = self._begin(now)
+        if ln.state in (LaneState.READY, LaneState.DRAINING):
+            self._preempt(ln, tuple(ln.inflight), reason, now, out, final=True)
+            self._stop(ln, "stalled", now, out)
+        self._schedule(now, out)
+        return out
+
     def engine_ready(self, lane: str, now: float) -> list[Action]:
         ln = self._lane(lane)
         now, out = self._begin(now)
@@ -586,10 +654,8 @@ class Scheduler:
             ln.ready_since = now
             ln.last_used = now
             ln.load_requested = None
-            while ln.queue:
-                _, req = ln.queue.popitem(last=False)
-                self._queued -= 1
-                self._dispatch(ln, req, now, out)
+            ln.progress_at = now
+            self._dispatch_queued(ln, now, out)
         self._schedule(now, out)
         return out
 
@@ -768,12 +834,14 @@ class Scheduler:
         for ln in self._lanes.values():
             oldest = ln.oldest()
             if oldest is not None:
-                deadlines.append(oldest + s.queue_timeout)
-                if ln.state is not LaneState.STARTING and not self._shutting_down:
+                if ln.state is LaneState.READY:
+                    deadlines.append(ln.progress_at + s.queue_timeout)
+                elif ln.state is not LaneState.STARTING and not self._shutting_down:
                     deadlines.append(oldest + s.switch_max_wait)
                     deadlines.append(oldest + self._fair_wait())
             if ln.state is LaneState.DRAINING and ln.drain_started is not None:
                 deadlines.append(ln.drain_started + s.drain_timeout)
+                deadlines.append(ln.drain_started + 2 * s.drain_timeout)
             if ln.state is LaneState.READY and ln.policy.idle_timeout is not None and not ln.inflight:
                 deadlines.append(ln.last_used + ln.policy.idle_timeout)
             if ln.state is LaneState.READY and ln.inflight and waiting:
@@ -822,6 +890,10 @@ class Scheduler:
     def inflight(self, lane: str) -> int:
         return len(self._lane(lane).inflight)
 
+    def window(self, lane: str) -> int | None:
+        """Requests the lane's engine may hold now (None: no dispatch limit)."""
+        return self._lane(lane).window
+
     def queued_ahead(self, request_id: Hashable) -> int | None:
         """How many requests wait ahead of this one in its lane (None: not queued)."""
         req = self._requests.get(request_id)
@@ -863,6 +935,9 @@ class Scheduler:
                 "share": ln.share,
                 "queue_depth": len(ln.queue),
                 "inflight": len(ln.inflight),
+                "max_inflight": ln.policy.max_inflight,
+                "window": ln.window,
+                "preemptions": ln.preemptions,
                 "oldest_queued_at": ln.oldest(),
                 "last_used": ln.last_used if ln.last_used > -math.inf else None,
                 "ready_since": ln.ready_since if ln.state is LaneState.READY else None,
@@ -898,8 +973,13 @@ class Scheduler:
                 assert req.lane == ln.name
             for request_id, req in ln.inflight.items():
                 assert self._requests.get(request_id) is req and req.dispatched is not None
-            if ln.state is LaneState.READY:
-                assert not ln.queue, f"ready lane {ln.name} has a queue"
+            if ln.state is LaneState.READY and ln.queue:
+                assert not ln.has_room(), f"ready lane {ln.name} has a queue and room in its window"
+            if ln.policy.max_inflight is not None:
+                assert ln.window is not None and 1 <= ln.window <= ln.policy.max_inflight
+                assert len(ln.inflight) <= ln.policy.max_inflight, f"lane {ln.name} over its dispatch limit"
+            for req in ln.inflight.values():
+                assert req.preempted <= 1
             if ln.state not in (LaneState.READY, LaneState.DRAINING):
                 assert not ln.inflight, f"{ln.state} lane {ln.name} has requests in flight"
             if ln.state is LaneState.FAILED:
@@ -943,6 +1023,49 @@ class Scheduler:
         ln.last_used = now
         out.append(Dispatch(req.request_id, ln.name))
 
+    def _dispatch_queued(self, ln: _Lane, now: float, out: list[Action]) -> None:
+        """A READY lane takes its queue, in order, while its window has room."""
+        while ln.queue and ln.has_room():
+            _, req = ln.queue.popitem(last=False)
+            self._queued -= 1
+            ln.progress_at = now
+            self._dispatch(ln, req, now, out)
+
+    def _preempt(self, ln: _Lane, ids: tuple[Hashable, ...], reason: PreemptReason, now: float,
+                 out: list[Action], final: bool) -> None:
+        """The preemption rule, for the in-flight requests ``ids`` of ``ln`` (see "Preemption"): a
+        request none of whose output reached its client and never preempted goes back to the head
+        of its lane's queue (while shutting down: 503 shutting_down instead); with ``final``, every
+        other one ends: a started stream is cut, a request back in line once fails (hung_twice).
+        Without ``final`` those stay in flight."""
+        back = [ln.inflight[i] for i in ids if not ln.inflight[i].started and not ln.inflight[i].preempted]
+        for req in back:
+            del ln.inflight[req.request_id]
+            req.dispatched = None
+            req.preempted += 1
+            ln.preemptions += 1
+        if back:
+            out.append(Preempt(ln.name, tuple(r.request_id for r in back), reason))
+        for req in sorted(back, key=lambda r: (r.submitted, r.seq), reverse=True):
+            if self._shutting_down:
+                del self._requests[req.request_id]
+                out.append(Reject(req.request_id, ln.name, 503, "shutting_down", "the server is shutting down"))
+            else:
+                ln.queue[req.request_id] = req
+                ln.queue.move_to_end(req.request_id, last=False)
+                self._queued += 1
+        if not final:
+            return
+        cut = tuple(i for i in ids if i in ln.inflight and ln.inflight[i].started)
+        failed = tuple(i for i in ids if i in ln.inflight and not ln.inflight[i].started)
+        for request_id in (*cut, *failed):
+            del ln.inflight[request_id]
+            del self._requests[request_id]
+        if cut:
+            out.append(AbortInflight(ln.name, cut, "drain_timeout" if reason == "drain_timeout" else "stalled"))
+        if failed:
+            out.append(AbortInflight(ln.name, failed, "hung_twice"))
+
     def _remove_queued(self, req: _Request) -> None:
         del self._lanes[req.lane].queue[req.request_id]
         del self._requests[req.request_id]
@@ -978,22 +1101,24 @@ class Scheduler:
                                  "tried again", out)
 
     def _retry_after(self, ln: _Lane) -> float:
-        """Seconds a request for ``ln`` joining now should expect to wait.
-
-        Every lane with waiters is ahead of a newcomer; each of them that is not
-        loaded costs one switch, and so does ``ln`` itself if it is not ready.
-        Each queued request ahead adds the measured per-request cost.
-        """
-        switches = 0
-        queue_ahead = 0
-        for other in self._lanes.values():
-            if other.queue and other is not ln and other.state is not LaneState.READY:
-                switches += 1
-            queue_ahead += len(other.queue)
+        """Seconds a request for ``ln`` joining now should expect to wait, from the lane's own
+        figures: until its turn (0 when loaded; else what its start or wake has left, plus, when
+        another lane holds the memory, that lane's drain and its way down), then the lane's queue
+        ahead served at its own rate (window / its mean service time)."""
+        costs = self.costs(ln.name)
+        turn = 0.0
         if ln.state is not LaneState.READY:
-            switches += 1
-        estimate = switches * self._switch_estimate + queue_ahead * self._request_estimate
-        return float(max(1, math.ceil(estimate)))
+            bring = costs["wake"] if ln.stage in (Stage.SLEEPING, Stage.WAKING) else costs["start"]
+            if ln.state is LaneState.STARTING and ln.op_since is not None:
+                bring = max(0.0, bring - (self._now - ln.op_since))
+            turn = bring
+            if ln.state is not LaneState.STARTING:
+                turn += max((min(self.settings.drain_timeout, self._remaining(o, self._now))
+                             + self.costs(o.name)["sleep" if o.can_sleep else "stop"]
+                             for o in self._lanes.values() if o is not ln and o.state in RESIDENT_STATES),
+                            default=0.0)
+        rate = (ln.window or max(1, len(ln.inflight))) / max(EPS, self.service_seconds(ln.name))
+        return float(max(1, math.ceil(turn + len(ln.queue) / rate)))
 
     def _failure(self, ln: _Lane, now: float, cause: str, restart: bool, out: list[Action],
                  counts: bool = True) -> None:
@@ -1088,27 +1213,22 @@ class Scheduler:
         s = self.settings
         self._end_cooloffs(now, out)
         for ln in self._lanes.values():
-            while ln.queue:
-                req = next(iter(ln.queue.values()))
-                if now < req.submitted + s.queue_timeout:
-                    break
-                self._remove_queued(req)
-                out.append(
-                    Reject(
-                        req.request_id, ln.name, 503, "queue_timeout",
-                        f"waited {now - req.submitted:.0f} s for lane {ln.name}; retry later",
-                        self._retry_after(ln),
-                    )
-                )
+            if ln.state is LaneState.READY:
+                self._dispatch_queued(ln, now, out)
+                if ln.queue and now >= ln.progress_at + s.queue_timeout:
+                    # loaded, and none of its queue taken for queue_timeout: its engine is stuck
+                    for req in list(ln.queue.values()):
+                        self._remove_queued(req)
+                        out.append(Reject(
+                            req.request_id, ln.name, 503, "queue_timeout",
+                            f"lane {ln.name} is loaded but took no request of its queue for {s.queue_timeout:g} s "
+                            "(VLLM_QUEUE_TIMEOUT): its engine is stuck; retry later", self._retry_after(ln)))
             if ln.state is LaneState.DRAINING:
+                if ln.drain_started is not None and now >= ln.drain_started + s.drain_timeout:
+                    # D: what may go back in line does; 2 D: what is left is cut or failed
+                    final = now >= ln.drain_started + 2 * s.drain_timeout
+                    self._preempt(ln, tuple(ln.inflight), "drain_timeout", now, out, final=final)
                 if not ln.inflight:
-                    self._close(ln, ln.drain_reason, now, out, sleep=ln.stage is Stage.DRAINING_TO_SLEEP)
-                elif ln.drain_started is not None and now >= ln.drain_started + s.drain_timeout:
-                    ids = tuple(ln.inflight)
-                    for request_id in ids:
-                        del self._requests[request_id]
-                    ln.inflight.clear()
-                    out.append(AbortInflight(ln.name, ids, "drain_timeout"))
                     self._close(ln, ln.drain_reason, now, out, sleep=ln.stage is Stage.DRAINING_TO_SLEEP)
             elif (
                 ln.state is LaneState.READY
@@ -1162,7 +1282,8 @@ class Scheduler:
 
     def _waiting(self) -> list[_Lane]:
         """Lanes whose queued requests wait for a load (every queue but a starting lane's)."""
-        return [ln for ln in self._lanes.values() if ln.queue and ln.state is not LaneState.STARTING]
+        return [ln for ln in self._lanes.values()
+                if ln.queue and ln.state not in (LaneState.STARTING, LaneState.READY)]
 
     def _oldest_waiting(self) -> float | None:
         return min((ln.oldest() for ln in self._waiting()), default=None)  # type: ignore[type-var]
@@ -1182,8 +1303,9 @@ class Scheduler:
     def _remaining(self, ln: _Lane, now: float) -> float:
         """R: expected remaining busy time of the lane's in-flight requests."""
         mean = self.service_seconds(ln.name)
-        return max((max(0.0, mean - (now - r.dispatched)) for r in ln.inflight.values() if r.dispatched is not None),
-                   default=0.0)
+        inflight = max((max(0.0, mean - (now - r.dispatched)) for r in ln.inflight.values()
+                        if r.dispatched is not None), default=0.0)
+        return inflight + len(ln.queue) * mean / max(1, ln.window or 1)  # its own backlog, window by window
 
     def _extension(self, ln: _Lane, now: float) -> float:
         """ext(L): mean over recent service times s of max(0, s - R): how much longer the lane

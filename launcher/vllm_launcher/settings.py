@@ -105,9 +105,13 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     _server("switch_max_wait", ["VLLM_SWITCH_MAX_WAIT"], values.parse_positive_float,
             "the cap B: once a request for another lane has waited this long, a busy loaded lane is closed "
             "(drained, then put to sleep or stopped) for it (bench/results/switch_max_wait.json chose 120 s)", 120.0),
-    _server("queue_max", ["VLLM_QUEUE_MAX"], values.parse_positive_int, "waiting requests in all, beyond: 503", 1024),
+    _server("queue_max", ["VLLM_QUEUE_MAX"], values.parse_positive_int,
+            "requests waiting in the launcher's queues in all (a lane's backlog beyond its dispatch limit "
+            "included), beyond: 503 queue_full with a Retry-After from that lane's own costs and service rate",
+            4096),
     _server("queue_timeout", ["VLLM_QUEUE_TIMEOUT"], values.parse_positive_float,
-            "seconds a request may wait in the queue, beyond: 503", 600.0),
+            "seconds a loaded lane may take none of its queue (its engine stuck) before that queue gets 503 "
+            "queue_timeout; waiting for other lanes' turns never times out (the wait bound covers it)", 600.0),
     _server("max_body_bytes", ["VLLM_MAX_BODY_BYTES"], values.parse_byte_size,
             "largest request body accepted, beyond: 413", 32 * 1024 * 1024),
     _server("max_connections", ["VLLM_MAX_CONNECTIONS"], values.parse_positive_int,
@@ -173,7 +177,11 @@ ENGINE_SETTINGS: tuple[EngineSetting, ...] = (
             "--kv-cache-dtype"),
     _engine("KV_CACHE_MEMORY_BYTES", values.parse_byte_size, "KV cache size in bytes (overrides the utilisation)",
             "--kv-cache-memory-bytes"),
-    _engine("MAX_NUM_SEQS", values.parse_positive_int, "sequences per batch", "--max-num-seqs"),
+    _engine("MAX_NUM_SEQS", values.parse_positive_int,
+            "sequences per batch (--max-num-seqs), and the lane's dispatch limit: at most this many of its requests "
+            "are in its engine at once (fewer while the engine's vllm:num_requests_waiting says it queues some), "
+            "the rest wait in the launcher's queue, where a switch does not have to drain them",
+            "--max-num-seqs", default=16),
     _engine("MAX_NUM_BATCHED_TOKENS", values.parse_positive_int, "tokens per batch", "--max-num-batched-tokens"),
     _engine("ENABLE_PREFIX_CACHING", values.parse_bool, "prefix caching on/off", "--enable-prefix-caching",
             bool_style="toggle"),
