@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,7 @@ TIERS = (
 )
 RUN_ORDER = ("fast", "properties", "engine", "nix", "compose", "closure", "e2e", "cluster")
 BY_NAME = {tier.name: tier for tier in TIERS}
+ROOT = Path(__file__).resolve().parent.parent
 NO_TESTS = 5        # pytest's exit status when a tier selects nothing (a -k filter, say): not a failure
 
 
@@ -86,7 +88,7 @@ def run_tier(tier: Tier, extra: list[str]) -> tuple[int, float, dict[str, int]]:
     print(f">> tier {tier.name}: {' '.join(argv[1:])}", flush=True)
     started = time.monotonic()
     tail = b""
-    with subprocess.Popen(argv, stdout=subprocess.PIPE) as process:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT) as process:      # pytest.ini's testpaths
         while chunk := process.stdout.read1(65536):      # as it comes: progress dots end no line
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
