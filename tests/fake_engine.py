@@ -370,6 +370,12 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
                                 status_code=404)
         words = [served] + [f" t{i}" for i in range(max(0, int(body.get("max_tokens") or 4) - 1))]
         usage = {"input_tokens": 3, "output_tokens": len(words)}
+        tool = (body.get("tool_choice") or {}).get("name")
+        if tool and not body.get("stream"):       # a named tool, as 0.12 answers it: stop_reason end_turn
+            return JSONResponse({"id": "msg-fake", "type": "message", "role": "assistant", "model": served,
+                                 "content": [{"type": "text", "text": ""}, {"type": "tool_use", "id": "toolu_fake",
+                                                                            "name": tool, "input": {"city": "Rome"}}],
+                                 "stop_reason": "end_turn", "usage": usage})
         if not body.get("stream"):
             return JSONResponse({"id": "msg-fake", "type": "message", "role": "assistant", "model": served,
                                  "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "max_tokens",
@@ -381,6 +387,17 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         async def events():
             yield event("message_start", {"type": "message_start",
                                           "message": {"id": "msg-fake", "content": [], "model": served}})
+            if tool:                      # 0.12 drops the first piece of a named tool's input
+                yield event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": "toolu_fake", "name": tool, "input": {}}})
+                yield event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "input_json_delta", "partial_json": 'city": "Rome"}'}})
+                yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                yield event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                              "usage": usage})
+                yield event("message_stop", {"type": "message_stop"})
+                yield "data: [DONE]\n\n"
+                return
             yield event("content_block_start", {"type": "content_block_start", "index": 0,
                                                 "content_block": {"type": "text", "text": ""}})
             for word in words:

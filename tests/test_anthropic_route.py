@@ -101,6 +101,18 @@ def test_anthropic_client_through_the_repairs_and_errors(tmp_path, fake_python, 
         assert [tool["name"] for tool in seen["body"]["tools"]] == ["read"]             # the server tool dropped
         assert seen["body"]["system"] == claude_code_request["system"]                  # accepted as it is
 
+        # a named tool in a stream: 0.12 would drop the first piece of its input; asked whole, streamed from here
+        weather = {"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+        named = {"model": "a", "max_tokens": 16, "tools": [weather], "tool_choice": {"type": "tool", "name": "weather"},
+                 "messages": [{"role": "user", "content": "Weather in Rome?"}]}
+        with claude.messages.stream(**named) as stream:
+            final = stream.get_final_message()
+        assert json.loads(log.read_text().splitlines()[-1])["body"]["stream"] is False
+        assert [(block.type, block.input) for block in final.content if block.type == "tool_use"] == \
+            [("tool_use", {"city": "Rome"})]
+        assert final.stop_reason == "tool_use" and final.usage.output_tokens > 0      # 0.12 says end_turn
+        assert claude.messages.create(**named).stop_reason == "tool_use"
+
         # count_tokens: from lane b's tokenizer, b is not loaded for it (its engine takes 4 s to start)
         count = claude.messages.count_tokens(model="b", messages=[{"role": "user", "content": "Hello"}],
                                              system="Be brief.")
@@ -178,6 +190,15 @@ def test_stream_repair_at_any_chunk_boundary():
     repair = StreamRepair(repair=False)
     out = repair.feed(b'event: error\ndata: {"type": "error", "error": {"type": "internal_error", "message": "x"}}\n\n')
     assert json.loads(out.split(b"data: ")[1]) == {"type": "error", "error": {"type": "api_error", "message": "x"}}
+
+
+def test_a_tool_use_stream_stops_for_the_tool():
+    events = (b'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, "content_block": '
+              b'{"type": "tool_use", "id": "t", "name": "w", "input": {}}}\n\nevent: message_delta\ndata: '
+              b'{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}\n\n')
+    out = StreamRepair(repair=True).feed(events)
+    assert json.loads(out.split(b"data: ")[-1])["delta"]["stop_reason"] == "tool_use"
+    assert StreamRepair(repair=False).feed(events) == events
 
 
 def test_translations_only_for_engines_that_need_them():

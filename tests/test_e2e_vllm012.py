@@ -232,7 +232,14 @@ def test_vllm012_claude_code_shaped_requests_and_tool_calls(served012):
     forced = client.messages.create(model=ready, max_tokens=64, tools=[TOOL], tool_choice={"type": "tool", "name": "weather"},
                                     messages=[{"role": "user", "content": "Weather in Rome?"}])
     use = next(block for block in forced.content if block.type == "tool_use")
-    assert use.name == "weather" and use.input["city"] in ("Paris", "Rome")
+    assert use.name == "weather" and use.input["city"] in ("Paris", "Rome") and forced.stop_reason == "tool_use"
+    # streamed: 0.12's own stream would lose the input's first piece; asked whole, streamed by the front server
+    with client.messages.stream(model=ready, max_tokens=64, tools=[TOOL], tool_choice={"type": "tool", "name": "weather"},
+                                messages=[{"role": "user", "content": "Weather in Rome?"}]) as stream:
+        streamed = stream.get_final_message()
+    use = next(block for block in streamed.content if block.type == "tool_use")
+    jsonschema.validate(use.input, TOOL["input_schema"])
+    assert streamed.stop_reason == "tool_use"
 
     # the same through the openai client, a full round trip: call, tool result, answer
     chat = openai_client(served)

@@ -79,6 +79,12 @@ class AnthropicDialect:
     def __init__(self, repair: bool, upstream_headers: dict[str, str] | None = None):
         self.repair = repair
         self.upstream_headers = upstream_headers or {}
+        self.whole = False                  # the engine answers whole; the client's stream is made here
+        self.stream_content_type = None
+
+    def answer_whole(self) -> None:
+        self.whole = True
+        self.stream_content_type = b"text/event-stream"
 
     def rendered(self, error: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         body = error_json(error.status, error.message)
@@ -95,11 +101,82 @@ class AnthropicDialect:
         return f": {text}\n\n".encode() + PING
 
     def body(self, status: int, content: bytes) -> bytes:
-        """A whole answer of the engine: an error in Anthropic's shape with Anthropic's type."""
-        return content if status < 400 else engine_error(status, content)
+        """A whole answer of the engine: an error in Anthropic's shape with Anthropic's type; a
+        message that used a tool, stop_reason tool_use (0.12 says end_turn after a named tool)."""
+        if status >= 400:
+            return engine_error(status, content)
+        if not self.repair:
+            return content
+        try:
+            message = json.loads(content)
+        except ValueError:
+            return content
+        return json.dumps(message).encode() if _tool_use_stop(message) else content
 
-    def stream(self) -> StreamRepair:
-        return StreamRepair(self.repair)
+    def stream(self):
+        return WholeToStream() if self.whole else StreamRepair(self.repair)
+
+
+def _tool_use_stop(message) -> bool:
+    """Anthropic's stop_reason is tool_use whenever the answer calls a tool; True if changed."""
+    if isinstance(message, dict) and message.get("stop_reason") == "end_turn" and any(
+            isinstance(block, dict) and block.get("type") == "tool_use" for block in message.get("content") or []):
+        message["stop_reason"] = "tool_use"
+        return True
+    return False
+
+
+def streams_whole(data: dict, engine_version: str | None) -> bool:
+    """A stream with a named tool that 0.12 would break (its converter drops the tool input's first
+    piece): asked of the engine whole (`stream` false in DATA), streamed to the client from here."""
+    choice = data.get("tool_choice")
+    if data.get("stream") is True and repairs_needed(engine_version) and isinstance(choice, dict) \
+            and choice.get("type") == "tool":
+        data["stream"] = False
+        return True
+    return False
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class WholeToStream:
+    """The engine's whole message as Anthropic's stream of events (StreamRepair's interface)."""
+
+    def __init__(self):
+        self.content = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.content += chunk
+        return b""
+
+    def close(self) -> bytes:
+        try:
+            message = json.loads(self.content)
+            blocks, usage = message["content"], message.get("usage") or {}
+        except (ValueError, KeyError, TypeError):
+            return b"event: error\ndata: " + error_json(502, "the engine's answer is not a message") + b"\n\n"
+        _tool_use_stop(message)
+        start = {key: message.get(key) for key in ("id", "type", "role", "model", "stop_sequence")}
+        start.update(content=[], stop_reason=None, usage={"input_tokens": usage.get("input_tokens", 0), "output_tokens": 0})
+        events = [_event("message_start", {"type": "message_start", "message": start})]
+        shown = [block for block in blocks if block.get("type") != "text" or block.get("text")] or blocks
+        for index, block in enumerate(shown):
+            if block.get("type") == "tool_use":
+                opened = {"type": "tool_use", "id": block.get("id"), "name": block.get("name"), "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input") or {})}
+            else:
+                opened, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block.get("text") or ""}
+            events += [_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                      "content_block": opened}),
+                       _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}),
+                       _event("content_block_stop", {"type": "content_block_stop", "index": index})]
+        events += [_event("message_delta", {"type": "message_delta", "delta": {
+                       "stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")},
+                       "usage": usage}),
+                   _event("message_stop", {"type": "message_stop"})]
+        return b"".join(events)
 
 
 def engine_error(status: int, content: bytes) -> bytes:
@@ -124,6 +201,7 @@ class StreamRepair:
     def __init__(self, repair: bool):
         self.repair = repair
         self.pending = b""
+        self.used_tool = False
 
     def feed(self, chunk: bytes) -> bytes:
         self.pending += chunk
@@ -149,6 +227,12 @@ class StreamRepair:
             return b""                          # not Anthropic's: its clients fail on it
         if name == b"message_start" and self.repair:
             return self._message_start(block, data)
+        if self.repair and name == b"content_block_start" and b'"tool_use"' in (data or b""):
+            self.used_tool = True
+        if self.repair and self.used_tool and name == b"message_delta" and b'"end_turn"' in (data or b""):
+            event = json.loads(data)
+            event["delta"]["stop_reason"] = "tool_use"        # 0.12 says end_turn after a named tool
+            return b"event: message_delta\ndata: " + json.dumps(event).encode() + b"\n\n"
         if name == b"error":
             return self._error(block, data)
         return block + b"\n\n"

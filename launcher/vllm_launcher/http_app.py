@@ -295,6 +295,9 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
                 if route in ANTHROPIC_ROUTES:
                     anthropic.check_request(data, count_only=route == COUNT_TOKENS)
                     changed = anthropic.translate_request(data, vllm.version)
+                    if route == "messages" and anthropic.streams_whole(data, vllm.version):
+                        dialect.answer_whole()          # stream stays true: the client's stream is made here
+                        changed = True
                 served = served_names[lane]
                 if data["model"] != served or changed:
                     data["model"] = served          # the engine knows only its served name

@@ -56,6 +56,7 @@ class Dialect:
 
     done_event = DONE_EVENT                     # a stream whose tail this is was served in full
     upstream_headers: dict[str, str] = {}      # the client's headers passed on to the engine
+    stream_content_type: bytes | None = None   # a stream made here of a whole answer: its type
 
     def rendered(self, error: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return error.rendered()
@@ -263,7 +264,8 @@ class Forwarder:
                     return False
             else:
                 if not started:
-                    kind = upstream.headers.get("Content-Type", "text/event-stream").encode("latin-1")
+                    kind = dialect.stream_content_type or upstream.headers.get(
+                        "Content-Type", "text/event-stream").encode("latin-1")
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
                     started = exchange.started = True
                 repair = dialect.stream()
