@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_launcher.scheduler import (
-    Dispatch, LanePolicy, LaneState, Reject, Scheduler, SchedulerSettings, StartEngine,
+    AbortInflight, Dispatch, LanePolicy, LaneState, Preempt, Reject, Scheduler, SchedulerSettings, StartEngine,
+    StopEngine,
 )
 
 
@@ -33,6 +34,28 @@ def start(s: Scheduler, t: float) -> float:
     t += 0.5
     s.engine_ready("a", t)
     return t
+
+
+def test_a_crash_with_every_request_in_flight_and_output_flowing_is_no_crash_loop():
+    """The issue's case: 30 requests dispatched at once, streams under way, none finished, then
+    the crash. The old rule (3 finished) counted it as a crash loop and failed the lane."""
+    s = make(max_restarts=2, backoff_initial=1.0)
+    t = 0.0
+    s.load("a", t)
+    s.engine_ready("a", t)
+    for crash in range(8):
+        ids = [f"r{crash}-{i}" for i in range(30)]
+        for request_id in ids:
+            assert of(s.submit(request_id, "a", t), Dispatch)
+        t += 0.2
+        s.output_started(ids[0], t)                     # one stream's first bytes reached its client
+        t += 0.2
+        s.engine_exited("a", t, "exited with status 9")
+        assert s.state("a") is LaneState.STOPPED, crash
+        assert s.snapshot()["lanes"]["a"]["retry_at"] == pytest.approx(t + 1.0)    # back-off stays at its start
+        t = start(s, t)
+    assert s.snapshot()["lanes"]["a"]["failures"] == 1
+    s.check_invariants()
 
 
 def test_without_output_or_finishes_a_crash_is_a_crash_loop_unless_the_engine_was_up_a_while():
@@ -74,9 +97,41 @@ def test_a_failed_lane_says_when_it_is_tried_again_and_is_after_the_cool_off():
     s.check_invariants()
 
 
+def test_a_hung_engine_is_stopped_its_unanswered_requests_go_back_in_line_and_it_restarts_with_back_off():
+    s = make(max_restarts=3, backoff_initial=2.0)
+    s.load("a", 0.0)
+    s.engine_ready("a", 0.0)
+    for request_id in ("plain", "stream", "late"):
+        s.submit(request_id, "a", 1.0)
+    s.output_started("stream", 1.5)                     # its first bytes reached the client
+    assert not s.hung_again("a", 2.0)
+    acts = s.engine_hung("a", 2.0, "engine hung")
+    assert Preempt("a", ("plain", "late"), "stalled") in acts
+    assert AbortInflight("a", ("stream",), "stalled") in acts
+    assert StopEngine("a", "stalled") in acts and s.state("a") is LaneState.STOPPING
+    assert s.queue_depth("a") == 2
+    s.engine_stopped("a", 3.0)
+    # the engine served (a stream's output reached its client): the count starts again at 1
+    assert s.state("a") is LaneState.STOPPED and s.snapshot()["lanes"]["a"]["failures"] == 1
+    assert s.next_deadline() == pytest.approx(5.0)    # back-off
+    assert s.tick(4.9) == []
+    assert of(s.tick(5.0), StartEngine) == [StartEngine("a", 2)]
+    assert [a.request_id for a in of(s.engine_ready("a", 6.0), Dispatch)] == ["plain", "late"]
+    # it hangs again at once (nothing served): a GPU hang is suspected; the requests that hung an
+    # engine twice are failed, saying so
+    assert s.hung_again("a", 7.0)
+    acts = s.engine_hung("a", 7.0, "engine hung again")
+    assert AbortInflight("a", ("plain", "late"), "hung_twice") in acts
+    s.engine_stopped("a", 8.0)
+    assert s.snapshot()["lanes"]["a"]["failures"] == 2 and s.snapshot()["lanes"]["a"]["last_cause"] == "engine hung again"
+    assert s.next_deadline() == pytest.approx(12.0)   # the back-off doubles
+    s.check_invariants()
+
+
 # ------------------------------------------------------------ the rule, as a property
 
-LIVES = st.sampled_from(["start_fails", "crash_idle", "crash_busy", "crash_after_finishes", "crash_after_uptime"])
+LIVES = st.sampled_from(["start_fails", "crash_idle", "crash_busy", "hang", "crash_after_output",
+                         "crash_after_finishes", "crash_after_uptime", "hang_after_output"])
 SERVED = {"crash_after_output", "crash_after_finishes", "crash_after_uptime", "hang_after_output"}
 
 

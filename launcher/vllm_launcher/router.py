@@ -22,9 +22,11 @@ from typing import Callable, assert_never
 
 from .config import VLLM_DEFAULT_SHARE, LauncherConfig
 from .engines import Engine, EngineRecords, Supervisor
+from .engines.watchdog import Watchdog, hung_cause
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
+from .settings import ENGINE_SETTINGS_BY_KEY
 from .scheduler import (
     AbortInflight, Action, CloseReason, Dispatch, LanePolicy, LaneState, LaneStateChanged, Preempt, PreemptReason,
     Reject, Scheduler, SchedulerSettings, SleepEngine, StartEngine, StopEngine, StopReason, SwitchPlanned,
@@ -371,6 +373,7 @@ class Router:
         self.scheduler.observe_switch_seconds(switch_total)
         log.info("lane %s: switch total %.1f s", lane, switch_total)
         self._apply(self.scheduler.engine_ready(lane, self.clock()))
+        self._watch_for_stalls(engine)
 
     def engine_start_failed(self, lane: str, cause: str, counts: bool) -> None:
         if self.supervisors[lane].sleep_mode and refused_sleep_mode(cause):
@@ -391,6 +394,34 @@ class Router:
         crashed = APIError(502, f"{cause} while serving this request", "engine_crashed")
         for ticket in [t for t in self.tickets.values() if t.engine is engine]:
             self._abort(ticket, crashed)
+
+    # ------------------------------------------------------------------ stalled engines
+
+    def _watch_for_stalls(self, engine: Engine) -> None:
+        """The engine's stall watchdog (engines/watchdog.py), until the engine ends or hangs."""
+        lane = engine.lane
+        stall = (self.config.lane(lane).settings.get("ENGINE_STALL_TIMEOUT")
+                 or ENGINE_SETTINGS_BY_KEY["ENGINE_STALL_TIMEOUT"].default)
+        watchdog = Watchdog(engine, self.config.lane(lane).served_model_name, stall,
+                            lambda: self.scheduler.inflight(lane),
+                            lambda stalled, probe: self._engine_hung(engine, stalled, probe))
+        self._spawn(watchdog.run())
+
+    def _engine_hung(self, engine: Engine, stalled: float, probe: str) -> None:
+        """The watchdog declared the engine hung: logged, counted, the lane's error says so (and
+        suspects the GPU when it hangs again at once); the scheduler applies the preemption rule
+        to its requests and stops it (SIGTERM, then SIGKILL); the lane restarts with back-off."""
+        lane = engine.lane
+        supervisor = self.supervisors[lane]
+        if supervisor.engine is not engine or engine.ended is not None:
+            return
+        now = self.clock()
+        cause = hung_cause(lane, stalled, probe, self.scheduler.hung_again(lane, now))
+        log.error("lane %s: %s", lane, cause)
+        self.metrics.engine_hangs.labels(lane).inc()
+        supervisor.last_error = cause
+        engine.ended = cause
+        self._apply(self.scheduler.engine_hung(lane, now, cause))
 
     # ------------------------------------------------------------------ the engines' gauges
 

@@ -462,6 +462,8 @@ class _Lane:
     setbacks: int = 0  # failed starts that do not count (the server's own resources), for the back-off
     served: int = 0  # requests finished by the current engine since it became ready
     output_seen: bool = False  # some output of the current engine reached a client since it became ready
+    hung: str | None = None  # STOPPING after engine_hung: the cause, a failure once stopped
+    hangs: int = 0  # consecutive hangs of engines that did not serve in between
     restarts: int = 0  # starts that were retries, for /lanes and metrics
     retry_at: float | None = None  # back-off: no start before this time
     restart_pending: bool = False  # crashed while ready: restart even without waiters
@@ -641,6 +643,29 @@ class Scheduler:
         self._schedule(now, out)
         return out
 
+    def engine_hung(self, lane: str, now: float, cause: str) -> list[Action]:
+        """The stalled-engine watchdog declared the lane's engine hung: the preemption rule for
+        its requests in flight (:meth:`preempt`: back in line, started streams cut, a request
+        that hung an engine twice failed), ``StopEngine(lane, "stalled")``, and once it has
+        stopped the lane backs off and restarts as after a crash; the hang is a crash loop unless
+        the engine served (see "Restarts")."""
+        ln = self._lane(lane)
+        if ln.state not in (LaneState.READY, LaneState.DRAINING) or self._shutting_down:
+            return self.tick(now)
+        served = self._served_well(ln, now)
+        failures = 0 if served else ln.failures
+        ln.hangs = 1 if served else ln.hangs + 1
+        out = self.preempt(lane, now, "stalled")
+        ln.failures = failures  # a hang is no clean stop (_stop reset the count)
+        ln.hung = cause
+        return out
+
+    def hung_again(self, lane: str, now: float) -> bool:
+        """The lane's engine hangs and the previous one hung too, with nothing served between
+        (see :meth:`engine_hung`): a GPU hang rather than one bad request."""
+        ln = self._lane(lane)
+        return ln.hangs >= 1 and not self._served_well(ln, now)
+
     def engine_ready(self, lane: str, now: float) -> list[Action]:
         ln = self._lane(lane)
         now, out = self._begin(now)
@@ -704,6 +729,7 @@ class Scheduler:
             ln.op_since = None
             if ln.state is not LaneState.STARTING and self._served_well(ln, now):
                 ln.failures = 0  # it served: this crash is the first of a new count
+            ln.hangs = 0
             self._failure(ln, now, cause, restart=was_ready, out=out)
         self._schedule(now, out)
         return out
@@ -715,7 +741,11 @@ class Scheduler:
             if ln.stage not in _GOING_TO_SLEEP:
                 self._measure(ln, "stop", now)
             ln.op_since = None
-            self._transition(ln, Stage.STOPPED, "engine stopped", out)
+            hung, ln.hung = ln.hung, None
+            if hung is not None and not self._shutting_down:
+                self._failure(ln, now, hung, restart=True, out=out)  # back-off, as after a crash
+            else:
+                self._transition(ln, Stage.STOPPED, "engine stopped", out)
         self._schedule(now, out)
         return out
 
