@@ -388,17 +388,21 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
 
     def health_body() -> tuple[int, dict]:
         states = router.lane_states()
+        # requests waiting in the launcher per lane (a lane's backlog beyond its dispatch limit too)
+        queued = {lane: depth for lane in states if (depth := router.scheduler.queue_depth(lane))}
         if router.shutting_down:
             status = "shutting_down"
         elif LaneState.READY.value in states.values():
-            return 200, {"status": "ok", "lanes": states}
+            return 200, {"status": "ok", "lanes": states, **({"queued": queued} if queued else {})}
         elif any(s in (LaneState.STARTING, LaneState.DRAINING, LaneState.STOPPING) for s in states.values()):
             status = "switching" if router.ever_started() else "starting"
         elif LaneState.FAILED.value in states.values():
             status = "failed"
+        elif LaneState.SLEEPING.value in states.values():
+            status = "sleeping"             # not idle: an engine is kept, asleep, to wake for its lane
         else:
             status = "idle"
-        body = {"status": status, "lanes": states}
+        body = {"status": status, "lanes": states, **({"queued": queued} if queued else {})}
         progress = {lane: text for lane in states if (text := router.lane_progress(lane))}
         if progress:
             body["progress"] = progress      # e.g. {"big": "waiting for cluster (1/2 nodes)"}

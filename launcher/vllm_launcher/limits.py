@@ -123,6 +123,9 @@ def _refusal(status: int, message: str, code: str) -> bytes:
 
 
 IDLE, HEAD, BUSY, TAIL = "idle", "head", "busy", "tail"
+# At shutdown an idle kept-alive connection stays open this long: a request its client had just
+# sent on it is answered 503 shutting_down (a close would drop it), then it is closed.
+SHUTDOWN_LINGER = 2.0
 
 
 class _HeadTooLarge(Exception):
@@ -177,6 +180,10 @@ class _Limited:
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == IDLE and self.shared.shutting_down and not self._body_pending():
+            self._refuse(503, "the server is shutting down; retry on another server or after its restart",
+                         "shutting_down")
+            return
         if self._phase == IDLE:
             if self._body_pending():            # the body of a request answered early (413, 401 ...)
                 self._phase = TAIL
@@ -258,6 +265,9 @@ class _Limited:
     def shutdown(self) -> None:
         if self._phase != BUSY and not self.transport.is_closing():
             self.shared.count("shutdown")
+            if self._phase == IDLE:         # a request may be on its way: answered, not dropped
+                self._arm(SHUTDOWN_LINGER, self._close)
+                return
         super().shutdown()
 
     # ---------------------------------------------------------------- timers and answers

@@ -20,6 +20,16 @@ Contract with the I/O layer
 * ``AbortInflight``: answer these in-flight requests with 503 (or an SSE error
   event) and close their upstream connections.  The scheduler has forgotten
   them; a later ``finish`` for them is ignored.
+* ``Preempt``: close these in-flight requests' upstream connections without
+  answering them: they are back at the head of their lane's queue and a later
+  ``Dispatch`` sends them again (see "Preemption").  Report
+  :meth:`~Scheduler.output_started` right before any engine output of a request
+  reaches its client (a stream's first engine bytes; keep-alives do not count):
+  from then on it is never preempted.
+* ``engine_load``: report the engine's own gauges (vLLM's
+  ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``) now and then
+  while its lane has requests in it; :meth:`~Scheduler.preempt` applies the
+  preemption rule to a stalled engine's requests and stops it.
 * ``engine_exited``: report it (after making sure the process group is gone)
   when a ready or draining engine dies.  The scheduler forgets that lane's
   in-flight requests: the I/O layer answers them 502.
@@ -85,9 +95,21 @@ Policy (issue 13: cost-gated, capped)
 Memory occupancy is the sum of the shares of the lanes that are starting, ready, draining
 or stopping, plus the ``sleep_share`` of sleeping ones; a lane may start (or wake) when it
 fits the budget (default: the largest share).  A request for a READY lane is dispatched at
-once; otherwise it waits in its lane's FIFO queue.  When a lane becomes ready every request
-queued for it is dispatched, and it keeps taking every request for it (exhaustive service)
-until it is *closed* (drained, then put to sleep or stopped).
+once if its engine has room (the dispatch limit below); otherwise it waits in its lane's FIFO
+queue.  When a lane becomes ready its queue is dispatched up to the limit, and it keeps taking
+its requests in order (exhaustive service) until it is *closed* (drained, then put to sleep or
+stopped).
+
+*The dispatch limit* (issue 21).  At most ``LanePolicy.max_inflight`` (N_L, the lane's
+``--max-num-seqs``) of a lane's requests are in its engine at once; the rest wait in the lane's
+queue here, in order, where closing the lane does not have to drain them: they keep their place
+and are served at the lane's next turn.  The lane's *window* (at most N_L) is what it sends now:
+while the engine reports requests waiting inside it (``engine_load(waiting > 0)``: its KV cache
+holds fewer than N_L) the window is what the engine runs, at least 1; while it runs all it was
+given and queues none, the window doubles back up to N_L.  A READY lane's queue waits for its
+window, not for a load: it is no waiter of the policy below (W, F, B count only requests whose
+lane is not READY), and R, the lane's remaining busy time, includes its queue (len / window mean
+service times), so the cost test does not close a lane for its own backlog.
 
 *Which lane next* (the candidate, among stopped and sleeping lanes with waiters and not
 backing off): an operator's ``load`` first; then a lane that others were already taken
@@ -110,18 +132,43 @@ candidate fits it starts at once (several lanes may co-reside); else room is mad
       take L out and bring it back (sleep + wake or stop + start), theta = ``cost_theta``.
 
 A draining lane takes no new requests (they queue for it) and is put to sleep or stopped
-when its in-flight count reaches 0, or at ``drain_timeout`` (its remaining requests are
-aborted).  The scheduler is called at every event and at :meth:`Scheduler.next_deadline`,
+when its in-flight count reaches 0, or once the preemption rule has emptied it.
+
+Preemption (issue 21)
+---------------------
+At ``drain_timeout`` (D) after a drain began, every request still in flight none of whose
+engine output reached its client and that never went back in line is preempted: cancelled
+upstream and put back at the head of its lane's queue, in its original order (while shutting
+down it is answered 503 shutting_down instead).  The others (a stream whose output reached its
+client, a request back in line once) may run on until 2 D after the drain began; then a started
+stream is cut (``AbortInflight(drain_timeout)``: an SSE error event) and a request back in line
+once fails (``AbortInflight(hung_twice)``: it held its engine past the drain bound twice).  So a
+request is preempted at most once, one longer than D is served after at most one preemption if
+it needs less than 2 D, and a drain lasts at most 2 D.  :meth:`Scheduler.preempt` applies the
+same rule at once (no 2 D) to a stalled engine's requests and stops it (the watchdog); the
+requests back in line load the lane again.  Requests back in line are queued requests like any
+other: an unload or a switch keeps them queued for the lane's next turn, a shutdown answers them
+503 shutting_down, and so does a restart of the server (a reload builds a new scheduler).
+
+Queue limits: ``queue_max`` counts every request waiting here (a lane's backlog beyond its
+window too), beyond it 503 queue_full; ``queue_timeout`` applies only to a READY lane that took
+none of its queue for that long (its engine is stuck): its queue is answered 503 queue_timeout.
+Waiting for other lanes' turns never times out: the bound below covers it.  Retry-After comes
+from the lane's own figures: its start (or wake) still to come, the drain and way down of a lane
+holding the memory, and its queue at its own rate (window / its mean service time).  The scheduler is called at every event and at :meth:`Scheduler.next_deadline`,
 which includes each waiting lane's oldest request reaching F and B, and the time a busy
 lane's in-flight requests are due (when R reaches 0, ext(L) is largest).
 
 The wait bound
 --------------
-A request that arrives at t0 and is dispatched at d waited
+A request that waits from t0 (its arrival, or the moment it went back in line) until its
+dispatch at d spends, of (t0, d], at most
 
-    d - t0 <= B + K * P,    P = D + T_down + T_up + X,
+    B + K * P,    P = D + T_down + T_up + X
 
-where D is the drain bound (``drain_timeout``, or less when every service is shorter),
+with its lane not READY (waiting for a load); the rest of its wait its lane is READY and its
+window is full of the lane's earlier requests (FIFO).  D is the drain bound (2 ``drain_timeout``,
+or less when every service is shorter, see "Preemption"),
 T_up the longest way up of any lane (a start, a wake, or the report of a failed one),
 T_down the longest way down (a stop; for a sleep lane a sleep or failed sleep, then a stop),
 X = ``backoff_max`` if starts may fail or engines crash (else 0), and K the number of *load
@@ -131,9 +178,12 @@ waiters all left, by cancel or queue timeout, before it started).  Assumptions: 
 ``load``/``unload`` during the wait (they go first), reports arrive within the times above
 (the I/O layer bounds starts by ``VLLM_START_TIMEOUT`` and stops by ``VLLM_STOP_TIMEOUT``).
 
-Proof.  Let o_1 < o_2 < ... be the outcomes and abandonments in (t0, d] and o_0 = t0; r is
-dispatched at an outcome (its lane's ready), so it suffices to show o_{k+1} <= tau + P for
-tau = max(o_k, t0 + B).  From tau on, r has waited B >= F: the candidate order is oldest
+Proof.  Let o_1 < o_2 < ... be the outcomes and abandonments in (t0, d] and o_0 = t0.  Each
+stretch of (t0, d] during which r's lane is not READY ends at an outcome (its lane's ready) or at
+d, and begins at t0 or when the lane was closed; r keeps its place and its age (a request back in
+line keeps its arrival), so r's lane is a waiting lane throughout such a stretch, and the time
+that is not READY adds up to at most B + K P if o_{k+1} <= tau + P for tau = max(o_k, u, t0 + B),
+u the stretch's start.  From tau on, r has waited B >= F: the candidate order is oldest
 waiter first (after operator loads and the one planned switch), and every busy lane may be
 closed (rule ii), at tau itself since t0 + B is a deadline.  If a lane is STARTING at tau,
 its outcome comes within T_up.  Otherwise: if there is no candidate, every waiting lane is
@@ -150,8 +200,13 @@ after r has waited F the lanes load in the order of their oldest waiters, so eac
 (r's included) loads at most once more, plus the switch already planned (at most lanes + 1
 loads after t0 + F).  With co-residency, lanes that fit may load beside r's starting lane;
 K counts them too, though they do not delay r.
+With the dispatch limit K also counts the turns of other lanes whose older requests need more
+than one window, and one load for each request that went back in line during the wait.
 tests/test_scheduler_properties.py checks the bound over random arrivals with sleeping
-lanes, co-residency, start/sleep/wake failures, crashes, cancels and queue limits.
+lanes, co-residency, start/sleep/wake failures, crashes, stalled engines, cancels, queue limits,
+dispatch limits (engines of that batch, or of a smaller one reporting their gauges) and streams,
+and that no engine holds more than N_L, no request is preempted twice or answered twice, and
+every request ends.
 
 Choices the issues left open
 ----------------------------
