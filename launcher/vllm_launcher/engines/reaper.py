@@ -10,7 +10,9 @@ group then. Should the keeper be gone too (killed with the server), at start-up 
 kills the groups whose recording server is gone, and only when every live process of the group
 still matches the record: owned by the recorded uid, started no earlier than the leader, carrying the engine id (readable in
 /proc/PID/environ by its owner only, so another user cannot make a process look like an
-engine; command lines are not compared: vLLM renames its children VLLM::EngineCore). A record
+engine) or showing an empty environment (vLLM's EngineCore and workers: setproctitle writes
+their title over it); command lines are not compared: vLLM renames its children
+VLLM::EngineCore. A record
 that does not match (a reused pid, a record this launcher did not write) is dropped and its
 group left alone. Groups of a live server are never touched, so two servers may share a
 runtime directory.
@@ -53,11 +55,16 @@ def new_engine_id() -> str:
 
 
 def _carries(pid: int, engine_id: str) -> bool:
+    """The process carries the engine's id, or shows no environment at all: setproctitle (vLLM
+    names its EngineCore and workers with it) reuses the environment's memory for the title, so
+    /proc/PID/environ of such a process reads empty. Ownership and start time, checked by the
+    caller, still hold for it."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as file:
-            return f"{ENGINE_ID_VARIABLE}={engine_id}".encode() in file.read().split(b"\0")
+            environ = file.read()
     except OSError:
         return False
+    return not environ.strip(b"\0") or f"{ENGINE_ID_VARIABLE}={engine_id}".encode() in environ.split(b"\0")
 
 
 def _mismatch(pgid: int, data: dict) -> str | None:
