@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from closure_env import CLOSURE_PYTHON
-from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, value
+from serving import CHAT, chat_body, metric_samples, serving, value
+from sleep_lanes import DEVICE_GB, model_dir, one_awake_env, sleep_env
 from vllm_launcher.config import ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.proxy import PROGRESS_AFTER
@@ -25,34 +26,7 @@ from vllm_launcher.scheduler import LaneState
 from vllm_launcher.vllm_info import VllmInfo
 
 TESTS = Path(__file__).resolve().parent
-GB = 10**9
-DEVICE_GB = 100                     # VLLM_GPU_MEMORY_GB: the memory plan's device
 SLEEP_ROUTES = {("/sleep", "POST"), ("/wake_up", "POST"), ("/is_sleeping", "GET")}
-
-
-def model_dir(root: Path, name: str, weights_gb: float) -> Path:
-    """A local "model": a sparse model.safetensors of that size (the memory plan's weights)."""
-    path = root / name
-    path.mkdir()
-    with open(path / "model.safetensors", "wb") as weights:
-        weights.truncate(int(weights_gb * GB))
-    return path
-
-
-def sleep_env(fake_python, tmp_path, lanes: dict[str, dict], **server) -> dict:
-    env = fake_lanes_env(fake_python, lanes, VLLM_GPU_MEMORY_GB=str(DEVICE_GB), **server)
-    for lane, extra in lanes.items():
-        if "weights_gb" in extra:
-            env.pop(f"VLLM_LANE_{lane.upper()}_weights_gb")
-            env[f"VLLM_LANE_{lane.upper()}_MODEL"] = str(model_dir(tmp_path, lane, float(extra["weights_gb"])))
-    return env
-
-
-def one_awake_env(fake_python, tmp_path, **a_settings) -> dict:
-    """Lanes a (SLEEP_LEVEL=1, 4 GB of weights: asleep it holds 0.04) and b (no sleep), shares
-    0.45, budget 0.5: one lane awake at a time, a's sleeper fits beside b."""
-    return sleep_env(fake_python, tmp_path, {"a": {"SLEEP_LEVEL": "1", "weights_gb": "4", **a_settings}, "b": {}},
-                     VLLM_GPU_MEMORY_UTILIZATION="0.45", VLLM_GPU_MEMORY_BUDGET="0.5")
 
 
 def starts(client, lane: str) -> float:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, start_server, value
-from test_sleep_mode import one_awake_env
+from sleep_lanes import one_awake_env
 
 pytestmark = pytest.mark.engine
 
