@@ -17,7 +17,11 @@ import httpx
 import pytest
 
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, value
+from vllm_launcher.config import load_config
+from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.engines.watchdog import read_progress
+from vllm_launcher.router import lane_policy
+from vllm_launcher.vllm_info import VllmInfo
 from waiting import eventually
 
 STALL = 1.0                  # VLLM_ENGINE_STALL_TIMEOUT here: poll 0.25 s, probe bound 1 s
@@ -101,6 +105,14 @@ def test_a_slow_engine_that_produces_tokens_is_never_declared_hung(tmp_path, fak
         assert hangs(served) == 0
         log = served.log()
     assert "probe" not in log and "hung" not in log, log[-2000:]
+
+
+def test_the_engine_keeps_room_for_the_probe_beyond_the_dispatch_limit(tmp_path):
+    """MAX_NUM_SEQS is the lane's dispatch limit; its engine gets one sequence more, the probe's."""
+    config = load_config({"VLLM_LANES": "a", "VLLM_LANE_A_MODEL": "org/a-model", "VLLM_LANE_A_MAX_NUM_SEQS": "8"})
+    argv = build_engine_spec(config, "a", VllmInfo("vllm", "0.32.0"), uds=str(tmp_path / "a.sock")).argv
+    assert argv[argv.index("--max-num-seqs") + 1] == "9"
+    assert lane_policy(config.lane("a"), config).max_inflight == 8
 
 
 @pytest.mark.e2e

@@ -86,6 +86,8 @@ def engine_flags(lane: LaneConfig, vllm: VllmInfo) -> tuple[list[str], dict[str,
             continue
         if setting.key == "TOOL_CALL_PARSER":
             flags.append("--enable-auto-tool-choice")        # the parser is used only with it
+        if setting.key == "MAX_NUM_SEQS":
+            value += 1      # the dispatch limit is MAX_NUM_SEQS: one more for the stall watchdog's probe
         if setting.bool_style == "switch":
             flags += [setting.flag] if value else []
         elif setting.bool_style == "toggle":
