@@ -488,6 +488,8 @@ def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: 
         if state == LaneState.FAILED:
             raise APIError(503, f"lane {name!r} failed to start: {router.last_error(name)}",
                            "lane_failed")
+        if state != LaneState.READY:
+            raise APIError(503, f"the server is shutting down; lane {name!r} was {state.value}", "shutting_down")
         return {"lane": name, "state": state.value}
 
     @app.post("/lanes/{lane}/unload")

@@ -110,6 +110,8 @@ class Router:
             log.info("shutting down: queued requests get 503, in-flight ones may finish (drain %.0f s)",
                      self.config.server.drain_timeout)
             self._apply(self.scheduler.shutdown(self.clock()))
+            self._changed.set()                   # wake wait_lane()'s waiters: they answer now
+            self._changed = asyncio.Event()
 
     async def close(self) -> None:
         """After shutdown: wait until every engine is stopped, bounded, then make sure of it."""
@@ -185,7 +187,9 @@ class Router:
         self._apply(self.scheduler.unload(lane, self.clock()))
 
     async def wait_lane(self, lane: str, states: set[LaneState]) -> LaneState:
-        while (state := self.scheduler.state(lane)) not in states:
+        """The lane's state once it is one of STATES, or whatever it is when shutdown begins: a
+        waiting `POST /lanes/L/load` must not hold the server's exit (uvicorn waits for it)."""
+        while (state := self.scheduler.state(lane)) not in states and not self.scheduler.shutting_down:
             await self._changed.wait()
         return state
 
