@@ -185,7 +185,9 @@ def lanes_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {"VLLM_LANES": "alpha,beta", "VLLM_ENFORCE_EAGER": "true", "VLLM_DTYPE": "float32",
            "VLLM_MAX_MODEL_LEN": "16384", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache),
            "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "20",
-           "VLLM_SWITCH_MAX_WAIT": "5"}
+           "VLLM_SWITCH_MAX_WAIT": "5",
+           # beta's engine holds 2 requests at once, the rest wait in the launcher (test_e2e_backlog.py)
+           "VLLM_LANE_BETA_MAX_NUM_SEQS": "2"}
     env.update({f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()})
     return env
 
