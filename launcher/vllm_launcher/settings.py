@@ -125,7 +125,9 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     _server("body_timeout", ["VLLM_BODY_TIMEOUT"], values.parse_positive_float,
             "seconds from the end of a request's headers to the end of its body, beyond: 408 and close", 60.0),
     _server("engine_max_restarts", ["VLLM_ENGINE_MAX_RESTARTS"], values.parse_positive_int,
-            "consecutive failed engine starts before a lane is marked failed", 5),
+            "consecutive crash loops (failed starts; crashes or hangs of engines that had not served: no output "
+            "reached a client, fewer than 3 requests finished, ready less than 60 s) before a lane is failed; a "
+            "failed lane is tried again after 300 s", 5),
     _server("gpu_memory_budget", ["VLLM_GPU_MEMORY_BUDGET"], values.parse_fraction,
             "share of device memory all loaded lanes may use together (default: the largest lane's share)"),
     _server("gpu_memory_gb", ["VLLM_GPU_MEMORY_GB"], values.parse_positive_float,
