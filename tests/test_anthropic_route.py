@@ -44,7 +44,7 @@ def test_anthropic_client_through_the_repairs_and_errors(tmp_path, fake_python, 
     log = tmp_path / "messages.jsonl"
     env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_MESSAGES_LOG": str(log), "ENV_FAKE_TOKEN_DELAY": "0.01"},
                                        "b": {"TOKENIZER": str(tokenizer_model), "ENV_FAKE_START_DELAY": "4"}},
-                         VLLM_API_KEY=KEY)
+                         VLLM_API_KEY=KEY, VLLM_QUEUE_MAX="1")
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as http:
         claude = client(served)
         message = claude.messages.create(model="a", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
@@ -129,11 +129,16 @@ def test_anthropic_client_through_the_repairs_and_errors(tmp_path, fake_python, 
         with httpx.stream("POST", served.url + MESSAGES, headers={"x-api-key": KEY}, timeout=60,
                           json={"model": "b", "max_tokens": 2, "stream": True,
                                 "messages": [{"role": "user", "content": "hi"}]}) as response:
+            # the queue's one place is the waiting stream's: the next request is refused, in Anthropic's shape
+            with pytest.raises(anthropic.APIStatusError) as full:
+                claude.messages.create(model="b", max_tokens=1, messages=[{"role": "user", "content": "x"}])
             raw = response.read()
         assert response.status_code == 200
         first_event = raw.index(b"event: message_start")
         assert raw.startswith(b": waiting for lane b (starting") and PING in raw[:first_event]
         assert b"[DONE]" not in raw and raw.endswith(b'"message_stop"}\n\n')
+        assert full.value.status_code == 503 and full.value.body["error"]["type"] == "overloaded_error", full.value.body
+        assert "too many requests waiting" in full.value.body["error"]["message"]
         start = json.loads(raw[first_event:].split(b"\n\n")[0].split(b"data: ")[1])
         assert start["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0}
         assert start["message"]["role"] == "assistant" and start["message"]["type"] == "message"
