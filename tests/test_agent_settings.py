@@ -88,3 +88,22 @@ def test_module_options_reach_the_engine_argv(base):
     assert coder[coder.index("--chat-template") + 1] == base["template"]
     assert thinker[thinker.index("--reasoning-parser") + 1] == "deepseek_r1"
     assert "--reasoning-parser" not in coder and "--chat-template" not in thinker
+
+
+@pytest.mark.nix
+def test_nixos_module_options(base):
+    """services.vllm.lanes.<name>.toolCallParser, reasoningParser, chatTemplate (a path or the
+    template) and their defaults reach the unit's environment (nixpkgs.lib's module system)."""
+    from test_nix_module import evaluate, run_eval
+
+    out = evaluate('{ enable = true; defaults.toolCallParser = "hermes"; '
+                   'lanes.coder = { model = "/m/c"; chatTemplate = %s; }; '
+                   'lanes.thinker = { model = "/m/t"; reasoningParser = "deepseek_r1"; '
+                   'chatTemplate = "{{ messages }}"; }; }' % base["template"])
+    env = out["environment"]
+    assert out["failedAssertions"] == []
+    assert env["VLLM_TOOL_CALL_PARSER"] == "hermes" and env["VLLM_LANE_THINKER_REASONING_PARSER"] == "deepseek_r1"
+    assert env["VLLM_LANE_CODER_CHAT_TEMPLATE"].endswith("tools.jinja")
+    assert env["VLLM_LANE_THINKER_CHAT_TEMPLATE"] == "{{ messages }}"
+    wrong = run_eval('{ services.vllm = { enable = true; lanes.a = { model = "m"; toolCallParser = 7; }; }; }')
+    assert wrong.returncode != 0 and "toolCallParser" in wrong.stderr
