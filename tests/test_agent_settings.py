@@ -59,6 +59,11 @@ def test_wrong_parser_names_are_refused_naming_the_choices(base):
     assert "VLLM_TOOL_CALL_PARSER='hermes-typo' (lane 'coder'): not a tool-call parser" in tool
     assert "hermes" in tool and "llama3_json" in tool and "our_agent_parser" in tool      # the plugin's too
     assert "VLLM_LANE_THINKER_REASONING_PARSER='deepseek-r1'" in reasoning and "deepseek_r1" in reasoning
+    # an engine Python without vLLM (yet): nothing to check against, said, not refused
+    unchecked = run_launcher({**env, "VLLM_ENGINE_PYTHON": "/bin/true"}, "config", "--format", "argv")
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "warning: VLLM_TOOL_CALL_PARSER='hermes-typo' not checked" in unchecked.stderr
+    assert "--enable-auto-tool-choice --tool-call-parser hermes-typo" in unchecked.stdout
     # a file CHAT_TEMPLATE that is not there: no registry needed
     missing = run_launcher({**base["env"], "VLLM_MODEL": "/models/m", "VLLM_CHAT_TEMPLATE": "/nowhere/t.jinja"},
                            "config")

@@ -30,13 +30,13 @@ def load_or_exit(overrides: dict[str, str] | None = None) -> LauncherConfig:
     environ.update({name: value for name, value in (overrides or {}).items() if value is not None})
     try:
         config = load_config(environ)
-        check_parsers(config)           # against the engines' vLLM: only when a lane names a parser
+        unchecked = check_parsers(config)       # against the engines' vLLM: only when a lane names a parser
     except ConfigError as error:
         click.echo(f"vllm-launcher: {len(error.problems)} configuration problem(s), nothing started:", err=True)
         for problem in error.problems:
             click.echo(f"  - {problem}", err=True)
         sys.exit(CONFIG_EXIT)
-    for warning in config.warnings:
+    for warning in (*config.warnings, *unchecked):
         click.echo(f"vllm-launcher: warning: {warning}", err=True)
     return config
 

@@ -533,13 +533,14 @@ def _warnings(lanes: dict[str, LaneConfig]) -> list[str]:
 PARSER_SETTINGS = (("TOOL_CALL_PARSER", "tool-call parser", "tool"), ("REASONING_PARSER", "reasoning parser", "reasoning"))
 
 
-def check_parsers(config: LauncherConfig) -> None:
+def check_parsers(config: LauncherConfig) -> list[str]:
     """TOOL_CALL_PARSER and REASONING_PARSER against the engine Python's vLLM (its registries, with
     the tool parsers of a lane's --tool-parser-plugin FILE): raises ConfigError naming the choices.
-    Only when a lane sets one (reading the registries imports vLLM's parsers; the answer is cached)."""
+    Only when a lane sets one (reading the registries imports vLLM's parsers; the answer is cached).
+    Registries that cannot be read (no vLLM there yet) are warnings, returned: nothing to check against."""
     from .vllm_info import parser_names
 
-    problems = []
+    problems, warnings = [], []
     for lane in config.lanes.values():
         if not any(lane.settings.get(key) for key, _, _ in PARSER_SETTINGS):
             continue
@@ -555,13 +556,14 @@ def check_parsers(config: LauncherConfig) -> None:
                 continue
             variable = lane_var(lane.name, key) if lane_var(lane.name, key) in config.environ else f"VLLM_{key}"
             if isinstance(names, str):
-                problems.append(f"{variable}={value!r}: cannot read the {what}s of the engines' vLLM "
+                warnings.append(f"{variable}={value!r} not checked: cannot read the {what}s of the engines' vLLM "
                                 f"({config.server.engine_python}): {names}")
             elif value not in getattr(names, field_name):
                 problems.append(f"{variable}={value!r} (lane {lane.name!r}): not a {what} of the engines' vLLM; "
                                 f"accepted: {', '.join(getattr(names, field_name))}")
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+    return list(dict.fromkeys(warnings))
 
 
 def route_table(config: LauncherConfig) -> dict[str, str]:
