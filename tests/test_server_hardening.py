@@ -279,7 +279,9 @@ def test_an_engine_that_prints_its_own_key_has_it_masked_everywhere(tmp_path):
     shown = message + lanes + served.log() + "".join(path.read_text() for path in (tmp_path / "logs").iterdir())
     assert "starting with key ***" in served.log()
     started = keys.read_text().split()
-    assert len(started) >= 2 and all(len(key) > 20 for key in started)       # the preload and the load
+    # the preload's start, and the load's own when it came after the preload had failed (with the
+    # engine's keeper a start takes longer, so the load often joins the preload's start)
+    assert started and all(len(key) > 20 for key in started)
     for key in started:
         assert key not in shown
 
