@@ -253,9 +253,9 @@ def wait_metric(served: Served, name: str, expected: float, timeout: float = 30,
 
 
 def engine_socket(pgid: int) -> str:
-    """The Unix socket an engine listens on (its --uds); engines have no --host or --port."""
+    """The Unix socket an engine listens on (its --uds); engines have no --host, and --port 0."""
     argv = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
-    assert b"--port" not in argv and b"--host" not in argv, argv
+    assert b"--host" not in argv and [argv[i + 1] for i, arg in enumerate(argv) if arg == b"--port"] == [b"0"], argv
     return argv[argv.index(b"--uds") + 1].decode()
 
 

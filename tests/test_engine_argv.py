@@ -95,7 +95,8 @@ def test_seed_environment_parses_with_installed_vllm(seed):
             assert namespace.model == resolved["model"]
             assert namespace.served_model_name == [resolved["served_model_name"]]
         served = resolved["serve_argv"]
-        assert "--host" not in served and "--port" not in served            # serve's engines: no TCP
+        # serve's engines: no TCP (--port 0 only keeps vLLM's exit from naming the process on 8000)
+        assert "--host" not in served and served[served.index("--port") + 1] == "0" and namespace.port == 0
         assert namespace.uds == served[served.index("--uds") + 1] and namespace.uds.endswith(".sock")
         env = resolved["env"]
         leaked = [name for name in env if (name in LAUNCHER_NAMES or name.startswith(LANE_PREFIX))

@@ -324,14 +324,47 @@ DEMO_ENV = {
 }
 
 
+def demo_try_lines(url: str, lane: str, lanes: tuple[str, ...], python: str | None) -> str:
+    """What the demo prints once LANE is ready: requests to paste into another terminal."""
+    other = next((name for name in lanes if name != lane), lane)
+    json_header = "-H 'Content-Type: application/json'"
+    lines = [f"Lane {lane} is ready. Try, from another terminal (a request for {other} switches lanes: "
+             f"its engine starts, 20-60 s):",
+             f"  curl -s {url}/v1/chat/completions {json_header} \\",
+             f"    -d '{{\"model\": \"{lane}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+             f"\"max_tokens\": 16}}'",
+             f"  curl -sN {url}/v1/completions {json_header} \\",
+             f"    -d '{{\"model\": \"{other}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32, "
+             f"\"stream\": true}}'",
+             f"  curl -s {url}/lanes"]
+    if python:
+        lines += [f"  OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=- {python} -c \\",
+                  f"    'import openai; print(openai.OpenAI().completions.create(model=\"{lane}\", prompt=\"Hi\")"
+                  ".choices[0].text)'"]
+    lines.append("Stop with Ctrl-C (the engines stop with the server).")
+    return "\n".join(lines)
+
+
+def _shown_python() -> str | None:
+    """This Python, as a newcomer in the checkout would type it, when it has the openai client."""
+    import importlib.util
+
+    if importlib.util.find_spec("openai") is None:
+        return None
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith("..") else sys.executable
+
+
 @main.command()
 @click.option("--dir", "directory", default=".demo", show_default=True, type=click.Path(file_okay=False),
-              help="where the tiny models and the compile cache live (reused by later runs)")
+              help="where the tiny models, the compile cache and demo.log live (reused by later runs)")
 @click.option("--port", type=int, help="port of the front server [default 8000, or VLLM_PORT]")
 def demo(directory: str, port: int | None) -> None:
     """Two tiny random-weight model lanes (alpha, beta) served by the installed vLLM.
 
-    Makes the models once (no download), then runs `vllm-launcher serve` on 127.0.0.1:8000.
+    Makes the models once (no download), then runs `vllm-launcher serve` on 127.0.0.1:8000 and,
+    once the first lane is ready, prints requests to try. The terminal shows the launcher's lines
+    and the engines' warnings and errors; DIR/demo.log has everything.
     Variables already set in the environment win over the demo's defaults.
     """
     root = Path(directory).resolve()
@@ -345,18 +378,24 @@ def demo(directory: str, port: int | None) -> None:
         os.environ["VLLM_PORT"] = str(port)
     cfg = load_or_exit()
     url = f"http://127.0.0.1:{cfg.server.port}"
-    lanes = ", ".join(DEFAULT_LANES)
-    click.echo(f"""
-Serving lanes {lanes} on {url} (the first start of an engine takes 20-60 s on a CPU).
-Try, from another terminal:
-  curl -s {url}/health
-  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{{"model": "{DEFAULT_LANES[0]}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
-  curl -s {url}/v1/completions -H 'Content-Type: application/json' \\
-       -d '{{"model": "{DEFAULT_LANES[1]}", "prompt": "Once upon a time", "max_tokens": 16}}'
-  curl -s {url}/lanes
-Stop with Ctrl-C (engines are stopped with the server).
-""")
+    log_file = root / "demo.log"
+    shown_log = os.path.relpath(log_file) if not os.path.relpath(log_file).startswith("..") else str(log_file)
+    click.echo(f"vllm-launcher demo: lanes {', '.join(cfg.lanes)} on {url}; {cfg.default_lane}'s engine starts "
+               f"now (20-60 s on an idle CPU)\n"
+               f"vllm-launcher demo: engines' output goes to {shown_log}; here only their warnings and errors")
+    announced = False
+
+    def announce(lane: str, state: str, reason: str) -> None:
+        nonlocal announced
+        if announced:
+            return
+        if state == "ready":
+            announced = True
+            click.echo(demo_try_lines(url, lane, tuple(cfg.lanes), _shown_python()))
+        elif state == "failed":
+            announced = True
+            click.echo(f"vllm-launcher demo: lane {lane} failed to start ({reason}); the whole engine output is "
+                       f"in {shown_log}")
     from .serve import run_server
 
-    sys.exit(run_server(cfg))
+    sys.exit(run_server(cfg, quiet_to=log_file, state_listeners=[announce]))

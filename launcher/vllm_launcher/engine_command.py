@@ -109,7 +109,7 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
                       sleep_mode: bool | None = None) -> EngineSpec:
     """argv and env for one lane. Without uds/host/port/api_key: the user's VLLM_HOST, VLLM_PORT
     and key, as `vllm-launcher engine` runs it; the server passes a Unix socket path (`--uds`,
-    then no --host/--port at all) and its internal key. `sleep_mode` (default: the lane's
+    then no --host and --port 0) and its internal key. `sleep_mode` (default: the lane's
     SLEEP_LEVEL > 0) adds --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (vLLM's /sleep,
     /wake_up, /is_sleeping; also /collective_rpc: the engine's private Unix socket keeps other
     users out)."""
@@ -127,7 +127,9 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
         flags += ["--distributed-executor-backend", MULTI_NODE_DEFAULT_EXECUTOR]
     argv = [server.engine_python, "-m", ENGINE_MODULE,
             "--model", lane.model, "--served-model-name", lane.served_model_name,
-            *(["--uds", uds] if uds else ["--host", host, "--port", str(port)]),
+            # --port 0 with --uds: vLLM listens on the socket only, and at exit names the process using
+            # its --port (default 8000, often the front server's) in a warning; no socket has port 0
+            *(["--port", "0", "--uds", uds] if uds else ["--host", host, "--port", str(port)]),
             *flags, *lane.settings.get("EXTRA_ARGS", [])]
     if sleep_mode is None:
         sleep_mode = bool(lane.settings.get("SLEEP_LEVEL"))

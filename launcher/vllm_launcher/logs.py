@@ -1,11 +1,14 @@
 """Logging for the launcher and its engines: text or JSON lines on stdout, and with
-LOG_DIRECTORY also rotated files (launcher.log, and engine-<lane>.log per lane)."""
+LOG_DIRECTORY also rotated files (launcher.log, and engine-<lane>.log per lane). `serve` passes
+every engine line on (for the journal); the demo's terminal shows them quietly (QuietTerminal),
+the whole output going to a file it names."""
 
 from __future__ import annotations
 
 import json
 import logging
 import logging.handlers
+import re
 import time
 from pathlib import Path
 from typing import Iterable
@@ -79,13 +82,109 @@ class SecretMask(logging.Filter):
         return True
 
 
-def setup_logging(level: str, fmt: str, directory: str | None, secrets: Iterable[str] = ()) -> None:
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PROCESS = re.compile(r"\A\([\w.:-]+ pid=\d+\) ?")          # vLLM's "(APIServer pid=12) " before each line
+# vLLM's "WARNING 12-07 22:21:11 [file.py:12] ...", uvicorn's "INFO:     ..."
+_LEVEL = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?::| (?:\d\d-\d\d [\d:]{8} )?)")
+_VLLM_TIME = re.compile(r"\A(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]{8} ")
+_C10_LEVEL = re.compile(r"\[([IWEF])\d{4} [\d:.]+ ")          # torch's C++ "[W1207 22:49:08.64 utils.cpp:68] ..."
+_C10_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
+# warnings.warn's "file.py:12: FutureWarning: ...": those for programmers (the code calling a
+# deprecated API) are not shown
+_PYTHON_WARNING = re.compile(r"\S+\.py:\d+: (\w*Warning): ")
+_PROGRAMMERS_WARNINGS = frozenset({"DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"})
+_SHOWN_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+# Ends of an engine the launcher stopped: vLLM's own "[shutdown]" steps (it force-kills its
+# EngineCore at once: shutdown timeout 0), the resource tracker's count of what the killed
+# processes held, and the leak report of triton's nanobind bindings (xgrammar's on vLLM 0.12) at
+# exit: objects still alive when the interpreter ends, harmless. A crash is the launcher's line.
+_STOP_NOISE = re.compile(r"\[shutdown\]|resource_tracker: |nanobind: ")
+
+
+def compact_engine_line(line: str) -> str:
+    """LINE without colours, vLLM's "(APIServer pid=12) " and its "12-07 22:21:11 " after the level."""
+    text = _PROCESS.sub("", _ANSI.sub("", line), count=1)
+    return _VLLM_TIME.sub(r"\1 ", text, count=1)
+
+
+class QuietTerminal(logging.Filter):
+    """The demo's terminal: the launcher's lines (without uvicorn's and the host checks' INFO), and
+    of the engines' output only what asks for a reader: warnings, errors and tracebacks, each
+    with the lines that continue it (a traceback's frames, a multi-line message), a warning
+    once however many engines and processes print it. The rest (vLLM's INFO, its ~50 `Route:`
+    lines per start, the stop noise above) stays in the whole log. A dying engine's last lines
+    come in the launcher's own error line (supervisor: "exited ...; last lines")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._showing: dict[str, bool] = {}       # per engine logger: inside a shown message
+        self._warned: set[str] = set()            # warnings shown, by their text without time or pid
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(ENGINE_LOGGER):
+            return self.shown(record.name, record.getMessage())
+        quiet = record.name.startswith("uvicorn") or record.name == "vllm_launcher.host"
+        return not quiet or record.levelno >= logging.WARNING
+
+    def shown(self, source: str, line: str) -> bool:
+        text = _PROCESS.sub("", _ANSI.sub("", line), count=1)
+        level = _LEVEL.match(text) or _C10_LEVEL.match(text)
+        python_warning = _PYTHON_WARNING.search(text)
+        if _STOP_NOISE.search(text):
+            show = False
+        elif level:
+            name = _C10_LEVELS.get(level.group(1), level.group(1))
+            show = name in _SHOWN_LEVELS and (name != "WARNING" or self._first(text[level.end():]))
+        elif python_warning:
+            show = python_warning.group(1) not in _PROGRAMMERS_WARNINGS and self._first(text)
+        elif text.startswith("Traceback (most recent call last)"):
+            show = True
+        else:                                   # no level of its own: continues the message before it
+            return self._showing.get(source, False)
+        self._showing[source] = show
+        return show
+
+    def _first(self, warning: str) -> bool:
+        if warning in self._warned:
+            return False
+        self._warned.add(warning)
+        return True
+
+
+class QuietFormatter(TextFormatter):
+    """The demo's terminal: the time and the message; engine lines without colours, vLLM's
+    process prefix and its time (a terminal line each, where it fits)."""
+
+    def __init__(self) -> None:
+        logging.Formatter.__init__(self, "%(asctime)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name.startswith(ENGINE_LOGGER):
+            return f"[{record.name[len(ENGINE_LOGGER):]}] {compact_engine_line(record.getMessage())}"
+        text = super().format(record)
+        if record.levelno != logging.INFO:
+            text = text.replace(" ", f" {record.levelname} ", 1)
+        return text
+
+
+def setup_logging(level: str, fmt: str, directory: str | None, secrets: Iterable[str] = (),
+                  quiet_to: Path | None = None) -> None:
+    """Logging for `serve`. With QUIET_TO (the demo): the terminal shows engines' output quietly
+    (QuietTerminal, QuietFormatter), and the file QUIET_TO (rewritten) gets every line, in text."""
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     mask = SecretMask(secrets)
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    terminal = logging.StreamHandler()
+    handlers: list[logging.Handler] = [terminal]
+    if quiet_to is not None:
+        terminal.addFilter(QuietTerminal())
+        quiet_to.parent.mkdir(parents=True, exist_ok=True)
+        full = logging.FileHandler(quiet_to, mode="w")
+        full.setFormatter(TextFormatter())
+        full.addFilter(mask)
+        root.addHandler(full)
     if directory:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -93,7 +192,7 @@ def setup_logging(level: str, fmt: str, directory: str | None, secrets: Iterable
                                                           backupCount=ROTATE_KEEP),
                      _EngineFiles(path, formatter)]
     for handler in handlers:
-        handler.setFormatter(formatter)
+        handler.setFormatter(QuietFormatter() if handler is terminal and quiet_to is not None else formatter)
         handler.addFilter(mask)
         root.addHandler(handler)
     # engine lines are logged at INFO whatever the launcher's level: they are vLLM's own output

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import uvicorn
 
@@ -48,7 +50,10 @@ class _Server(uvicorn.Server):
         self.loop.call_soon_threadsafe(self.connections.begin_shutdown)
 
 
-async def _serve(config: LauncherConfig) -> int:
+StateListener = Callable[[str, str, str], None]      # (lane, new state, reason), as Router.state_listeners
+
+
+async def _serve(config: LauncherConfig, state_listeners: Iterable[StateListener] = ()) -> int:
     server_cfg = config.server
     runtime_dir = default_runtime_dir(server_cfg.runtime_dir)
     sockets = sockets_dir(runtime_dir)         # both directories checked before anything is read from them
@@ -63,6 +68,7 @@ async def _serve(config: LauncherConfig) -> int:
     metrics = Metrics()
     router = Router(config, vllm, metrics, records, sockets=sockets)
     router.state_listeners.append(lambda lane, state, reason: sd_notify(f"STATUS=lane {lane}: {state} ({reason})"))
+    router.state_listeners.extend(state_listeners)
     connections = Connections(_limits(config), metrics.registry)
     app = BodyTimeout(create_app(config, vllm, router, metrics), connections)
     # proxy_headers off: nothing here uses the client's address (no access log), and uvicorn's
@@ -107,12 +113,15 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def run_server(config: LauncherConfig) -> int:
+def run_server(config: LauncherConfig, *, quiet_to: Path | None = None,
+               state_listeners: Iterable[StateListener] = ()) -> int:
+    """Serve until SIGTERM/SIGINT. The demo passes QUIET_TO (engines' output quietly on the
+    terminal, whole in that file) and a listener of lane states."""
     setup_logging(config.server.log_level, config.server.log_format, config.server.log_directory,
-                  config.secret_values())
+                  config.secret_values(), quiet_to=quiet_to)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
-            return runner.run(_serve(config))
+            return runner.run(_serve(config, state_listeners))
         except UnsafeDirectory as error:
             print(f"vllm-launcher: the runtime directory (VLLM_RUNTIME_DIR) is refused: {error}; nothing started",
                   file=sys.stderr, flush=True)
