@@ -6,8 +6,9 @@ from pathlib import Path
 
 from .common import RESULTS, log
 
-COLORS = {"new": "#1b7837", "hold": "#984ea3", "fcfs": "#b2182b", "llama_swap": "#2166ac"}
-LABELS = {"new": "ours", "hold": "ours before (hold rule)", "fcfs": "fcfs", "llama_swap": "llama-swap policy"}
+COLORS = {"new": "#1b7837", "capped": "#7fbc41", "hold": "#984ea3", "fcfs": "#b2182b", "llama_swap": "#2166ac"}
+LABELS = {"new": "ours", "capped": "ours before issue 21", "hold": "ours before (hold rule)", "fcfs": "fcfs",
+          "llama_swap": "llama-swap policy"}
 STATE_COLORS = {"starting": "#fdb863", "ready": "#5aae61", "draining": "#c2a5cf", "stopping": "#d6604d",
                 "sleeping": "#92c5de"}
 

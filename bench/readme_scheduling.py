@@ -3,7 +3,8 @@ bench/results/scheduling.json."""
 
 from __future__ import annotations
 
-NAMES = {"new": "**ours**", "hold": "ours before (hold)", "llama_swap": "llama-swap", "fcfs": "fcfs"}
+NAMES = {"new": "**ours**", "capped": "ours before issue 21", "hold": "ours before issue 13 (hold)",
+         "llama_swap": "llama-swap", "fcfs": "fcfs"}
 
 
 def _s(x, digits: int = 0) -> str:
@@ -163,6 +164,34 @@ def reading(sched: dict) -> str:
     return " ".join(out) + "\n"
 
 
+def batch_agent_text(sched: dict) -> str:
+    """(g), the workload of issue 21: a batch job submitted at once beside an agent."""
+    w = sched["workloads"].get("batch_agent")
+    if not w:
+        return ""
+    st = sched["settings"]
+    lines = ["| policy | requests answered with an error | went back in line | agent's wait: mean | p99 | max "
+             "| batch job done after |", "|---|---|---|---|---|---|---|"]
+    for policy, p in w["policies"].items():
+        s = p["summary"]
+        total = sum(r["requests"] for r in p["runs"])
+        lines.append(f"| {NAMES.get(policy, policy)} | {s['errors']} of {total} | {s.get('preempted', 0)} | "
+                     f"{_ci(s.get('interactive_mean'))} | {_mean(s.get('interactive_p99'))} s | "
+                     f"{_mean(s.get('interactive_max'))} s | {_ci(s.get('batch_done'))} |")
+    return (
+        f"**{w['short']}** (issue 21), held-out seeds {st['held_out_seeds'][0]}-{st['held_out_seeds'][-1]}, "
+        f"B = {sched['acceptance']['cap']:.0f} s: {w['description']}. Ours sends an engine at most its batch "
+        f"({st['batch']}, the lane's `MAX_NUM_SEQS`) and keeps the rest of the job in its own queue, so closing "
+        "the coder lane for the agent drains only what the engine holds; ours before issue 21 sent the whole job "
+        "to the engine and aborted what was still there at `drain_timeout` (so did the hold rule, and fcfs, which "
+        "serves the global queue in order): the job's lane was free again after a few minutes, which is why their "
+        "agent waited little; llama-swap serves the job to its end before the agent. The agent's figures are "
+        "over its requests (mean with its 95 % interval); the batch job is done when its last request ends "
+        "(mean over seeds). Reproduce: `BENCH_PARTS=scheduling .venv/bin/python "
+        "-m bench` (this whole part, minutes; `BENCH_QUICK=1` for a short run of seconds, 3 seeds, a shorter "
+        "hour and a 500-request job).\n\n" + "\n".join(lines) + "\n")
+
+
 def scheduling_section(sched: dict) -> str:
     st = sched["settings"]
     d = st.get("scheduler_defaults", {})
@@ -171,12 +200,16 @@ def scheduling_section(sched: dict) -> str:
     parts = [
         "**Scheduling under agent traffic**, simulated (`bench/simulator.py`, discrete-event, "
         f"deterministic) with {ours}, against three baselines on identical inputs "
-        "(`bench/baselines.py`): ours before issue 13 (the hold rule, frozen in `bench/hold_scheduler.py`, "
-        f"`VLLM_SWITCH_MAX_WAIT` {st['hold_max_wait']:.0f} s), the llama-swap policy (serve the loaded lane while "
+        "(`bench/baselines.py`): ours before issue 21 (the same policy without the dispatch limit and the "
+        "preemption rule: a ready lane sends its engine every request, a drain aborts what the engine still "
+        "holds at `drain_timeout`; frozen in `bench/capped_scheduler.py`), ours before issue 13 (the hold rule, "
+        f"frozen in `bench/hold_scheduler.py`, `VLLM_SWITCH_MAX_WAIT` {st['hold_max_wait']:.0f} s), the llama-swap "
+        "policy (serve the loaded lane while "
         "it has requests, else the oldest waiter's; no bound) and fcfs (switch whenever the head of the global "
         f"queue is another lane). Switch cost {st['switch_seconds']:.0f} s (stop {st['stop_seconds']:.0f} + start "
         f"{st['start_seconds']:.0f}) unless said otherwise; every engine serves at most {st['batch']} requests at "
-        "once (vLLM's `--max-num-seqs`), the rest wait in the engine's queue; service times log-normal per lane "
+        "once (vLLM's `--max-num-seqs`), the rest wait in the engine's queue (ours sends it no more than that: its "
+        "dispatch limit); service times log-normal per lane "
         "(median orchestrator 6 s, coder 15 s, fast_rag 2 s). A *wait* is what the user feels: arrival to the "
         "start of service, the engine's queue included. Figures: the mean over the held-out seeds "
         f"{st['held_out_seeds'][0]}-{st['held_out_seeds'][-1]} of each seed's figure, with the 95 % bootstrap "
@@ -185,12 +218,14 @@ def scheduling_section(sched: dict) -> str:
         "finished within the workload's window, per hour (not per makespan: an open stream's backlog counts "
         "against the policy that leaves it); the saturated case (s) is a closed loop at fixed concurrency. An "
         "agent task is one loop iteration (four requests), from its first request to its last answer. Answered "
-        "with an error: requests aborted at `drain_timeout` (a drain waits for the engine's whole queue), "
-        "waiting for a start that failed (the baselines), or lost, over all seeds; they are left out of the "
-        "waits (an aborted request never started, or its user got an error). Runtime "
+        "with an error: requests aborted at `drain_timeout` (the baselines: a drain waits for the engine's whole "
+        "queue; ours puts what it has not started back in line instead), waiting for a start that failed (the "
+        "baselines), or lost, over all seeds; they are left out of the waits (an aborted request never started, "
+        "or its user got an error). Runtime "
         f"of this part: {sched.get('runtime_seconds', 0):.0f} s.\n",
         "\n".join(f"- {w['description']}" for w in sched["workloads"].values()) + "\n",
         results_table(sched),
+        batch_agent_text(sched),
         "Per client (mean over the held-out seeds of each client's p99 and maximum wait):\n",
         clients_table(sched, "agent_batch"),
         clients_table(sched, "saturated"),

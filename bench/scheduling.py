@@ -4,6 +4,9 @@ Policies, on identical inputs (same arrivals, service times, switch costs, engin
 
 * ``new``: the launcher's Scheduler (launcher/vllm_launcher/scheduler.py): the cost-gated
   policy capped at B = ``VLLM_SWITCH_MAX_WAIT``;
+* ``capped``: ours before issue 21 (bench/capped_scheduler.py, frozen): the same cost-gated policy
+  without a dispatch limit (a ready lane sends its engine every request; the engine queues beyond its
+  batch) and aborting what is in flight at the drain bound;
 * ``hold``: ours before issue 13, the hold rule (bench/hold_scheduler.py, frozen), at its
   default ``VLLM_SWITCH_MAX_WAIT`` of 30 s;
 * ``llama_swap``: llama-swap's rule (serve the loaded lane while it has requests, else the
@@ -11,10 +14,12 @@ Policies, on identical inputs (same arrivals, service times, switch costs, engin
 * ``fcfs``: a global FIFO that switches whenever the head of the queue is another lane.
 
 Engines serve at most ``BATCH`` requests at once (vLLM's ``--max-num-seqs``); the rest wait in
-the engine's queue.  A request's *wait* is what its user feels: arrival to the start of its
-service (the engine's queue included).  The wait *bound* concerns the scheduler's part, arrival
-to dispatch: wait <= B + K (D + S), K the engine loads during the wait, D the drain bound
-(``drain_timeout``), S the longest stop + start.
+the engine's queue.  Ours sends an engine at most ``BATCH`` (its lanes' ``max_inflight``, the
+launcher's dispatch limit), so the rest waits in its own queue.  A request's *wait* is what its
+user feels: arrival to the start of its service (the engine's queue included).  The wait *bound*
+concerns the scheduler's part: of each wait for a dispatch (from arrival, or from going back in
+line), the time its lane was not serving <= B + K (D + S), K the engine loads during the wait, D
+the drain bound (``drain_timeout``), S the longest stop + start.
 
 Workloads (service times log-normal per lane, median orchestrator 6 s, coder 15 s, fast_rag 2 s):
 
@@ -31,6 +36,8 @@ Workloads (service times log-normal per lane, median orchestrator 6 s, coder 15 
 (e) ``light``: one agent as in (a), alone, for an hour.
 (f) ``six_lanes``: six lanes with skewed popularity (Zipf) and per-lane start costs (20-55 s),
     eight closed-loop clients each picking a lane per request, think ~15 s, for an hour.
+(g) ``batch_agent``: a batch job of ``BATCH_JOB`` requests submitted at once to the coder lane
+    beside one agent looping on the orchestrator lane (think ~20 s) for an hour.
 (s) ``saturated``: closed loop with fixed concurrency, four clients per lane, no think time,
     for an hour: the throughput a policy sustains when every lane always has work.
 
@@ -41,6 +48,7 @@ seeds 21-40 are held out for the acceptance (issue 13).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -78,7 +86,8 @@ HAMMER_SECONDS = 600.0 if QUICK else 1200.0
 AGENT_THINK = 20.0
 AGENT_STAGGER = 300.0
 BOOTSTRAP = 2000
-POLICIES = ("new", "hold", "llama_swap", "fcfs")
+BATCH_JOB = 500 if QUICK else 3000  # (g): requests the batch job submits at once
+POLICIES = ("new", "capped", "hold", "llama_swap", "fcfs")
 VARIANT_POLICIES = ("new", "hold", "llama_swap")
 ACCEPTANCE_WORKLOADS = ("agent_loop", "hammer", "bursty")
 THROUGHPUT_TOLERANCE = 0.03
@@ -182,7 +191,21 @@ def saturated_steps(rng: random.Random, lane: str) -> Iterator[tuple[str, float,
         yield lane, service_time(rng, lane), 0.0
 
 
+def orchestrator_steps(rng: random.Random) -> Iterator[tuple[str, float, float, int]]:
+    cycle = 0
+    while True:
+        yield "orchestrator", service_time(rng, "orchestrator"), rng.expovariate(1 / AGENT_THINK) + 0.5, cycle
+        cycle += 1
+
+
 def build(workload: str, seed: int) -> Workload:
+    w = _build(workload, seed)
+    # the launcher's dispatch limit is the engine's batch (the baselines do not look at it)
+    w.lanes = [dataclasses.replace(p, max_inflight=BATCH) for p in w.lanes]
+    return w
+
+
+def _build(workload: str, seed: int) -> Workload:
     three = [LanePolicy(n) for n in LANES]
     if workload == "agent_loop":
         w = Workload(three, HOUR)
@@ -207,6 +230,14 @@ def build(workload: str, seed: int) -> Workload:
             rng = random.Random(seed * 1000 + 40 + c)
             w.clients.append(Client(f"user{c}", rng.uniform(0, AGENT_STAGGER), six_steps(rng)))
             w.classes[f"user{c}"] = "interactive"
+    elif workload == "batch_agent":
+        w = Workload(three, HOUR)
+        rng = random.Random(seed * 1000 + 5)
+        w.arrivals = [(0.0, f"batch/{i}", "coder", service_time(rng, "coder")) for i in range(BATCH_JOB)]
+        w.classes["batch"] = "batch"
+        agent = random.Random(seed * 1000 + 11)
+        w.clients.append(Client("agent", agent.uniform(0, 60.0), orchestrator_steps(agent)))
+        w.classes["agent"] = "interactive"
     elif workload == "saturated":
         w = Workload(three, HOUR)
         for lane in LANES:
@@ -244,7 +275,7 @@ VARIANTS = {
 def variant(workload: str, seed: int) -> Workload:
     base = {"agent_loop_sleep": "agent_loop", "light_sleep": "light", "agent_loop_failures": "agent_loop",
             "hammer_long_drain": "hammer", "six_lanes_shared": "six_lanes"}[workload]
-    w = build(base, seed)
+    w = _build(base, seed)
     if workload.endswith("_sleep"):
         w.lanes = [LanePolicy(p.name, 0.6, sleep_level=1, sleep_share=0.15) for p in w.lanes]
         w.budget = 0.95
@@ -273,6 +304,8 @@ WORKLOADS = {
     "light": ("(e) one agent", "(e) light: a single agent as in (a), alone, one hour"),
     "six_lanes": ("(f) 6 lanes, skewed", "(f) six lanes, Zipf popularity (s = 1.2), starts 20-55 s, 8 clients "
                   "picking a lane per request, think ~15 s, one hour"),
+    "batch_agent": ("(g) batch job + agent", f"(g) a batch job of {BATCH_JOB} requests submitted at once to the "
+                    "coder lane, beside one agent looping on the orchestrator lane (think ~20 s), one hour"),
     "saturated": ("(s) saturated", "(s) saturated closed loop: 4 clients per lane, no think time, one hour "
                   "(fixed concurrency 12)"),
 }
@@ -330,16 +363,20 @@ def measures(result: SimResult, w: Workload, cap: float) -> dict:
         v = [x for c, ws in by_client.items() if w.classes.get(c, "interactive") == klass for x in ws]
         if v:
             classes[klass] = {"mean": float(np.mean(v)), "p99": _p(v, 99), "max": max(v)}
-    # the bound: the scheduler's part of each wait (arrival to dispatch)
-    violations, worst_ratio, k_max = 0, 0.0, 0
-    for r in served:
-        k = result.load_outcomes_between(r.arrival, r.dispatch)
-        bound = stated_bound(cap, w, k)
-        k_max = max(k_max, k)
-        worst_ratio = max(worst_ratio, r.wait / bound)
-        violations += r.wait > bound + 1e-6
+    # the bound: the scheduler's part of each wait for a dispatch (its lane not serving)
+    violations, worst_ratio, k_max, load_wait_max = 0, 0.0, 0, 0.0
+    for r in recs:
+        for begun, dispatched in r.waits():
+            k = result.load_outcomes_between(begun, dispatched)
+            bound = stated_bound(cap, w, k)
+            waited = result.not_ready_seconds(r.lane, begun, dispatched)
+            k_max = max(k_max, k)
+            load_wait_max = max(load_wait_max, waited)
+            worst_ratio = max(worst_ratio, waited / bound)
+            violations += waited > bound + 1e-6
     finished_in_window = sum(1 for r in recs if r.outcome == "finished" and r.finish <= w.until)
     end = max((r.finish for r in recs if r.finish is not None), default=w.until)
+    batch_done = [r.finish for r in recs if w.classes.get(client_of(r)) == "batch" and r.finish is not None]
     return {
         "requests": len(recs),
         "unserved": len(recs) - len(served),
@@ -349,7 +386,10 @@ def measures(result: SimResult, w: Workload, cap: float) -> dict:
         "wait_p50": _p(waits, 50),
         "wait_p99": _p(waits, 99),
         "wait_max": float(waits.max()),
-        "dispatch_wait_max": max(r.wait for r in served),
+        "dispatch_wait_max": load_wait_max,
+        "preempted": sum(len(r.preempted) for r in recs),
+        "batch_done": max(batch_done) if batch_done and len(batch_done) == sum(
+            1 for r in recs if w.classes.get(client_of(r)) == "batch") else None,
         "bound_violations": violations,
         "bound_worst_ratio": worst_ratio,
         "bound_global": stated_bound(cap, w, len(w.lanes)),
@@ -381,7 +421,7 @@ def bootstrap(values, seed: int = 0) -> dict:
 
 
 SUMMARY_KEYS = ("wait_mean", "wait_p99", "wait_max", "worst_client_p99", "worst_client_max", "task_mean", "task_p99",
-                "throughput_per_hour", "switches", "switching_fraction")
+                "throughput_per_hour", "switches", "switching_fraction", "batch_done")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -398,6 +438,7 @@ def summarize(runs: list[dict]) -> dict:
     out["bound_global"] = min(r["bound_global"] for r in runs)
     out["unserved"] = sum(r["unserved"] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
+    out["preempted"] = sum(r["preempted"] for r in runs)
     clients = sorted({c for r in runs for c in r["client_p99_max"]})
     if len(clients) <= 12:  # agents, streams, users: each client's p99 and max, mean over seeds
         out["clients"] = {c: {"p99": bootstrap([r["client_p99_max"][c][0] for r in runs if c in r["client_p99_max"]]),

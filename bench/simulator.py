@@ -125,16 +125,22 @@ class SimResult:
 
     def not_ready_seconds(self, lane: str, start: float, end: float) -> float:
         """How long, within (start, end], the lane was not READY (its requests waited for a load)."""
-        state, since, total = "stopped", 0.0, 0.0
-        for time, name, _old, new, _reason in self.timeline:
-            if name != lane:
-                continue
-            if state != "ready":
-                total += max(0.0, min(time, end) - max(since, start))
-            state, since = new, time
-        if state != "ready":
-            total += max(0.0, end - max(since, start))
-        return total
+        return self._not_ready_until(lane, end) - self._not_ready_until(lane, start)
+
+    def _not_ready_until(self, lane: str, t: float) -> float:
+        """Time the lane spent not READY in [0, t] (prefix sums over its state changes, built once)."""
+        cache = self.__dict__.setdefault("_not_ready", {})
+        if lane not in cache:
+            times, totals, ready = [0.0], [0.0], [False]
+            for time, name, _old, new, _reason in self.timeline:
+                if name == lane:
+                    totals.append(totals[-1] + (0.0 if ready[-1] else time - times[-1]))
+                    times.append(time)
+                    ready.append(new == "ready")
+            cache[lane] = (times, totals, ready)
+        times, totals, ready = cache[lane]
+        i = bisect.bisect_right(times, t) - 1
+        return totals[i] + (0.0 if ready[i] else t - times[i])
 
     @property
     def switch_count(self) -> int:

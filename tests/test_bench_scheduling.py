@@ -14,6 +14,7 @@ def tiny():
         mp.setattr(scheduling, "HOUR", 600.0)
         mp.setattr(scheduling, "HAMMER_SECONDS", 300.0)
         mp.setattr(scheduling, "BOOTSTRAP", 200)
+        mp.setattr(scheduling, "BATCH_JOB", 400)
         out = scheduling.run(tuning_seeds=(1, 2), held_out_seeds=(21, 22), caps=(30.0, 1200.0))
         runs = {w: {p: e["runs"] for p, e in entry["policies"].items()} for w, entry in out["workloads"].items()}
         yield out, runs
@@ -33,6 +34,23 @@ def test_pipeline_runs_and_renders(tiny):
     text = readme_scheduling.scheduling_section(out)
     assert "fake engine only" in text and "--enable-sleep-mode" in text
     assert "| (d) agents + batch job | **ours** |" in text
+
+
+def test_batch_job_beside_an_agent(tiny, monkeypatch):
+    """(g), issue 21, one seed at the default B: ours answers every request of the job and the
+    agent's and keeps the bound; ours before issue 21 (the whole job in the engine) aborts part of
+    the job at the drain bound; llama-swap makes the agent wait for the whole job."""
+    out, _ = tiny
+    assert "(g) batch job + agent" in readme_scheduling.scheduling_section(out)
+    monkeypatch.setattr(scheduling, "BATCH_JOB", 1000)
+    runs = {}
+    for policy in ("new", "capped", "llama_swap"):
+        result, w = scheduling.run_one("batch_agent", 21, policy, scheduling.B_DEFAULT)
+        runs[policy] = scheduling.measures(result, w, scheduling.B_DEFAULT)
+    ours, before, ls = runs["new"], runs["capped"], runs["llama_swap"]
+    assert ours["errors"] == 0 and ours["bound_violations"] == 0 and ours["unserved"] == 0
+    assert before["errors"] > 100
+    assert ours["classes"]["interactive"]["max"] < ls["classes"]["interactive"]["max"] / 3
 
 
 def test_acceptance_can_fail(tiny):

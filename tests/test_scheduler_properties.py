@@ -246,6 +246,8 @@ def per_load(sc) -> float:
     rounds = max(-(-(lane.max_inflight or 1) // min(sc["batch_size"][lane.name], lane.max_inflight or 1))
                  for lane in sc["lanes"])
     drain = min(2 * cfg.drain_timeout, rounds * max(a[3] for a in sc["arrivals"]))
+    if any(lane.max_inflight is not None for lane in sc["lanes"]):
+        drain += cfg.drain_timeout  # a lane with a backlog here has a turn of drain_timeout before it closes
     up = max([*sc["start_seconds"].values(), *sc.get("wake_seconds", {}).values(), START_FAIL_SECONDS])
     down = max(
         sc["stop_seconds"][name] + (max(sc["sleep_seconds"][name], START_FAIL_SECONDS) if name in sleepy else 0.0)

@@ -9,8 +9,9 @@ engine's gauges and keeps the rest in its own queue (dispatch_window <= 8 while 
 holds the backlog).
 
 Beta's bound (scheduler.py, "The wait bound"): beta's one request waits at most
-B + K (2 D + T_down + T_up) with K = 1 (its own lane's start), here B = 3 s, D = 5 s, T_down and
-T_up alpha's stop and beta's start as /lanes measured them.
+B + K (D + 2 D + T_down + T_up) with K = 1 (its own lane's start): alpha, loaded with a backlog
+here, has a turn of D before B closes it, then drains; here B = 3 s, D = 5 s, T_down and T_up
+alpha's stop and beta's start as /lanes measured them.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ async def two_hundred_and_one(url: str, stream: bool) -> tuple[list, tuple, floa
 
 
 def beta_bound(lanes: dict) -> float:
-    return B + 1 * (2 * D + lanes["alpha"]["last_stop_seconds"] + lanes["beta"]["last_start_seconds"]) + 1.0
+    """B, then alpha's turn (D: it has a backlog here), its drain (at most 2 D), its stop, beta's start."""
+    return B + 1 * (D + 2 * D + lanes["alpha"]["last_stop_seconds"] + lanes["beta"]["last_start_seconds"]) + 1.0
 
 
 def check_backlog_held(watch: LaneWatch) -> None:

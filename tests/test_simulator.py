@@ -50,7 +50,10 @@ def test_dispatch_limit_keeps_the_backlog_in_the_launcher():
     assert all(r.outcome == "finished" and not r.preempted for r in result.requests.values())
     assert all(r.start == r.dispatch for r in result.requests.values())  # no engine queue
     b0 = result.requests["b0"]
-    assert b0.dispatch == 5.0 + 10.0 + 1.0 + 5.0  # a's two in flight finish at 15, stop 1 s, start 5 s
+    # a, ready at 5 with a backlog here, has a turn of drain_timeout (15 s); at 20 it closes: the two
+    # in flight since 15 finish at 25, stop 1 s, b starts 5 s
+    assert b0.dispatch == 25.0 + 1.0 + 5.0
+    assert result.requests["a4"].dispatch > b0.dispatch  # a's rest waited in the launcher for its next turn
 
 
 def test_closed_loop_client_waits_for_its_answer():

@@ -109,7 +109,11 @@ holds fewer than N_L) the window is what the engine runs, at least 1; while it r
 given and queues none, the window doubles back up to N_L.  A READY lane's queue waits for its
 window, not for a load: it is no waiter of the policy below (W, F, B count only requests whose
 lane is not READY), and R, the lane's remaining busy time, includes its queue (len / window mean
-service times), so the cost test does not close a lane for its own backlog.
+service times), so the cost test does not close a lane for its own backlog.  Rule (ii) below
+closes a lane that has a backlog here only once it has been READY for ``drain_timeout`` (its
+*turn*): before issue 21 its whole queue sat in the engine and a drain let it serve up to
+``drain_timeout`` of it; without the turn every switch would buy one window of work (measured:
+half the throughput on bench/scheduling.py's workload (b) at B = 120 s).
 
 *Which lane next* (the candidate, among stopped and sleeping lanes with waiters and not
 backing off): an operator's ``load`` first; then a lane that others were already taken
@@ -168,7 +172,8 @@ dispatch at d spends, of (t0, d], at most
 
 with its lane not READY (waiting for a load); the rest of its wait its lane is READY and its
 window is full of the lane's earlier requests (FIFO).  D is the drain bound (2 ``drain_timeout``,
-or less when every service is shorter, see "Preemption"),
+or less when every service is shorter, see "Preemption"), plus the turn (``drain_timeout``) when
+lanes have a dispatch limit,
 T_up the longest way up of any lane (a start, a wake, or the report of a failed one),
 T_down the longest way down (a stop; for a sleep lane a sleep or failed sleep, then a stop),
 X = ``backoff_max`` if starts may fail or engines crash (else 0), and K the number of *load
@@ -932,6 +937,8 @@ class Scheduler:
             if ln.state is LaneState.READY and ln.inflight and waiting:
                 # the cost test's R reaches 0 (ext is largest) when the in-flight requests are due
                 deadlines.append(self._now + self._remaining(ln, self._now))
+                if ln.queue and ln.ready_since is not None:
+                    deadlines.append(ln.ready_since + s.drain_timeout)  # its turn may end (see _closable)
             if ln.state is LaneState.FAILED and ln.retry_at is not None and not self._shutting_down:
                 deadlines.append(ln.retry_at)  # its cool-off ends
             if (
@@ -1408,12 +1415,16 @@ class Scheduler:
         return count * self._extension(ln, now) >= self.settings.cost_theta * price
 
     def _closable(self, busy: list[_Lane], now: float) -> tuple[list[_Lane], CloseReason]:
-        """Busy READY lanes that may be closed now, and why: all of them once a waiter has
-        waited the cap B (``switch_max_wait``); else those the cost test closes (none when
-        nothing waits)."""
+        """Busy READY lanes that may be closed now, and why: once a waiter has waited the cap B
+        (``switch_max_wait``), every one whose turn is long enough (a lane with a backlog here
+        is served for ``drain_timeout`` after it became ready, as much as a drain would have let
+        its engine serve of that backlog had it been sent at once: switches stay amortised);
+        else those the cost test closes (none when nothing waits)."""
         oldest = self._oldest_waiting()
         if oldest is not None and now >= oldest + self.settings.switch_max_wait:
-            return busy, "max_wait"
+            turn = self.settings.drain_timeout
+            return [ln for ln in busy if not ln.queue or ln.ready_since is None or now >= ln.ready_since + turn], \
+                "max_wait"
         waiting = self._waiting()
         return [ln for ln in busy if self._cost_test(ln, now, waiting)], "cost"
 
