@@ -23,6 +23,7 @@ import time
 import httpx
 import pytest
 
+from measurements import record
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, sse_events, value
 
 pytestmark = pytest.mark.engine
@@ -111,6 +112,10 @@ def test_200_plus_1_all_answered_beta_within_its_bound(tmp_path, fake_python):
         lanes = served.lanes()
         assert beta_seconds <= beta_bound(lanes), (beta_seconds, lanes)
         check_backlog_held(watch)
+        record(f"200 + 1 (B 3 s, D 5 s, batch 4 of 0.5 s): 200/200 alpha answered, beta in {beta_seconds:.1f} s "
+               f"(bound {beta_bound(lanes):.1f} s), {lanes['alpha']['preempted']} back in line, alpha's queue in "
+               f"the launcher up to {max(s['alpha']['queue_depth'] for s in watch.seen)}, in its engine up to "
+               f"{max(s['alpha']['inflight'] for s in watch.seen)}")
         with served.client() as client:
             samples = metric_samples(client.get("/metrics").text)
         assert value(samples, "vllm_launcher_requests_total", lane="alpha", status="200") == 200
@@ -133,8 +138,11 @@ def test_200_plus_1_streaming(tmp_path, fake_python):
                 assert content and any("error" in e for e in events), text[:500]
         assert sum(text.rstrip().endswith("data: [DONE]") for _, text in alpha) == 200  # none needed cutting here
         assert beta_status == 200 and "beta" in beta_text
-        assert beta_seconds <= beta_bound(served.lanes())
+        lanes = served.lanes()
+        assert beta_seconds <= beta_bound(lanes)
         check_backlog_held(watch)
+        record(f"200 + 1 streaming: 200/200 streams ended in [DONE], beta in {beta_seconds:.1f} s "
+               f"(bound {beta_bound(lanes):.1f} s), {lanes['alpha']['preempted']} back in line")
 
 
 def test_a_request_longer_than_the_drain_bound_is_served_after_one_preemption(tmp_path, fake_python):
