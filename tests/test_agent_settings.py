@@ -13,7 +13,7 @@ import pytest
 from closure_env import CLOSURE_DIR, CLOSURE_PYTHON, closure_ready
 from launcher_cli import run_launcher
 from measurements import record
-from nix_evaluator import nix_eval
+from nix_evaluator import evaluate, nix_eval, run_eval
 
 pytestmark = [pytest.mark.closure,
               pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]
@@ -99,8 +99,6 @@ def test_module_options_reach_the_engine_argv(base):
 def test_nixos_module_options(base):
     """services.vllm.lanes.<name>.toolCallParser, reasoningParser, chatTemplate (a path or the
     template) and their defaults reach the unit's environment (nixpkgs.lib's module system)."""
-    from test_nix_module import evaluate, run_eval
-
     out = evaluate('{ enable = true; defaults.toolCallParser = "hermes"; '
                    'lanes.coder = { model = "/m/c"; chatTemplate = %s; }; '
                    'lanes.thinker = { model = "/m/t"; reasoningParser = "deepseek_r1"; '

@@ -9,40 +9,16 @@ score test also skips without a systemd-analyze that knows --offline (systemd >=
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from nix_evaluator import ROOT, nix_instantiate, nixpkgs_lib
+from nix_evaluator import ROOT, evaluate, nix_instantiate, run_eval
 
 pytestmark = pytest.mark.nix
-
-
-def run_eval(module: str, *, pkgs_has_server: bool = True) -> subprocess.CompletedProcess:
-    """Evaluate nix/tests/eval-module.nix with `module` (Nix text) as the configuration."""
-    lib = nixpkgs_lib()
-    with tempfile.NamedTemporaryFile("w", suffix=".nix", delete=False) as handle:
-        handle.write(module + "\n")
-    try:
-        return subprocess.run(
-            [nix_instantiate(), "--eval", "--strict", "--json", "nix/tests/eval-module.nix",
-             "--arg", "lib", f"import {lib}", "--arg", "configuration", handle.name,
-             "--arg", "pkgsHasServer", "true" if pkgs_has_server else "false"],
-            cwd=ROOT, capture_output=True, text=True, timeout=180,
-        )
-    finally:
-        os.unlink(handle.name)
-
-
-def evaluate(services_vllm: str) -> dict:
-    result = run_eval(f"{{ services.vllm = {services_vllm}; }}")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 THREE = '(import {root}/nix/tests/three-lanes.nix).settings // {{ enable = true; {extra} }}'
