@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -65,7 +64,7 @@ ENGINE_OUTPUT = [
 def test_quiet_terminal_shows_warnings_once_errors_and_tracebacks_with_their_continuations():
     quiet = QuietTerminal()
     shown = [quiet.shown("vllm_launcher.engine.alpha", line) for line, _ in ENGINE_OUTPUT]
-    wrong = [(line, want) for (line, want), got in zip(ENGINE_OUTPUT, shown) if got != want]
+    wrong = [(line, want) for (line, want), got in zip(ENGINE_OUTPUT, shown, strict=True) if got != want]
     assert not wrong, wrong
     # on the terminal: without colours, process prefix and vLLM's time; a frame keeps its indent
     assert compact_engine_line(ENGINE_OUTPUT[4][0]) == "WARNING [arg_utils.py:1700] The model has a long context length"
@@ -133,9 +132,9 @@ def test_demo_prints_its_requests_once_the_first_lane_is_ready_and_engine_output
     for lane in ("alpha", "beta"):        # models already made: the fake engine reads none
         (demo / "models" / lane).mkdir(parents=True)
         (demo / "models" / lane / MARKER_FILE).write_text(json.dumps(_marker_content(0, lane)))
-    printed = (f"INFO 12-07 22:21:11 [launcher.py:46] Route: /v1/models, Methods: GET\n"
-               f"WARNING 12-07 22:21:12 [x.py:1] a warning worth reading\n  and its second line\n"
-               f"INFO 12-07 22:21:12 [x.py:2] back to quiet\nnanobind: leaked 3 instances!")
+    printed = ("INFO 12-07 22:21:11 [launcher.py:46] Route: /v1/models, Methods: GET\n"
+               "WARNING 12-07 22:21:12 [x.py:1] a warning worth reading\n  and its second line\n"
+               "INFO 12-07 22:21:12 [x.py:2] back to quiet\nnanobind: leaked 3 instances!")
     env = {"VLLM_ENGINE_PYTHON": str(fake_python), "VLLM_LANE_ALPHA_ENV_FAKE_START_DELAY": "2",
            "VLLM_LANE_ALPHA_ENV_FAKE_PRINT": printed}
     served = start_server(tmp_path, env, wait_ready_lane="alpha", timeout=60,
