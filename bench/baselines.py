@@ -25,8 +25,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import fields
 
-from vllm_launcher.scheduler import (AbortInflight, Action, Dispatch, LanePolicy, LaneState, LaneStateChanged, Reject,
-                                     SchedulerSettings, StartEngine, StopEngine, SwitchPlanned)
+from vllm_launcher.scheduler import (
+    AbortInflight,
+    Action,
+    Dispatch,
+    LanePolicy,
+    LaneState,
+    LaneStateChanged,
+    Reject,
+    SchedulerSettings,
+    StartEngine,
+    StopEngine,
+    SwitchPlanned,
+)
 
 from . import capped_scheduler, hold_scheduler
 
@@ -188,7 +199,7 @@ class FcfsPolicy(_ExclusiveBaseline):
             head_lane = next(iter(self._queue.values()))
             loaded = self._loaded
             if loaded == head_lane and self._state[loaded] is LaneState.READY:
-                self._dispatch_where(loaded, lambda ln: ln == loaded, out)
+                self._dispatch_where(loaded, lambda ln, loaded=loaded: ln == loaded, out)
                 continue
             if loaded != head_lane:
                 self._switch_to(head_lane, now, out, "fcfs")

@@ -104,7 +104,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "hostname_cpus": os.cpu_count(),
         "cpus_available": len(CPUS),
         "cpu_model": model,
@@ -161,7 +161,7 @@ class LoadMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "LoadMonitor":
+    def __enter__(self) -> LoadMonitor:
         self._thread.start()
         return self
 

@@ -124,10 +124,16 @@ class SchedulerSettings:
 
 
 # The actions are the launcher's own classes (the simulator recognises them by class).
-from vllm_launcher.scheduler import (AbortInflight, Action, Dispatch, Reject, StartEngine, StopEngine,  # noqa: E402
-                                     LaneStateChanged, SwitchPlanned)
-
-
+from vllm_launcher.scheduler import (  # noqa: E402
+    AbortInflight,
+    Action,
+    Dispatch,
+    LaneStateChanged,
+    Reject,
+    StartEngine,
+    StopEngine,
+    SwitchPlanned,
+)
 
 # ----------------------------------------------------------------- internals
 

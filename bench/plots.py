@@ -40,7 +40,7 @@ def timeline(sched: dict, workload: str, name: str) -> Path | None:
     fig, axes = plt.subplots(len(policies), 1, figsize=(11, 2.6 * len(policies)), sharex=True)
     # fcfs can run an order of magnitude longer: the x axis ends with the others
     horizon = max(d["end"] for p, d in data.items() if p != "fcfs" or len(data) == 1)
-    for ax, policy in zip(axes, policies):
+    for ax, policy in zip(axes, policies, strict=True):
         d = data[policy]
         current: dict[str, tuple[float, str]] = {}
         for t, lane, new in d["states"] + [[d["end"], lane, "stopped"] for lane in lanes]:
@@ -57,7 +57,7 @@ def timeline(sched: dict, workload: str, name: str) -> Path | None:
         for lane_index, lane in enumerate(lanes):
             points = [(t, n) for t, ln, n in d["waiting"] if ln == lane]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 twin.step(xs, ys, where="post", lw=1.0, color=f"C{lane_index}", label=f"waiting: {lane}")
         twin.set_ylabel("requests waiting")
         more = f" (continues to {d['end']:.0f} s)" if d["end"] > horizon * 1.01 else ""
@@ -85,7 +85,7 @@ def wait_distributions(sched: dict, name: str = "waits.png") -> Path:
     cols = 4
     rows = (len(workloads) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
-    for ax, workload in zip(axes.flat, workloads):
+    for ax, workload in zip(axes.flat, workloads, strict=False):
         for policy, qs in sched["waits"][workload].items():
             if qs:
                 ax.plot([max(q, 0.1) for q in qs], [i / (len(qs) - 1) for i in range(len(qs))],
@@ -179,7 +179,7 @@ def overhead_bars(overhead: dict, name: str = "overhead.png") -> Path | None:
             hi.append((r["max"] if r["max"] is not None else med) - med)
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(OVERHEAD_BARS))]
         ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label, color=f"C{i}")
-        for x, m in zip(xs, meds):
+        for x, m in zip(xs, meds, strict=True):
             ax.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=6)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", lw=0.8)
@@ -213,7 +213,7 @@ def switch_bars(switch: dict, name: str = "switch.png") -> Path | None:
                                                   ("gap", "scheduling_gap"), ("first token", "first_token"))]))
     colors = {"drain": "#c2a5cf", "stop": "#d6604d", "start": "#fdb863", "gap": "#999999", "first token": "#5aae61"}
     seen = set()
-    for y, (label, parts) in enumerate(rows):
+    for y, (_label, parts) in enumerate(rows):
         left = 0.0
         for phase, seconds in parts:
             ax.barh(y, seconds, left=left, color=colors[phase], label=phase if phase not in seen else None)

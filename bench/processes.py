@@ -124,7 +124,7 @@ class Started:
     killed: bool = False
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> "Started":
+    def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Started:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
             process = subprocess.Popen([str(a) for a in argv], env=dict(env), stdin=subprocess.DEVNULL,

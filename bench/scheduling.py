@@ -449,7 +449,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def paired(new: list[dict], base: list[dict], key: str) -> dict:
     """The 95 % bootstrap interval of the mean paired difference new - base over seeds."""
-    return bootstrap([a[key] - b[key] for a, b in zip(new, base)])
+    return bootstrap([a[key] - b[key] for a, b in zip(new, base, strict=False)])
 
 
 # ------------------------------------------------------------------ runs

@@ -87,7 +87,8 @@ class RequestRecord:
 
     def waits(self) -> list[tuple[float, float]]:
         """Its waits for a dispatch: (arrival or preemption, dispatch)."""
-        return list(zip([self.arrival, *self.preempted], self.dispatches))
+        # back in line and not yet dispatched again: that wait has no end yet
+        return list(zip([self.arrival, *self.preempted], self.dispatches, strict=False))
 
     @property
     def wait(self) -> float | None:

@@ -184,7 +184,7 @@ def closure_environ(tmp_path) -> dict[str, str]:
 def run_closure(tmp_path, *args: str, timeout: float = 300, stdin: str | None = None,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The closure's Python in tmp_path with a small, explicit environment."""
-    import tiers        # not at the top: the closure's Python runs this file (mark-vllm) without pytest
+    import tiers  # not at the top: the closure's Python runs this file (mark-vllm) without pytest
 
     tiers.require("closure", "e2e", doing="runs the locked closure's Python")
     return subprocess.run([str(CLOSURE_PYTHON), *args], env={**closure_environ(tmp_path), **(env or {})},

@@ -64,7 +64,7 @@ def start_workers(count: int):
     def watch():
         while True:
             time.sleep(PING_EVERY)
-            for actor, node in zip(actors, nodes):
+            for actor, node in zip(actors, nodes, strict=True):
                 try:
                     ray.get(actor.ping.remote(), timeout=PING_TIMEOUT)
                 except Exception as error:           # noqa: BLE001 - any failure: the worker is lost

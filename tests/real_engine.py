@@ -284,7 +284,7 @@ class EngineHandle:
     env: dict[str, str]
     port: int
     log_path: Path
-    process: "subprocess.Popen"  # noqa: F821 (imported lazily below)
+    process: subprocess.Popen  # noqa: F821 (imported lazily below)
     started_at: float
     ready_at: float | None = None
     stopped_at: float | None = None

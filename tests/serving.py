@@ -154,7 +154,7 @@ class Served:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"server did not exit {timeout} s after SIGTERM\n{self.log()[-3000:]}")
+            raise AssertionError(f"server did not exit {timeout} s after SIGTERM\n{self.log()[-3000:]}") from None
 
     def leftovers(self) -> list[int]:
         return [pid for pgid in self.record_engine_groups() for pid in group_alive(pgid)]

@@ -210,7 +210,7 @@ def test_add_with_real_nix_store(wheels: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     paths = result.output.split()
     assert len(paths) == 2
-    for entry, store_path in zip(data["artifacts"], paths):
+    for entry, store_path in zip(data["artifacts"], paths, strict=False):
         # The path nixpkgs' requireFile { name; sha256; } computes for this entry.
         printed = subprocess.run(
             [nix_store, "--print-fixed-path", "sha256", entry["sha256"], entry["filename"]],

@@ -22,9 +22,24 @@ import subprocess
 
 import pytest
 
-from closure_env import (ALLOWED, API_SERVER, CLOSURE_DIR, CLOSURE_PYTHON, LOCK, ROOT, TARGET_LOADER, UV, VLLM_VERSION,
-                         closure_ready, native_libraries, normalise, run_closure, scan, site_packages,
-                         unloadable_on_target)
+from closure_env import (
+    ALLOWED,
+    API_SERVER,
+    CLOSURE_DIR,
+    CLOSURE_PYTHON,
+    LOCK,
+    ROOT,
+    TARGET_LOADER,
+    UV,
+    VLLM_VERSION,
+    closure_ready,
+    native_libraries,
+    normalise,
+    run_closure,
+    scan,
+    site_packages,
+    unloadable_on_target,
+)
 
 pytestmark = [pytest.mark.closure,
               pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]

@@ -16,8 +16,22 @@ import subprocess
 
 import pytest
 
-from closure_env import (API_SERVER, CLOSURE_DIR, EXTRA_PREFIXES, LOCK, ROOT, SWAPS, TORCH_VERSION, UV,
-                         VLLM_DIST_VERSION, VLLM_VERSION, closure_ready, locked_versions, normalise, run_closure)
+from closure_env import (
+    API_SERVER,
+    CLOSURE_DIR,
+    EXTRA_PREFIXES,
+    LOCK,
+    ROOT,
+    SWAPS,
+    TORCH_VERSION,
+    UV,
+    VLLM_DIST_VERSION,
+    VLLM_VERSION,
+    closure_ready,
+    locked_versions,
+    normalise,
+    run_closure,
+)
 
 pytestmark = [pytest.mark.closure,
               pytest.mark.skipif(not closure_ready(), reason=f"{CLOSURE_DIR} is missing: run `make closure`")]

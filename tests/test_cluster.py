@@ -30,13 +30,12 @@ from launcher_cli import config_json, run_launcher
 from measurements import record
 from netns import machines_or_skip, skip_or_fail
 from ray_cluster import Node, cluster_status, launcher_in, new_token, wait_for_nodes
-
 from vllm_launcher.cluster import ClusterError, engine_cluster_environment, interface_ipv4, ray_start_argv
 from vllm_launcher.config import ClusterConfig, ConfigError, load_config
 from vllm_launcher.engine_command import build_engine_spec
 from vllm_launcher.placement import lane_placement
-from waiting import eventually
 from vllm_launcher.vllm_info import VllmInfo
+from waiting import eventually
 
 HEAD_GPUS, WORKER_GPUS = 1, 2
 # Ray 2.60's gRPC servers (GCS, raylet, object manager, every worker) listen on all addresses
@@ -270,7 +269,7 @@ def test_ray_start_command_line():
     cluster = ClusterConfig(role="worker", address="10.0.0.1:6379", interface="enp1s0", token_file="/t", gpus=2)
     argv = ray_start_argv(cluster, "/py", "10.0.0.2", head=False)
     assert argv[:6] == ["/py", "-P", "-m", "ray.scripts.scripts", "start", "--block"]
-    pairs = dict(zip(argv[6::2], argv[7::2]))
+    pairs = dict(zip(argv[6::2], argv[7::2], strict=False))
     assert pairs["--node-ip-address"] == "10.0.0.2" and pairs["--num-gpus"] == "2"
     assert pairs["--address"] == "10.0.0.1:6379" and "--head" not in argv
     assert [pairs[flag] for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",

@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+
 from closure_env import CLOSURE_PYTHON, closure_ready
 from fake_ray_engine import write_fake_ray_python
 from measurements import record

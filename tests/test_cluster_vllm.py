@@ -26,6 +26,7 @@ import sys
 import time
 
 import pytest
+
 from closure_env import write_vllm_dist_info
 from measurements import record
 from netns import kill_all, skip_or_fail

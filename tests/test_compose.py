@@ -248,7 +248,7 @@ def podman_run(tmp_path_factory):
             probe = subprocess.run([podman, "run", "--rm", *flags, IMAGE, "true"], capture_output=True,
                                    text=True, timeout=120)
             if probe.returncode == 0:
-                yield lambda *args: subprocess.run([podman, "run", "--rm", *flags, *args], capture_output=True,
+                yield lambda *args, flags=flags: subprocess.run([podman, "run", "--rm", *flags, *args], capture_output=True,
                                                    text=True, timeout=120)
                 break
             errors.append(probe.stderr.strip())

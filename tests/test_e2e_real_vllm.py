@@ -20,7 +20,11 @@ import pytest
 
 from measurements import record
 from real_engine import (
-    KV_CACHE_LOG_RE, START_TIMEOUT, chat_completion_and_stream, find_leftover_vllm_processes, list_processes,
+    KV_CACHE_LOG_RE,
+    START_TIMEOUT,
+    chat_completion_and_stream,
+    find_leftover_vllm_processes,
+    list_processes,
     requires_vllm,
 )
 from serving import group_alive, metric_samples, processes_with_tmpdir, start_server, value

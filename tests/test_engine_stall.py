@@ -13,7 +13,6 @@ import json
 import re
 import time
 
-import httpx
 import pytest
 
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, value

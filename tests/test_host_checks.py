@@ -19,9 +19,10 @@ import pytest
 
 from fake_host import GIB, config, findings, only, tree
 from launcher_cli import run_launcher
-from serving import serving, fake_lanes_env, write_fake_python
+from serving import fake_lanes_env, serving, write_fake_python
 from vllm_launcher.config import load_config
 from vllm_launcher.host_checks import check_devices
+
 
 @pytest.fixture
 def two_lanes(tmp_path):

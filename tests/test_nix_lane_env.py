@@ -127,8 +127,8 @@ def test_lane_env_tables_are_the_launchers():
 
 
 def test_two_box_head_through_the_launcher(tmp_path: Path):
-    from vllm_launcher.placement import lane_placement
     from vllm_launcher.config import load_config
+    from vllm_launcher.placement import lane_placement
 
     token = tmp_path / "cluster-token"
     token.write_text("0" * 64 + "\n")

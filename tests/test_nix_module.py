@@ -279,17 +279,16 @@ def test_cluster_worker():
 
 
 def test_cluster_ports_and_firewall_options():
-    out = two_boxes("head", "cluster = (import {root}/nix/tests/two-boxes.nix).head.cluster // {{ port = 7000; "
-                    "minWorkerPort = 20000; maxWorkerPort = 20063; gpus = 1; objectStoreMemory = \"8Gi\"; }};"
-                    .format(root=ROOT))
+    out = two_boxes("head", f"cluster = (import {ROOT}/nix/tests/two-boxes.nix).head.cluster // {{ port = 7000; "
+                    "minWorkerPort = 20000; maxWorkerPort = 20063; gpus = 1; objectStoreMemory = \"8Gi\"; };")
     env = out["cluster"]["environment"]
     assert env["VLLM_CLUSTER_PORT"] == "7000" and env["VLLM_CLUSTER_MIN_WORKER_PORT"] == "20000"
     assert env["VLLM_CLUSTER_GPUS"] == "1" and env["VLLM_CLUSTER_OBJECT_STORE_MEMORY"] == "8Gi"
     assert out["server"]["environment"]["VLLM_CLUSTER_PORT"] == "7000"  # the server asks the head there
     rules = out["firewallInterfaces"]["enp1s0f0"]
     assert rules["allowedTCPPorts"][0] == 7000 and rules["allowedTCPPortRanges"] == [{"from": 20000, "to": 20063}]
-    closed = two_boxes("worker", "cluster = (import {root}/nix/tests/two-boxes.nix).worker.cluster // "
-                       "{{ openFirewall = false; trustInterface = false; }};".format(root=ROOT))
+    closed = two_boxes("worker", f"cluster = (import {ROOT}/nix/tests/two-boxes.nix).worker.cluster // "
+                       "{ openFirewall = false; trustInterface = false; };")
     assert closed["failedAssertions"] == []
     assert closed["firewallInterfaces"] == {} and closed["trustedInterfaces"] == []
 

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from real_engine import requires_vllm

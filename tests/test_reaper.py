@@ -14,7 +14,6 @@ import textwrap
 from vllm_launcher.engines.keeper import group_members
 from vllm_launcher.engines.process import process_start_time
 from vllm_launcher.engines.reaper import ENGINE_ID_VARIABLE, EngineRecords
-
 from waiting import eventually
 
 # The group's leader starts a child that renames itself as vLLM's EngineCore does, then exits:

@@ -11,12 +11,12 @@ import signal
 import pytest
 
 from serving import fake_lanes_env
-from waiting import eventually_async
 from vllm_launcher.config import load_config
 from vllm_launcher.engines import Engine, sockets_dir
 from vllm_launcher.router import Router
 from vllm_launcher.scheduler import LaneState
 from vllm_launcher.vllm_info import VllmInfo
+from waiting import eventually_async
 
 pytestmark = pytest.mark.engine
 

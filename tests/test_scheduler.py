@@ -8,11 +8,11 @@ import pytest
 
 from vllm_launcher.scheduler import (
     AbortInflight,
-    Preempt,
     Dispatch,
     LanePolicy,
     LaneState,
     LaneStateChanged,
+    Preempt,
     Reject,
     Scheduler,
     SchedulerSettings,

@@ -34,15 +34,28 @@ from __future__ import annotations
 
 from typing import get_args
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import pytest
 
 from bench.baselines import BASELINES
 from bench.simulator import simulate, steady_stream
 from vllm_launcher.scheduler import (
-    AbortInflight, AbortReason, CloseReason, LanePolicy, Preempt, PreemptReason, Reject, RejectCode, Scheduler,
-    SchedulerSettings, SleepEngine, StopEngine, StopReason, SwitchPlanned, SwitchReason,
+    AbortInflight,
+    AbortReason,
+    CloseReason,
+    LanePolicy,
+    Preempt,
+    PreemptReason,
+    Reject,
+    RejectCode,
+    Scheduler,
+    SchedulerSettings,
+    SleepEngine,
+    StopEngine,
+    StopReason,
+    SwitchPlanned,
+    SwitchReason,
 )
 
 pytestmark = pytest.mark.properties
@@ -85,11 +98,11 @@ def scenarios(draw, failures: bool = False, co_resident: bool = False, sleep: bo
         levels, keeps = [0] * n, [0.0] * n
     limits = [draw(st.sampled_from([None, 1, 2, 4])) for _ in names]
     lanes = [LanePolicy(name, share, sleep_level=level, sleep_share=keep, max_inflight=limit)
-             for name, share, level, keep, limit in zip(names, shares, levels, keeps, limits)]
+             for name, share, level, keep, limit in zip(names, shares, levels, keeps, limits, strict=True)]
     # the engine's batch: the dispatch limit, or smaller (its gauges then tell the scheduler)
     smaller = draw(st.booleans())
     batch = {name: draw(st.sampled_from([1, 2])) if smaller and limit is not None else (limit or 10**6)
-             for name, limit in zip(names, limits)}
+             for name, limit in zip(names, limits, strict=True)}
     count = draw(st.integers(1, 40))
     arrivals = []
     for i in range(count):

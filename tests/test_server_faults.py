@@ -21,7 +21,16 @@ import pytest
 
 from measurements import record
 from serving import (
-    CHAT, chat_body, fake_lanes_env, group_alive, metric_samples, serving, sse_events, start_server, value, wait_metric,
+    CHAT,
+    chat_body,
+    fake_lanes_env,
+    group_alive,
+    metric_samples,
+    serving,
+    sse_events,
+    start_server,
+    value,
+    wait_metric,
 )
 from vllm_launcher.serve import SHUTDOWN_GRACE
 from waiting import eventually

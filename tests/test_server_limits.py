@@ -21,8 +21,8 @@ import pytest
 
 from measurements import record
 from serving import CHAT, chat_body, fake_lanes_env, metric_samples, serving, start_server, value
-from waiting import eventually
 from vllm_launcher.limits import connection_cap
+from waiting import eventually
 
 pytestmark = pytest.mark.engine
 
@@ -115,7 +115,7 @@ def test_idle_slow_and_unfinished_clients_are_cut_by_the_timeouts(tmp_path, fake
                 slowloris.sendall(bytes([byte]))
                 received = slowloris.recv(65536)
                 break
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except (BrokenPipeError, ConnectionResetError):
                 break

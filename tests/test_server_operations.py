@@ -14,8 +14,19 @@ import httpx
 import pytest
 
 from serving import (
-    CHAT, chat_body, engine_socket, fake_lanes_env, group_alive, keepers_of, metric_samples, serving, sse_events,
-    start_server, value, wait_gone, wait_metric,
+    CHAT,
+    chat_body,
+    engine_socket,
+    fake_lanes_env,
+    group_alive,
+    keepers_of,
+    metric_samples,
+    serving,
+    sse_events,
+    start_server,
+    value,
+    wait_gone,
+    wait_metric,
 )
 from waiting import eventually
 

@@ -22,7 +22,7 @@ def selected(tier: tiers.Tier, carried: set[str]) -> bool:
 def test_every_combination_of_markers_lands_in_exactly_one_tier():
     markers = [tier.marker for tier in tiers.TIERS if tier.marker]
     for flags in itertools.product((False, True), repeat=len(markers)):
-        carried = {marker for marker, on in zip(markers, flags) if on}
+        carried = {marker for marker, on in zip(markers, flags, strict=True) if on}
         landed = [tier.name for tier in tiers.TIERS if selected(tier, carried)]
         first = next((tier.name for tier in tiers.TIERS if tier.marker in carried), "fast")
         assert landed == [first], (carried, landed)

@@ -16,12 +16,25 @@ import time
 import openai
 import pytest
 
-from real_engine import (ENGINE_VERSION, KV_CACHE_LOG_RE, EngineArgvRejected, demo_models,
-                         engine_args_after_module, engine_process_tree,
-                         find_leftover_vllm_processes, free_port, http_get,
-                         no_leftover_vllm_processes, parse_engine_argv, requires_vllm,
-                         start_engine, stop_engine, tiny_engine_argv, tiny_engine_env,
-                         vllm_cache_root)
+from real_engine import (
+    ENGINE_VERSION,
+    KV_CACHE_LOG_RE,
+    EngineArgvRejected,
+    demo_models,
+    engine_args_after_module,
+    engine_process_tree,
+    find_leftover_vllm_processes,
+    free_port,
+    http_get,
+    no_leftover_vllm_processes,
+    parse_engine_argv,
+    requires_vllm,
+    start_engine,
+    stop_engine,
+    tiny_engine_argv,
+    tiny_engine_env,
+    vllm_cache_root,
+)
 from vllm_launcher.demo_models import ARCHITECTURE
 from waiting import eventually
 

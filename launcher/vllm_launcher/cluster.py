@@ -30,8 +30,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from .config import ClusterConfig, LaneConfig, token_file_problem
 from .engine_command import TELEMETRY_OFF, passed_environment

@@ -11,14 +11,27 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import values
 from .settings import (
-    CLUSTER_PORT_KEYS, CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, ENGINE_SETTINGS_BY_KEY,
-    LANE_ENV_INFIX, LANE_PREFIX, LANES_VAR, SERVER_SETTINGS, Setting, is_secret, lane_var, mask_secrets, masked,
+    CLUSTER_PORT_KEYS,
+    CLUSTER_SETTINGS,
+    DEFAULT_LANE_VAR,
+    ENGINE_SETTINGS,
+    ENGINE_SETTINGS_BY_KEY,
+    LANE_ENV_INFIX,
+    LANE_PREFIX,
+    LANES_VAR,
+    SERVER_SETTINGS,
+    Setting,
+    is_secret,
+    lane_var,
+    mask_secrets,
+    masked,
 )
 
 LANE_NAME = re.compile(r"[A-Za-z0-9_]+")

@@ -9,9 +9,9 @@ with vLLM's internal port base, VLLM_API_KEY would lock the proxy out ...) never
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from .config import LaneConfig, LauncherConfig
 from .placement import Placement, cluster_placement

@@ -10,8 +10,8 @@ import logging
 import logging.handlers
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .settings import mask_secrets
 

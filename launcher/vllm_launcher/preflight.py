@@ -43,7 +43,7 @@ def check_rocm_settings(config: LauncherConfig) -> list[Finding]:
     targets = gpu_targets()
     on_gfx1151 = GFX1151_TARGET_VERSION in targets
     findings = []
-    sources = [("environment", config.environ)] + [(f"lane {l.name}", l.env) for l in config.lanes.values()]
+    sources = [("environment", config.environ)] + [(f"lane {lane.name}", lane.env) for lane in config.lanes.values()]
     for where, env in sources:
         for (name, bad), why in BAD_ON_GFX1151.items():
             if env.get(name, "").strip() == bad:

@@ -12,14 +12,14 @@ from pathlib import Path
 import uvicorn
 
 from .config import CONFIG_EXIT, LauncherConfig
-from .limits import BodyTimeout, Connections, Limits, connection_cap, protocol_class, raise_open_file_limit
-from .logs import setup_logging
-from .metrics import Metrics
-from .notify import sd_notify
 from .engines import EngineRecords, default_runtime_dir, sockets_dir
 from .engines.process import UnsafeDirectory
 from .host_checks import log_host_findings
 from .http_app import create_app
+from .limits import BodyTimeout, Connections, Limits, connection_cap, protocol_class, raise_open_file_limit
+from .logs import setup_logging
+from .metrics import Metrics
+from .notify import sd_notify
 from .router import Router
 from .vllm_info import detect
 

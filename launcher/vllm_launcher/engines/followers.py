@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
+from types import FrameType
+from typing import Any
 
 # What a follower takes from its own node, never from the leader's machine.
 NODE_LOCAL = frozenset({
@@ -76,9 +78,9 @@ class FollowerProcess:
     """The body of the Ray actor on a follower's node: one follower process and its group."""
 
     def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, args: list[str], lane_env: dict[str, str]) -> dict:
+    def start(self, args: list[str], lane_env: dict[str, str]) -> dict[str, Any]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
 
@@ -117,10 +119,10 @@ class FollowerProcess:
 def free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((address, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
-def pick_nodes(nodes: list[dict], own_address: str, count: int, gpus: float) -> list[dict]:
+def pick_nodes(nodes: list[dict[str, Any]], own_address: str, count: int, gpus: float) -> list[dict[str, Any]]:
     """`count` alive nodes other than this one with `gpus` GPUs, by address. Their total, not what
     is free now (Ray's per-node availability needs its dashboard, which the nodes run without): a
     node whose GPUs another lane holds makes the actor wait, and the start ends after
@@ -149,17 +151,18 @@ def main(argv: list[str]) -> int:
 class MultiNodeRun:
     """The leader and its followers, from start to the stop of all of them."""
 
-    def __init__(self, spec: dict, leader_argv: list[str], master: str):
+    def __init__(self, spec: dict[str, Any], leader_argv: list[str], master: str):
         self.spec = spec
         self.leader_argv = leader_argv
         self.master = master
         self.nodes = int(spec["nodes"])
         self.gpus = spec.get("gpus_per_node", 1)
-        self.leader: subprocess.Popen | None = None
-        self.actors: list[tuple[str, object]] = []        # (node address, actor handle)
+        self.leader: subprocess.Popen[bytes] | None = None
+        # (node address, actor handle); Any: Ray types a handle's methods as the class's, without .remote
+        self.actors: list[tuple[str, Any]] = []
         self.stop: list[str] = []     # the signal that asks us to stop: a flag, as Ray's calls swallow exceptions
 
-    def on_signal(self, signum, frame) -> None:
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop.append(signal.Signals(signum).name)
 
     def run(self) -> tuple[int, str]:
@@ -167,7 +170,7 @@ class MultiNodeRun:
         import ray
         from ray.exceptions import RayError
         try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="WARNING")
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=logging.WARNING)
             # after ray.init: its core worker installs a SIGTERM handler that only logs and dies
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self.on_signal)
@@ -188,7 +191,7 @@ class MultiNodeRun:
                                        f"GPU(s); this lane needs {self.nodes - 1}")
         port = free_port(self.master)
         shared = ["--nnodes", str(self.nodes), "--master-addr", self.master, "--master-port", str(port)]
-        waits = {}
+        waits: dict[Any, str] = {}       # the followers' wait() (Ray object refs) -> node address
         for rank, node in enumerate(chosen, start=1):
             address = node["NodeManagerAddress"]
             try:
@@ -216,14 +219,15 @@ class MultiNodeRun:
                                f"{_first_line(error)}); leader stopped")
         return 0, f"{self.stop[0]}: leader and followers stopped"
 
-    def _start_follower(self, node: dict, args: list[str]) -> int:
+    def _start_follower(self, node: dict[str, Any], args: list[str]) -> int:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        actor = ray.remote(FollowerProcess).options(
+        actor: Any = ray.remote(FollowerProcess).options(     # Any: as self.actors
             num_cpus=0, num_gpus=self.gpus, max_restarts=0, max_concurrency=4,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
         self.actors.append((node["NodeManagerAddress"], actor))
-        return ray.get(actor.start.remote(args, lane_settings(dict(os.environ))), timeout=START_TIMEOUT)["pid"]
+        started: dict[str, Any] = ray.get(actor.start.remote(args, lane_settings(dict(os.environ))), timeout=START_TIMEOUT)
+        return int(started["pid"])
 
     def _stop_all(self) -> None:
         import ray

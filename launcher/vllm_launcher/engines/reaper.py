@@ -27,8 +27,10 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
-from .process import KILL_CONFIRM_SECONDS, group_members, kill_group, private_directory, process_start_time
+from .keeper import group_members
+from .process import KILL_CONFIRM_SECONDS, kill_group, private_directory, process_start_time
 
 log = logging.getLogger("vllm_launcher.reaper")
 
@@ -67,7 +69,7 @@ def _carries(pid: int, engine_id: str) -> bool:
     return not environ.strip(b"\0") or f"{ENGINE_ID_VARIABLE}={engine_id}".encode() in environ.split(b"\0")
 
 
-def _mismatch(pgid: int, data: dict) -> str | None:
+def _mismatch(pgid: int, data: dict[str, Any]) -> str | None:
     """Why the live group `pgid` is not the engine the record describes, or None if it is."""
     started, uid, engine_id = data.get("start_time"), data.get("uid"), data.get("engine_id")
     if not (isinstance(started, int) and isinstance(uid, int) and isinstance(engine_id, str) and engine_id):

@@ -19,15 +19,16 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
 import httpx
 
 from .. import cluster as clusters
-from ..config import LauncherConfig
+from ..config import ClusterConfig, LauncherConfig
 from ..engine_command import build_engine_spec
 from ..metrics import Metrics
 from ..placement import ClusterState, Placement, cluster_placement, nodes_that_fit
@@ -35,7 +36,12 @@ from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
 from .followers import CLUSTER_NOT_READY
 from .process import (
-    EngineProcess, EngineStartError, engine_client, private_directory, resource_error, upstream_session,
+    EngineProcess,
+    EngineStartError,
+    engine_client,
+    private_directory,
+    resource_error,
+    upstream_session,
 )
 from .reaper import ENGINE_ID_VARIABLE, EngineRecords, new_engine_id
 from .warmup import Warmup, WarmupFailed, warm_up
@@ -50,7 +56,8 @@ CLUSTER_POLL = 2.0          # seconds between two questions to the cluster while
 
 def query_cluster(config: LauncherConfig) -> ClusterState:
     """The cluster's nodes, asked from the engines' Python with the token (blocking)."""
-    return clusters.query_cluster(config.cluster, config.server.engine_python, config.environ)
+    # asked only for a lane with a cluster placement, which a configured cluster gives
+    return clusters.query_cluster(cast(ClusterConfig, config.cluster), config.server.engine_python, config.environ)
 
 
 class ClusterWaitFailed(Exception):
@@ -98,7 +105,7 @@ class Reports(Protocol):
 class Timings:
     """The last start and stop of a lane's engine: /lanes, metrics, the Retry-After estimate."""
     start_seconds: float | None = None
-    start_phases: dict | None = None
+    start_phases: dict[str, float | str | None] | None = None
     stop_seconds: float | None = None
     started_at: float | None = None      # monotonic: when the last start began
     sleep_seconds: float | None = None   # the last POST /sleep (vLLM sleep mode)
@@ -130,10 +137,10 @@ class Supervisor:
         self.progress: str | None = None              # e.g. "waiting for cluster (1/2 nodes)"
         self.engine: Engine | None = None             # the ready engine
         self._process: EngineProcess | None = None    # the process, from spawn to its stop
-        self._starting: asyncio.Task | None = None
-        self._cleanup: asyncio.Task | None = None     # stopping the group of an engine that exited
+        self._starting: asyncio.Task[None] | None = None
+        self._cleanup: asyncio.Task[None] | None = None     # stopping the group of an engine that exited
         self._stopping = False
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.sleep_mode = False                       # the engine (last started) has --enable-sleep-mode
 
     # ---------------------------------------------------------------- commands
@@ -216,7 +223,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------- internals
 
-    def _spawn(self, coroutine) -> asyncio.Task:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -234,7 +241,9 @@ class Supervisor:
             self.timings.started_at = time.monotonic()
             try:
                 await self._wait_for_cluster(placement)
-                cluster_env = clusters.engine_cluster_environment(self.config.cluster, self.config.environ)
+                # a cluster placement comes from a configured cluster
+                cluster_env = clusters.engine_cluster_environment(cast(ClusterConfig, self.config.cluster),
+                                                                  self.config.environ)
             except (ClusterWaitFailed, clusters.ClusterError) as error:
                 cause = mask_secrets(str(error), self.secrets)
                 log.error("lane %s: %s", self.lane, cause)
@@ -346,6 +355,7 @@ class Supervisor:
                                        process.wait_exit, process.mask)
         except WarmupFailed as error:
             await process.drain_output()
+            assert process.process is not None      # spawned: the warm-up follows the engine's start
             raise EngineStartError(f"engine for lane {self.lane!r}: {error}", process.log_tail(),
                                    status=process.process.returncode) from None
         finally:
@@ -358,8 +368,9 @@ class Supervisor:
         return result
 
     def _record_start(self, process: EngineProcess, warmup: Warmup | None) -> None:
-        spawn_to_listen = (process.listening_at or process.ready_at) - process.started_at
-        total = process.ready_at - process.started_at
+        ready_at = cast(float, process.ready_at)    # recorded once the engine is ready
+        spawn_to_listen = (process.listening_at or ready_at) - process.started_at
+        total = ready_at - process.started_at
         self.timings.start_seconds = total
         self.timings.warmup_seconds = warmup.seconds if warmup else None
         self.timings.start_phases = {"spawn_to_listening": round(spawn_to_listen, 3),

@@ -25,8 +25,9 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -36,7 +37,7 @@ TEXT = "Hello"
 EXIT_NOTICE = 1.0   # seconds a broken connection waits for the engine's exit to be noticed
 
 # kind -> its requests (path, body without the model); tried in this order.
-KINDS: tuple[tuple[str, tuple[tuple[str, dict], ...]], ...] = (
+KINDS: tuple[tuple[str, tuple[tuple[str, dict[str, Any]], ...]], ...] = (
     ("chat", (("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}], "max_tokens": TOKENS}),
               ("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}], "max_tokens": TOKENS,
                                         "stream": True}))),
@@ -93,8 +94,8 @@ async def warm_up(client: httpx.AsyncClient, model: str, deadline: float,
     return result
 
 
-async def _send(client: httpx.AsyncClient, path: str, body: dict, deadline: float,
-                watch: asyncio.Future) -> tuple[int, str]:
+async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any], deadline: float,
+                watch: asyncio.Future[int]) -> tuple[int, str]:
     """(status, error text) of one warm-up request, its body read to the end (a stream too)."""
     headers = {"X-Request-Id": REQUEST_ID_PREFIX + secrets.token_hex(8)}
 
@@ -108,7 +109,7 @@ async def _send(client: httpx.AsyncClient, path: str, body: dict, deadline: floa
     return await _bounded(request(), deadline, watch, f"POST {path}")
 
 
-async def _still_healthy(client: httpx.AsyncClient, deadline: float, watch: asyncio.Future, after: str) -> None:
+async def _still_healthy(client: httpx.AsyncClient, deadline: float, watch: asyncio.Future[int], after: str) -> None:
     async def health() -> tuple[int, str]:
         response = await client.get("/health")
         return response.status_code, ""
@@ -118,10 +119,12 @@ async def _still_healthy(client: httpx.AsyncClient, deadline: float, watch: asyn
         raise WarmupFailed(f"{after}, then /health answered {status}: the engine broke during its warm-up")
 
 
-async def _bounded(coroutine, deadline: float, watch: asyncio.Future, what: str) -> tuple[int, str]:
+async def _bounded(coroutine: Coroutine[Any, Any, tuple[int, str]], deadline: float, watch: asyncio.Future[int],
+                   what: str) -> tuple[int, str]:
     task = asyncio.ensure_future(coroutine)
     try:
-        done, _ = await asyncio.wait({task, watch}, timeout=max(0.0, deadline - time.monotonic()),
+        waiting: set[asyncio.Future[Any]] = {task, watch}
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
         if watch in done:
             raise WarmupFailed(f"the engine exited with status {watch.result()} during its warm-up ({what})")

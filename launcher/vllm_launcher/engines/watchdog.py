@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .process import engine_client
+from .process import EngineProcess, engine_client
 
 log = logging.getLogger("vllm_launcher.watchdog")
 
@@ -73,10 +74,20 @@ def read_progress(text: str) -> tuple[float | None, float]:
     return progress, running
 
 
+class Watched(Protocol):
+    """What the watchdog reads of a ready engine (supervisor.Engine, which imports this module)."""
+    lane: str
+    process: EngineProcess
+    client: httpx.AsyncClient
+    ended: str | None
+
+    async def get(self, path: str, timeout: float = ...) -> httpx.Response: ...
+
+
 class Watchdog:
     """Watches one ready engine until it ends (``engine.ended``) or is declared hung."""
 
-    def __init__(self, engine, served_name: str, stall_timeout: float, inflight: Callable[[], int],
+    def __init__(self, engine: Watched, served_name: str, stall_timeout: float, inflight: Callable[[], int],
                  on_hung: Callable[[float, str], None], poll: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.engine = engine
