@@ -80,7 +80,7 @@ class AnthropicDialect:
         self.repair = repair
         self.upstream_headers = upstream_headers or {}
         self.whole = False                  # the engine answers whole; the client's stream is made here
-        self.stream_content_type = None
+        self.stream_content_type: bytes | None = None
 
     def answer_whole(self) -> None:
         self.whole = True
@@ -229,7 +229,7 @@ class StreamRepair:
             return self._message_start(block, data)
         if self.repair and name == b"content_block_start" and b'"tool_use"' in (data or b""):
             self.used_tool = True
-        if self.repair and self.used_tool and name == b"message_delta" and b'"end_turn"' in (data or b""):
+        if self.repair and self.used_tool and name == b"message_delta" and data and b'"end_turn"' in data:
             event = json.loads(data)
             event["delta"]["stop_reason"] = "tool_use"        # 0.12 says end_turn after a named tool
             return b"event: message_delta\ndata: " + json.dumps(event).encode() + b"\n\n"

@@ -204,7 +204,7 @@ class _Reader:
     def first_set(self, names: tuple[str, ...]) -> tuple[str, str] | None:
         for name in names:
             raw = self.environ.get(name)
-            if not values.is_unset(raw):
+            if raw is not None and not values.is_unset(raw):
                 return name, raw
         return None
 
@@ -254,7 +254,7 @@ def load_cluster_config(environ: Mapping[str, str], role: str | None = None,
     if cluster is None:
         reader.problems.append("no cluster configured: set VLLM_CLUSTER_ROLE to head or worker "
                                "(or run `vllm-launcher cluster head` / `cluster join ADDRESS`)")
-    if reader.problems:
+    if cluster is None or reader.problems:        # no cluster is one of the problems
         raise reader.error()
     return cluster, engine_python or sys.executable
 
@@ -359,7 +359,7 @@ def _read_key_file(reader: _Reader, path: str) -> str | None:
 
 def _lane_names(reader: _Reader) -> list[str]:
     raw = reader.environ.get(LANES_VAR)
-    if values.is_unset(raw):
+    if raw is None or values.is_unset(raw):
         return [DEFAULT_LANE_NAME]
     names = values.parse_name_list(raw)
     if not names:
@@ -383,7 +383,7 @@ def _lane_names(reader: _Reader) -> list[str]:
 
 def _default_lane(reader: _Reader, lanes: list[str]) -> str:
     raw = reader.environ.get(DEFAULT_LANE_VAR)
-    if values.is_unset(raw):
+    if raw is None or values.is_unset(raw):
         return lanes[0]
     by_lower = {lane.lower(): lane for lane in lanes}
     if raw.strip().lower() not in by_lower:

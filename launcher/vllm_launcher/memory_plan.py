@@ -26,7 +26,7 @@ def amdgpu_memory(root: Path | str = "/") -> list[tuple[str, int, int]]:
     for device in sorted(Path(root, "sys/class/drm").glob("card*/device")):
         if not device.parent.name[4:].isdigit():       # card0-DP-1 and the like: connectors
             continue
-        values = []
+        values: list[int | None] = []
         for name in ("mem_info_vram_total", "mem_info_gtt_total"):
             try:
                 values.append(int(Path(device, name).read_text()))

@@ -184,7 +184,7 @@ def model_registry(python: str, architectures: tuple[str, ...] = ()) -> ModelReg
     """The model registry of `python`'s vLLM, with whether each of `architectures` imports, or
     why the registry could not be read."""
     info = detect(python)
-    if not info.installed:
+    if info.version is None:        # not installed
         return f"no vLLM in {python}"
     cache = _cache_file(python)
     try:

@@ -22,7 +22,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD, PT_DYNAMIC = 1, 2
@@ -43,7 +43,7 @@ class ElfDynamic:
     needed: list[str] = field(default_factory=list)
 
 
-def _read_exact(stream: BinaryIO, offset: int, size: int, what: str) -> bytes:
+def _read_exact(stream: IO[bytes], offset: int, size: int, what: str) -> bytes:
     stream.seek(offset)
     data = stream.read(size)
     if len(data) != size:
@@ -51,7 +51,7 @@ def _read_exact(stream: BinaryIO, offset: int, size: int, what: str) -> bytes:
     return data
 
 
-def read_elf_dynamic(stream: BinaryIO) -> ElfDynamic | None:
+def read_elf_dynamic(stream: IO[bytes]) -> ElfDynamic | None:
     """DT_SONAME and DT_NEEDED of the ELF file in `stream` (seekable); None if it is no ELF."""
     ident = stream.read(16)
     if ident[:4] != ELF_MAGIC:
