@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 from .config import ClusterConfig, LaneConfig, token_file_problem
 from .engine_command import TELEMETRY_OFF, passed_environment
@@ -166,7 +167,7 @@ def ray_start_argv(cluster: ClusterConfig, python: str, node_ip: str, head: bool
         argv += ["--head", "--port", str(cluster.port), "--include-dashboard", "false", "--no-monitor",
                  "--disable-usage-stats"]
     else:
-        argv += ["--address", cluster.address]
+        argv += ["--address", cast(str, cluster.address)]      # a worker's: loading requires it
     return argv
 
 
@@ -217,19 +218,19 @@ def query_cluster(cluster: ClusterConfig, python: str, environ: Mapping[str, str
     except ValueError:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise ClusterError(f"asking the cluster at {address} failed in {python}: {last}") from None
-    error = data.get("error")
-    if error == "auth":
+    failure = data.get("error")
+    if failure == "auth":
         raise TokenRefused(
             f"the cluster at {address} refused this machine's token (VLLM_CLUSTER_TOKEN_FILE="
             f"{cluster.token_file!r}): every machine's token file must hold the head's token ({data['message']})")
-    if error == "unreachable":
+    if failure == "unreachable":
         raise HeadUnreachable(f"cannot reach the cluster's head at {data['message']} (VLLM_CLUSTER_ADDRESS / "
                            f"VLLM_CLUSTER_PORT; is the head running, is port {address.rpartition(':')[2]} open "
                            "on its firewall?)")
-    if error == "no_ray":
+    if failure == "no_ray":
         raise ClusterError(f"Ray is not importable in the engines' Python {python} (VLLM_ENGINE_PYTHON): "
                            f"{data['message']}")
-    if error:
+    if failure:
         raise HeadUnreachable(f"the cluster's head at {address} did not answer: {data['message']}")
     nodes = tuple(Node(node["address"], node["head"], node["alive"], node["resources"].get("GPU", 0.0),
                        node["resources"].get("CPU", 0.0)) for node in data["nodes"])

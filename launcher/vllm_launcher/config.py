@@ -101,8 +101,8 @@ class ClusterConfig:
 
     role: str | None = None                 # head | worker | None (a machine that only uses the cluster)
     address: str | None = None              # the head, host:port; None on the head: its own interface address
-    interface: str | None = None
-    token_file: str | None = None
+    interface: str = ""                     # both required: "" only in a configuration that fails to load
+    token_file: str = ""
     gpus: int = 1
     cpus: int | None = None
     object_store_memory: int | None = None
