@@ -15,7 +15,7 @@ Parts (select with BENCH_PARTS, comma-separated; default all):
   empty compile cache, then warm) and a switch through the server, with its phase split.
 
 ``BENCH_QUICK=1`` runs fewer repeats and seeds (a few minutes). Results go to
-bench/results/*.json and *.png, and the README's performance section is regenerated from
-them (``python -m bench report`` redoes plots and README from the stored JSON only).
+bench/results/*.json and *.png, and the performance page (docs/performance.md) is regenerated
+from them (``python -m bench report`` redoes plots and page from the stored JSON only).
 Work files (models, caches, logs) live under bench/.work/.
 """

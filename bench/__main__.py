@@ -1,5 +1,5 @@
 """`python -m bench` (make bench): run the parts, write bench/results/*.json and *.png, and
-regenerate the README's performance section.  `python -m bench report`: plots and README from
+regenerate the performance page (docs/performance.md).  `python -m bench report`: plots and page from
 the stored JSON only.  BENCH_PARTS=scheduling,overhead,real selects parts; BENCH_QUICK=1 is
 the short run."""
 
@@ -27,19 +27,19 @@ def _ensure_matplotlib() -> None:
 
 
 def report(parts: tuple[str, ...] = PARTS) -> None:
-    """Plots of the parts named (all: `python -m bench report`), and the README's section (only its
+    """Plots of the parts named (all: `python -m bench report`), and docs/performance.md (only its
     scheduling part when only that part ran)."""
     from .plots import all_plots
-    from .readme import SCHED_BEGIN, SCHED_END, section, update_readme
+    from .readme import SCHED_BEGIN, SCHED_END, section, update_page
     from .readme_scheduling import scheduling_section
 
     sched, overhead, switch = read_json("scheduling.json"), read_json("overhead.json"), read_json("switch.json")
     all_plots(sched if "scheduling" in parts else None, overhead if {"overhead", "real"} & set(parts) else None,
               switch if "real" in parts else None)
     if tuple(parts) == ("scheduling",):
-        update_readme(scheduling_section(sched), SCHED_BEGIN, SCHED_END)
+        update_page(scheduling_section(sched), SCHED_BEGIN, SCHED_END)
     else:
-        update_readme(section(sched, overhead, switch))
+        update_page(section(sched, overhead, switch))
 
 
 def main(argv: list[str]) -> int:

@@ -1,11 +1,14 @@
-"""The README's performance section, between the lines `<!-- bench:begin -->` and
-`<!-- bench:end -->`: only what lies between those two lines is replaced."""
+"""The performance page (docs/performance.md; the README links to it), between the lines
+`<!-- bench:begin -->` and `<!-- bench:end -->`: only what lies between those two lines is replaced.
+Its links are relative to docs/ (`../bench/results/*.png`)."""
 
 from __future__ import annotations
 
 from .common import ROOT, log, read_json
 from .readme_scheduling import scheduling_section
 
+PAGE = ROOT / "docs" / "performance.md"
+RESULTS = "../bench/results"            # bench/results/ as the page links it
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # The scheduling part inside the section: `BENCH_PARTS=scheduling` rewrites only what lies between these.
 SCHED_BEGIN, SCHED_END = "<!-- bench:scheduling:begin -->", "<!-- bench:scheduling:end -->"
@@ -16,19 +19,18 @@ def replace_section(text: str, body: str, begin: str = BEGIN, end: str = END) ->
     starts = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == begin]
     ends = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == end]
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise ValueError(f"README.md needs exactly one {begin} line followed by one {end} line")
+        raise ValueError(f"{PAGE.relative_to(ROOT)} needs exactly one {begin} line followed by one {end} line")
     if not body.endswith("\n"):
         body += "\n"
     return "".join(lines[: starts[0] + 1]) + body + "".join(lines[ends[0]:])
 
 
-def update_readme(body: str, begin: str = BEGIN, end: str = END) -> None:
-    path = ROOT / "README.md"
-    text = path.read_text()
+def update_page(body: str, begin: str = BEGIN, end: str = END) -> None:
+    text = PAGE.read_text()
     new = replace_section(text, body, begin, end)
     if new != text:
-        path.write_text(new)
-        log("README.md performance section updated")
+        PAGE.write_text(new)
+        log(f"{PAGE.relative_to(ROOT)} updated")
 
 
 # ------------------------------------------------------------------ formatting
@@ -267,7 +269,7 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
             "requests/s); medians over repeats, with min-max.\n")
         parts.append(overhead_table(overhead))
         parts.append(overhead_reading(overhead))
-        parts.append("![proxy overhead](bench/results/overhead.png)\n")
+        parts.append(f"![proxy overhead]({RESULTS}/overhead.png)\n")
     if switch:
         parts.append(
             "**Switch cost** with the real engine: a streaming request for the unloaded lane to its first "
@@ -275,7 +277,7 @@ def section(sched: dict | None, overhead: dict | None, switch: dict | None) -> s
             "`/metrics` (`vllm_launcher_switch_phase_seconds`), start and the switch total from `/lanes`; "
             "first token is what remains after the switch total.\n")
         parts.append(switch_text(switch))
-        parts.append("![switch cost](bench/results/switch.png)\n")
+        parts.append(f"![switch cost]({RESULTS}/switch.png)\n")
     if sched:
         parts.append(f"{SCHED_BEGIN}\n{scheduling_section(sched)}{SCHED_END}\n")
     parts.append(REPRODUCE)

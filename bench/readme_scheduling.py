@@ -1,4 +1,4 @@
-"""The scheduling part of the README's performance section (bench/readme.py places it), from
+"""The scheduling part of the performance page, docs/performance.md (bench/readme.py places it), from
 bench/results/scheduling.json."""
 
 from __future__ import annotations
@@ -235,10 +235,10 @@ def scheduling_section(sched: dict) -> str:
         "\n".join(f"- {w['description']}" for w in sched.get("variants", {}).values()) + "\n",
         results_table(sched, "variants"),
         reading(sched),
-        "![the cap B on (d)](bench/results/b_tradeoff.png)\n\n"
-        "![timeline, three clients hammering](bench/results/timeline_hammer.png)\n\n"
-        "![timeline, agents beside a batch job](bench/results/timeline_agent_batch.png)\n\n"
-        "![wait distributions](bench/results/waits.png)\n",
+        "![the cap B on (d)](../bench/results/b_tradeoff.png)\n\n"        # links relative to docs/
+        "![timeline, three clients hammering](../bench/results/timeline_hammer.png)\n\n"
+        "![timeline, agents beside a batch job](../bench/results/timeline_agent_batch.png)\n\n"
+        "![wait distributions](../bench/results/waits.png)\n",
         SLEEP_NOTE,
     ]
     return "\n".join(parts)

@@ -1,11 +1,14 @@
 """The scheduling benchmark's pipeline (bench/scheduling.py) on a tiny configuration: it runs end
-to end, its README part renders, and its acceptance computation can fail."""
+to end, its part of docs/performance.md renders, and its acceptance computation can fail."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from bench import readme_scheduling, scheduling
+from bench.readme import PAGE
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,8 @@ def test_pipeline_runs_and_renders(tiny):
     text = readme_scheduling.scheduling_section(out)
     assert "fake engine only" in text and "--enable-sleep-mode" in text
     assert "| (d) agents + batch job | **ours** |" in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)      # as docs/performance.md links them
+    assert images and all((PAGE.parent / image).is_file() for image in images), images
 
 
 def test_batch_job_beside_an_agent(tiny, monkeypatch):
@@ -71,12 +76,11 @@ def test_bootstrap_interval():
 
 
 def test_scheduling_block_alone_is_rewritten():
-    """BENCH_PARTS=scheduling rewrites the README between the scheduling markers only, which lie
-    inside the bench section."""
-    from bench.common import ROOT
+    """BENCH_PARTS=scheduling rewrites docs/performance.md between the scheduling markers only,
+    which lie inside the bench section; the section's images resolve from docs/."""
     from bench.readme import BEGIN, END, SCHED_BEGIN, SCHED_END, replace_section
 
-    text = (ROOT / "README.md").read_text()
+    text = PAGE.read_text()
     lines = text.splitlines()
     assert lines.index(BEGIN) < lines.index(SCHED_BEGIN) < lines.index(SCHED_END) < lines.index(END)
     new = replace_section(text, "new scheduling text\n", SCHED_BEGIN, SCHED_END)
