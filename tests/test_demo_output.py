@@ -5,17 +5,23 @@ passes every engine line on."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import io
 import json
 import logging
 import re
 import signal
+import sys
 
 import pytest
 
 from serving import processes_with_tmpdir, start_server
 from vllm_launcher.demo_models import MARKER_FILE, _marker_content
-from vllm_launcher.logs import QuietTerminal, compact_engine_line, setup_logging
+from vllm_launcher.engine_command import EngineSpec
+from vllm_launcher.engines.process import EngineProcess
+from vllm_launcher.logs import ENGINE_STOPPING, QuietFormatter, QuietTerminal, compact_engine_line, setup_logging
+from waiting import eventually_async
 
 ESC = "\x1b"
 PREFIX = f"{ESC}[0;36m(APIServer pid=26890){ESC}[0;0m "     # as vLLM colours it, through a pipe too
@@ -48,9 +54,7 @@ ENGINE_OUTPUT = [
     ("Traceback (most recent call last):", True),                   # a bare one (no logger): shown too
     ('  File "<string>", line 1, in <module>', True),
     ("RuntimeError: boom", True),
-    # the end of an engine the launcher stops
-    (f"{PREFIX}WARNING 12-07 22:49:58 [utils.py:648] [shutdown] Process manager: force killing remaining processes",
-     False),
+    # what every engine's exit prints
     ("nanobind: leaked 87 instances!", False),                     # triton's bindings at exit
     (' - leaked instance 0x7f3c of type "triton._C.libtriton.ir.context"', False),
     ("nanobind: this is likely caused by a reference counting issue in the binding code.", False),
@@ -78,6 +82,44 @@ def test_quiet_terminal_follows_each_engine_on_its_own():
     # each continuation goes with its own engine's last message
     assert quiet.shown("vllm_launcher.engine.alpha", "  a traceback frame")
     assert not quiet.shown("vllm_launcher.engine.beta", "  a continuation of INFO")
+
+
+def test_an_engines_end_after_the_launcher_stopped_it_stays_off_the_terminal():
+    quiet = QuietTerminal()
+
+    def shown_while_stopping(line: str) -> bool:
+        def relay() -> bool:
+            ENGINE_STOPPING.set(True)
+            return quiet.shown("vllm_launcher.engine.alpha", line)
+        return contextvars.copy_context().run(relay)
+
+    shutdown_error = f"{PREFIX}ERROR 12-07 23:13:23 [async_llm.py:906] AsyncLLM output_handler failed."
+    assert not shown_while_stopping(shutdown_error)
+    assert not shown_while_stopping(f"{PREFIX}WARNING 12-07 23:13:23 [utils.py:648] [shutdown] force killing")
+    assert quiet.shown("vllm_launcher.engine.alpha", shutdown_error)        # not stopping: a crash's error
+
+
+@pytest.mark.engine
+def test_engine_process_marks_its_output_after_the_stop_began(tmp_path):
+    """A real process group: what it prints before the launcher's SIGTERM is relayed as running,
+    what it prints on SIGTERM as its end."""
+    script = ("import signal, sys, time\n"
+              "def end(*_):\n    print('ERROR 12-07 23:13:23 [x.py:1] dying noisily', flush=True)\n    sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, end)\n"
+              "print('WARNING 12-07 23:13:20 [x.py:1] running', flush=True)\ntime.sleep(60)\n")
+    relayed: list[tuple[str, bool]] = []
+    process = EngineProcess(EngineSpec("alpha", [sys.executable, "-c", script], {"PATH": "/usr/bin:/bin"}),
+                            "alpha", str(tmp_path / "x.sock"), "engine-key",
+                            log_line=lambda lane, line: relayed.append((line, ENGINE_STOPPING.get())))
+
+    async def run() -> None:
+        await process.start()
+        await eventually_async(lambda: relayed, "the engine's first line", 30)
+        await process.stop(grace=10)
+
+    asyncio.run(run())
+    assert relayed == [("WARNING 12-07 23:13:20 [x.py:1] running", False),
+                       ("ERROR 12-07 23:13:23 [x.py:1] dying noisily", True)], relayed
 
 
 @pytest.fixture
@@ -118,6 +160,23 @@ def test_quiet_logging_keeps_every_line_in_the_file_and_the_terminal_short(tmp_p
     assert "Started server process" in whole[-2] and "IOMMU" in whole[-1]
 
 
+def test_the_terminal_cuts_engine_warnings_to_its_width_and_never_errors():
+    quiet = QuietFormatter(lambda: 50)
+
+    def shown(name: str, line: str, level: int = logging.INFO) -> str:
+        return quiet.format(logging.LogRecord(name, level, __file__, 1, line, None, None))
+
+    warning = shown("vllm_launcher.engine.alpha", f"{PREFIX}WARNING 12-07 22:52:23 [system_utils.py:255] Found "
+                                                  "ulimit of 20000 and failed to automatically increase it")
+    assert warning == "[alpha] WARNING [system_utils.py:255] Found ulimi…" and len(warning) == 50, warning
+    assert len(shown("vllm_launcher.engine.alpha", "[W1207 22:49:08.642280242 utils.cpp:68] Warning: " + "x" * 80)) == 50
+    error = f"{CORE}ERROR 12-07 22:21:13 [core.py:708] EngineCore failed to start: " + "y" * 80
+    assert shown("vllm_launcher.engine.alpha", error) == f"[alpha] {compact_engine_line(error)}"
+    assert shown("vllm_launcher.router", "z" * 80, logging.WARNING).endswith(" WARNING " + "z" * 80)
+    assert QuietFormatter().format(logging.LogRecord(      # no terminal (a pipe, a file): nothing cut
+        "vllm_launcher.engine.alpha", logging.INFO, __file__, 1, "WARNING " + "w" * 80, None, None)).endswith("w" * 80)
+
+
 def test_serve_passes_every_engine_line_on(monkeypatch, restored_logging):
     terminal = io.StringIO()
     monkeypatch.setattr("sys.stderr", terminal)
@@ -146,7 +205,7 @@ def test_demo_prints_its_requests_once_the_first_lane_is_ready_and_engine_output
         try_at = next(i for i, line in enumerate(lines) if line.startswith("Lane alpha is ready. Try"))
         assert try_at > ready, terminal
         assert f"curl -sN {served.url}/v1/completions" in terminal and '"stream": true' in terminal
-        assert f"engines' output goes to {demo / 'demo.log'}" in terminal, terminal
+        assert f"Engines' whole output: {demo / 'demo.log'};" in terminal, terminal
         assert "[alpha] WARNING [x.py:1] a warning worth reading" in lines
         assert "[alpha]   and its second line" in lines
         for hidden in ("Route:", "back to quiet", "nanobind", "fake engine pid"):

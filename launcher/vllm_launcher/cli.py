@@ -328,8 +328,7 @@ def demo_try_lines(url: str, lane: str, lanes: tuple[str, ...], python: str | No
     """What the demo prints once LANE is ready: requests to paste into another terminal."""
     other = next((name for name in lanes if name != lane), lane)
     json_header = "-H 'Content-Type: application/json'"
-    lines = [f"Lane {lane} is ready. Try, from another terminal (a request for {other} switches lanes: "
-             f"its engine starts, 20-60 s):",
+    lines = [f"Lane {lane} is ready. Try, from another terminal:",
              f"  curl -s {url}/v1/chat/completions {json_header} \\",
              f"    -d '{{\"model\": \"{lane}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
              f"\"max_tokens\": 16}}'",
@@ -341,7 +340,7 @@ def demo_try_lines(url: str, lane: str, lanes: tuple[str, ...], python: str | No
         lines += [f"  OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=- {python} -c \\",
                   f"    'import openai; print(openai.OpenAI().completions.create(model=\"{lane}\", prompt=\"Hi\")"
                   ".choices[0].text)'"]
-    lines.append("Stop with Ctrl-C (the engines stop with the server).")
+    lines.append(f"A request for {other} switches lanes (its engine starts, 20-60 s). Stop with Ctrl-C.")
     return "\n".join(lines)
 
 
@@ -380,9 +379,8 @@ def demo(directory: str, port: int | None) -> None:
     url = f"http://127.0.0.1:{cfg.server.port}"
     log_file = root / "demo.log"
     shown_log = os.path.relpath(log_file) if not os.path.relpath(log_file).startswith("..") else str(log_file)
-    click.echo(f"vllm-launcher demo: lanes {', '.join(cfg.lanes)} on {url}; {cfg.default_lane}'s engine starts "
-               f"now (20-60 s on an idle CPU)\n"
-               f"vllm-launcher demo: engines' output goes to {shown_log}; here only their warnings and errors")
+    click.echo(f"Lanes {', '.join(cfg.lanes)} on {url}; {cfg.default_lane}'s engine starts now (20-60 s).\n"
+               f"Engines' whole output: {shown_log}; here, their warnings and errors only.")
     announced = False
 
     def announce(lane: str, state: str, reason: str) -> None:

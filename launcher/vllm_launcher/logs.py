@@ -5,12 +5,14 @@ the whole output going to a file it names."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import logging.handlers
+import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .settings import mask_secrets
@@ -87,6 +89,7 @@ _PROCESS = re.compile(r"\A\([\w.:-]+ pid=\d+\) ?")          # vLLM's "(APIServer
 # vLLM's "WARNING 12-07 22:21:11 [file.py:12] ...", uvicorn's "INFO:     ..."
 _LEVEL = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?::| (?:\d\d-\d\d [\d:]{8} )?)")
 _VLLM_TIME = re.compile(r"\A(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]{8} ")
+_WARNING_START = re.compile(r"\[\w+\] (WARNING |\[W\d{4} )")      # a compacted engine warning line
 _C10_LEVEL = re.compile(r"\[([IWEF])\d{4} [\d:.]+ ")          # torch's C++ "[W1207 22:49:08.64 utils.cpp:68] ..."
 _C10_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 # warnings.warn's "file.py:12: FutureWarning: ...": those for programmers (the code calling a
@@ -94,11 +97,15 @@ _C10_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 _PYTHON_WARNING = re.compile(r"\S+\.py:\d+: (\w*Warning): ")
 _PROGRAMMERS_WARNINGS = frozenset({"DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"})
 _SHOWN_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
-# Ends of an engine the launcher stopped: vLLM's own "[shutdown]" steps (it force-kills its
-# EngineCore at once: shutdown timeout 0), the resource tracker's count of what the killed
-# processes held, and the leak report of triton's nanobind bindings (xgrammar's on vLLM 0.12) at
-# exit: objects still alive when the interpreter ends, harmless. A crash is the launcher's line.
-_STOP_NOISE = re.compile(r"\[shutdown\]|resource_tracker: |nanobind: ")
+# What every engine's exit prints: the resource tracker's count of what killed processes held,
+# and the leak report of triton's nanobind bindings (xgrammar's on vLLM 0.12): objects still
+# alive when the interpreter ends, harmless. A crash is told by the launcher's own line.
+_EXIT_NOISE = re.compile(r"resource_tracker: |nanobind: ")
+# Set (engines/process.py) while an engine's line is relayed after the launcher began stopping it:
+# how vLLM then ends (its "[shutdown]" steps, force-killing its EngineCore at once, the
+# EngineDeadError traceback its abort mode may print) is for the log file, not the demo's
+# terminal; a stop that fails is the launcher's own error line.
+ENGINE_STOPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("engine_stopping", default=False)
 
 
 def compact_engine_line(line: str) -> str:
@@ -112,7 +119,8 @@ class QuietTerminal(logging.Filter):
     of the engines' output only what asks for a reader: warnings, errors and tracebacks, each
     with the lines that continue it (a traceback's frames, a multi-line message), a warning
     once however many engines and processes print it. The rest (vLLM's INFO, its ~50 `Route:`
-    lines per start, the stop noise above) stays in the whole log. A dying engine's last lines
+    lines per start, the exit noise above, an engine's end after the launcher stopped it) stays
+    in the whole log. A dying engine's last lines
     come in the launcher's own error line (supervisor: "exited ...; last lines")."""
 
     def __init__(self) -> None:
@@ -130,7 +138,7 @@ class QuietTerminal(logging.Filter):
         text = _PROCESS.sub("", _ANSI.sub("", line), count=1)
         level = _LEVEL.match(text) or _C10_LEVEL.match(text)
         python_warning = _PYTHON_WARNING.search(text)
-        if _STOP_NOISE.search(text):
+        if ENGINE_STOPPING.get() or _EXIT_NOISE.search(text):
             show = False
         elif level:
             name = _C10_LEVELS.get(level.group(1), level.group(1))
@@ -151,16 +159,30 @@ class QuietTerminal(logging.Filter):
         return True
 
 
+def terminal_width(stream) -> int | None:
+    """The columns of the terminal STREAM writes to; None when it is not a terminal (a pipe, a file)."""
+    try:
+        fd = stream.fileno()
+        return os.get_terminal_size(fd).columns if os.isatty(fd) else None
+    except (OSError, ValueError, AttributeError):         # io.UnsupportedOperation: a StringIO
+        return None
+
+
 class QuietFormatter(TextFormatter):
     """The demo's terminal: the time and the message; engine lines without colours, vLLM's
-    process prefix and its time (a terminal line each, where it fits)."""
+    process prefix and its time; an engine's warning cut to the terminal's width (one row each:
+    vLLM's run to 250 characters; the log file has them whole). Errors are never cut."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: Callable[[], int | None] = lambda: None) -> None:
         logging.Formatter.__init__(self, "%(asctime)s %(message)s", "%H:%M:%S")
+        self.width = width
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name.startswith(ENGINE_LOGGER):
-            return f"[{record.name[len(ENGINE_LOGGER):]}] {compact_engine_line(record.getMessage())}"
+            text = f"[{record.name[len(ENGINE_LOGGER):]}] {compact_engine_line(record.getMessage())}"
+            width = self.width()
+            warning = _WARNING_START.match(text)
+            return text[:width - 1] + "…" if warning and width and len(text) > width else text
         text = super().format(record)
         if record.levelno != logging.INFO:
             text = text.replace(" ", f" {record.levelname} ", 1)
@@ -192,7 +214,8 @@ def setup_logging(level: str, fmt: str, directory: str | None, secrets: Iterable
                                                           backupCount=ROTATE_KEEP),
                      _EngineFiles(path, formatter)]
     for handler in handlers:
-        handler.setFormatter(QuietFormatter() if handler is terminal and quiet_to is not None else formatter)
+        quiet = handler is terminal and quiet_to is not None
+        handler.setFormatter(QuietFormatter(lambda: terminal_width(terminal.stream)) if quiet else formatter)
         handler.addFilter(mask)
         root.addHandler(handler)
     # engine lines are logged at INFO whatever the launcher's level: they are vLLM's own output

@@ -33,6 +33,7 @@ import aiohttp
 import httpx
 
 from ..engine_command import EngineSpec
+from ..logs import ENGINE_STOPPING
 from ..settings import mask_secrets
 from .keeper import group_members      # keeper.py is standard library only: the one reading of a group
 
@@ -177,6 +178,7 @@ class EngineProcess:
     listening_at: float | None = None
     ready_at: float | None = None
     _reader: asyncio.Task | None = None
+    stop_requested: bool = False              # its output from then on is its end (logs.ENGINE_STOPPING)
     _keeper_pipe: int | None = None           # the write end: closed while the group lives, it dies
 
     def __post_init__(self):
@@ -232,6 +234,7 @@ class EngineProcess:
             # masked at the source: the tail goes into /lanes, 503s and the log
             line = self.mask(raw.decode(errors="replace").rstrip())
             self.tail.append(line)
+            ENGINE_STOPPING.set(self.stop_requested)      # this reader task's own context
             self.log_line(self.lane, line)
 
     def exited(self) -> bool:
@@ -295,6 +298,7 @@ class EngineProcess:
         if self.process is None:
             return 0.0
         pgid = self.pgid
+        self.stop_requested = True
         kill_group(pgid, signal.SIGTERM)
         deadline = began + grace
         while group_members(pgid) and time.monotonic() < deadline:
