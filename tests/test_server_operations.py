@@ -132,13 +132,23 @@ def test_queue_full_retry_after_grows_with_the_queue(tmp_path, fake_python):
     assert 1 <= small < large, (small, large)
 
 
-def test_queue_timeout(tmp_path, fake_python):
-    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30"}},
+def test_queue_timeout_only_for_a_loaded_lane_that_takes_nothing(tmp_path, fake_python):
+    """VLLM_QUEUE_TIMEOUT (issue 21): a request waiting for a lane's start is not timed out (the
+    wait bound covers it); one queued behind a loaded lane that takes nothing for that long (its
+    one place held by a long generation here, a stuck engine in life) gets 503 queue_timeout."""
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "1", "MAX_NUM_SEQS": "1"},
+                                       "b": {"ENV_FAKE_START_DELAY": "4"}},
                          VLLM_QUEUE_TIMEOUT="1", VLLM_SWITCH_MAX_WAIT="0.2")
     with serving(tmp_path, env, wait_ready_lane="a") as served, served.client() as client:
-        response = client.post(CHAT, json=chat_body("b"))
-        assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout"
+        started = client.post(CHAT, json=chat_body("b"))
+        assert started.status_code == 200, started.text          # waited out b's 4 s start
+        held = threading.Thread(target=lambda: client.post(CHAT, json=chat_body("a", max_tokens=6)))
+        held.start()                                              # loads a again, then holds its one place
+        served.wait_inflight("a", 1)
+        response = client.post(CHAT, json=chat_body("a"))
+        assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout", response.text
         assert int(response.headers["Retry-After"]) >= 1
+        held.join(timeout=60)
 
 
 def test_disconnect_while_queued_removes_the_request_and_loads_nothing(tmp_path, fake_python):
