@@ -26,9 +26,11 @@ import contextlib
 import json
 import logging
 import time
+from typing import Any, cast
 
 import aiohttp
 
+from .engines import Engine
 from .errors import APIError
 from .router import Router, Ticket
 
@@ -93,9 +95,15 @@ async def _failure(ticket: Ticket, error: BaseException) -> APIError:
     return ticket.aborted.result() if ticket.aborted.done() else _upstream_error(error)
 
 
+def _session(ticket: Ticket) -> aiohttp.ClientSession:
+    """The pool of the engine a ticket was dispatched to (the supervisor gives every engine it
+    serves one; tests' engines without one never reach the proxy)."""
+    return cast(aiohttp.ClientSession, cast(Engine, ticket.engine).session)
+
+
 def _broken(ticket: Ticket, error: BaseException) -> None:
     """In `except UPSTREAM_ERRORS`: re-raises a RuntimeError that is not a closed pool."""
-    if isinstance(error, RuntimeError) and not ticket.engine.session.closed:
+    if isinstance(error, RuntimeError) and not _session(ticket).closed:
         raise error
 
 
@@ -114,7 +122,7 @@ class _Exchange:
         self.ticket = ticket
         self.receive = receive
         self.send = send
-        self.task = asyncio.current_task()
+        self.task = cast("asyncio.Task[Any]", asyncio.current_task())     # made in the request's task
         self.why: str | None = None
         self.watcher: asyncio.Future | None = None
         self.started = False                # the client has its 200 (a stream)
@@ -247,8 +255,8 @@ class Forwarder:
         try:
             if ticket.aborted.done():
                 raise _Aborted
-            upstream = await ticket.engine.session.post(path, data=body, headers={"Content-Type": content_type,
-                                                                                   **dialect.upstream_headers})
+            upstream = await _session(ticket).post(path, data=body, headers={"Content-Type": content_type,
+                                                                             **dialect.upstream_headers})
             if not stream or upstream.status != 200:
                 content = dialect.body(upstream.status, await upstream.read())
                 exchange.settle()
@@ -264,9 +272,10 @@ class Forwarder:
                     return False
             else:
                 if not started:
-                    kind = dialect.stream_content_type or upstream.headers.get(
+                    stream_type = dialect.stream_content_type or upstream.headers.get(
                         "Content-Type", "text/event-stream").encode("latin-1")
-                    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", stream_type)]})
                     started = exchange.started = True
                 repair = dialect.stream()
                 async for chunk in upstream.content.iter_any():

@@ -16,22 +16,38 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, assert_never
+from typing import Any, assert_never, cast
 
-from .config import VLLM_DEFAULT_SHARE, LauncherConfig
+from .config import VLLM_DEFAULT_SHARE, LaneConfig, LauncherConfig
 from .engines import Engine, EngineRecords, Supervisor
 from .engines.watchdog import Watchdog, hung_cause
 from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
-from .settings import ENGINE_SETTINGS_BY_KEY
 from .scheduler import (
-    AbortInflight, Action, CloseReason, Dispatch, LanePolicy, LaneState, LaneStateChanged, Preempt, PreemptReason,
-    Reject, Scheduler, SchedulerSettings, SleepEngine, StartEngine, StopEngine, StopReason, SwitchPlanned,
+    AbortInflight,
+    Action,
+    CloseReason,
+    Dispatch,
+    LanePolicy,
+    LaneState,
+    LaneStateChanged,
+    Preempt,
+    PreemptReason,
+    Reject,
+    Scheduler,
+    SchedulerSettings,
+    SleepEngine,
+    StartEngine,
+    StopEngine,
+    StopReason,
+    SwitchPlanned,
     WakeEngine,
 )
+from .settings import ENGINE_SETTINGS_BY_KEY
 from .vllm_info import VllmInfo
 
 log = logging.getLogger("vllm_launcher.router")
@@ -48,8 +64,9 @@ class Ticket:
     id: int
     lane: str
     arrived: float
-    decided: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    aborted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    decided: asyncio.Future[Engine | APIError] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    aborted: asyncio.Future[APIError] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     dispatched_at: float | None = None
     engine: Engine | None = None
     finished: bool = False
@@ -82,17 +99,17 @@ class Router:
         sockets = sockets or Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
         self.supervisors = {name: Supervisor(name, config, vllm, self.metrics, self, sockets, records)
                             for name in config.lanes}
-        self.tickets: dict[int, Ticket] = {}
+        self.tickets: dict[Hashable, Ticket] = {}      # the scheduler's request ids: ours are ints
         self.switch_records = {name: SwitchRecord() for name in config.lanes}
-        self.state_listeners: list[Callable[[str, str, str], None]] = []
+        self.state_listeners: list[Callable[[str, str, str], object]] = []    # what they return is ignored
         self.started_wall = time.time()
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._tick_at: float | None = None                  # the scheduler deadline the timer is set for
         self._tick_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._changed = asyncio.Event()
-        self._gauges: asyncio.Task | None = None
+        self._gauges: asyncio.Task[None] | None = None
         for lane in config.lanes:
             self.metrics.set_state(lane, LaneState.STOPPED.value)
             self._show_window(lane)
@@ -120,7 +137,7 @@ class Router:
         bound = 2 * server.drain_timeout + server.stop_timeout + server.start_timeout + 30
         try:
             await asyncio.wait_for(self._wait_idle(), bound)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("engines still running %.0f s after shutdown began; killing them", bound)
         for supervisor in self.supervisors.values():
             if supervisor.busy():
@@ -231,12 +248,13 @@ class Router:
             self._apply(self.scheduler.finish(action.request_id, self.clock()))
             return
         ticket.dispatched_at = self.clock()
-        ticket.engine = self.supervisors[action.lane].engine
+        # the scheduler dispatches only to a ready lane, whose supervisor holds its engine
+        ticket.engine = engine = cast(Engine, self.supervisors[action.lane].engine)
         lane_metrics = self.metrics.lane(ticket.lane)
         lane_metrics.queue_wait.observe(ticket.dispatched_at - ticket.arrived)
         lane_metrics.inflight.inc()
         lane_metrics.queue_depth.set(self.scheduler.queue_depth(ticket.lane))
-        ticket.decided.set_result(ticket.engine)
+        ticket.decided.set_result(engine)
 
     def _reject(self, action: Reject) -> None:
         self.metrics.rejected.labels(action.lane, action.code).inc()
@@ -325,7 +343,7 @@ class Router:
 
     # ------------------------------------------------------------------ engines
 
-    def _spawn(self, coroutine) -> asyncio.Task:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -340,13 +358,13 @@ class Router:
     async def _sleep_engine(self, lane: str, level: int, reason: CloseReason) -> None:
         log.info("lane %s: putting the engine to sleep (level %d, %s)", lane, level, reason)
         try:
-            await self.supervisors[lane].sleep(level)
+            seconds = await self.supervisors[lane].sleep(level)
         except Exception as error:              # noqa: BLE001 - any failure falls back to stop/start
             cause = str(error) or type(error).__name__
             log.warning("lane %s: sleep failed, the lane falls back to stop/start: %s", lane, cause)
             self._apply(self.scheduler.sleep_failed(lane, self.clock(), cause))
             return
-        self.scheduler.observe_engine_seconds(lane, "sleep", self.supervisors[lane].timings.sleep_seconds)
+        self.scheduler.observe_engine_seconds(lane, "sleep", seconds)
         self._apply(self.scheduler.engine_slept(lane, self.clock()))
 
     async def _wake_engine(self, lane: str) -> None:
@@ -510,14 +528,14 @@ class Router:
 
     def serving_engines(self) -> list[tuple[Engine, LaneState]]:
         """Engines that answer requests now (their lane ready or draining), with the lane state."""
-        found = []
+        found: list[tuple[Engine, LaneState]] = []
         for lane, supervisor in self.supervisors.items():
             state = self.scheduler.state(lane)
             if supervisor.engine is not None and state in (LaneState.READY, LaneState.DRAINING):
                 found.append((supervisor.engine, state))
         return found
 
-    def lane_status(self, lane: str) -> dict:
+    def lane_status(self, lane: str) -> dict[str, Any]:
         """What /lanes reports of a lane's scheduling and engine."""
         snapshot = self.scheduler.snapshot()["lanes"].get(lane, {})
         timings = self.supervisors[lane].timings
@@ -565,7 +583,7 @@ def refused_sleep_mode(cause: str) -> bool:
     return bool(_SLEEP_REFUSED.search(cause))
 
 
-def lane_policy(lane, config: LauncherConfig) -> LanePolicy:
+def lane_policy(lane: LaneConfig, config: LauncherConfig) -> LanePolicy:
     """The lane's scheduling policy; a sleep lane's sleep_share from the memory plan: level 1
     keeps its weights in host memory, which on a unified-memory APU is the same memory, so it
     counts weights_bytes / device bytes (its whole share when either is unknown); level 2 counts

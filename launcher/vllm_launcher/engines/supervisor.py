@@ -149,14 +149,15 @@ class Supervisor:
         self.sleep_mode = sleep_mode
         self._starting = self._spawn(self._start(attempt))
 
-    async def sleep(self, level: int) -> None:
-        """vLLM's POST /sleep?level=N on the ready engine (it answers 200 once asleep). Raises
-        RuntimeError with the cause when the engine refuses or is gone."""
+    async def sleep(self, level: int) -> float:
+        """vLLM's POST /sleep?level=N on the ready engine (it answers 200 once asleep); the
+        seconds. Raises RuntimeError with the cause when the engine refuses or is gone."""
         began = time.monotonic()
         await self._dev_call("POST", f"/sleep?level={level}")
         self.timings.sleep_seconds = seconds = time.monotonic() - began
         self.metrics.switch_phase.labels(self.lane, "sleep").observe(seconds)
         log.info("lane %s: engine asleep (level %d) in %.2f s", self.lane, level, seconds)
+        return seconds
 
     async def wake(self) -> float:
         """vLLM's POST /wake_up (every tag), then GET /is_sleeping must say false; the seconds."""
