@@ -5,7 +5,15 @@ rule, and Retry-After from the lane's own figures (the properties are in test_sc
 from __future__ import annotations
 
 from vllm_launcher.scheduler import (
-    AbortInflight, Dispatch, LanePolicy, LaneState, Preempt, Reject, Scheduler, SchedulerSettings, StartEngine,
+    AbortInflight,
+    Dispatch,
+    LanePolicy,
+    LaneState,
+    Preempt,
+    Reject,
+    Scheduler,
+    SchedulerSettings,
+    StartEngine,
     StopEngine,
 )
 
