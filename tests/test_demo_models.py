@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vllm_launcher.demo_models import (ARCHITECTURE, DEFAULT_LANES, MARKER_FILE,
-                                       demo_models_command, model_seed, read_marker,
-                                       write_demo_models)
+from vllm_launcher.demo_models import (
+    ARCHITECTURE,
+    DEFAULT_LANES,
+    MARKER_FILE,
+    demo_models_command,
+    model_seed,
+    read_marker,
+    write_demo_models,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

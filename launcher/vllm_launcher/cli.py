@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import shlex
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
 
 import click
 
 from . import __version__
 from .artifacts import artifacts
+from .config import CONFIG_EXIT, ClusterConfig, ConfigError, LauncherConfig, check_parsers, load_config
 from .demo_models import DEFAULT_LANES, demo_models_command, write_demo_models
-from .config import CONFIG_EXIT, ConfigError, LauncherConfig, check_parsers, load_config
 from .engine_command import build_engine_spec
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
 from .placement import cluster_placement
 from .settings import (
-    CLUSTER_SETTINGS, DEFAULT_LANE_VAR, ENGINE_SETTINGS, LANES_VAR, SERVER_SETTINGS, lane_var, mask_secrets,
+    CLUSTER_SETTINGS,
+    DEFAULT_LANE_VAR,
+    ENGINE_SETTINGS,
+    LANES_VAR,
+    SERVER_SETTINGS,
+    lane_var,
+    mask_secrets,
 )
 from .vllm_info import detect
 
 
-def load_or_exit(overrides: dict[str, str] | None = None) -> LauncherConfig:
+def load_or_exit(overrides: Mapping[str, str | None] | None = None) -> LauncherConfig:
     """The configuration from the environment (CLI options win), or every problem and exit 2."""
     environ = dict(os.environ)
     environ.update({name: value for name, value in (overrides or {}).items() if value is not None})
@@ -168,7 +176,8 @@ def engine(lane: str | None) -> None:
     spec = build_engine_spec(cfg, lane, detect(cfg.server.engine_python))
     if cluster_placement(cfg, lane) is not None:        # a multi-node lane: the cluster's environment
         from .cluster import engine_cluster_environment
-        spec.env.update(engine_cluster_environment(cfg.cluster, cfg.environ))
+        # a cluster placement comes from a configured cluster
+        spec.env.update(engine_cluster_environment(cast(ClusterConfig, cfg.cluster), cfg.environ))
     for warning in spec.warnings:
         click.echo(f"vllm-launcher: warning: {warning}", err=True)
     click.echo(f"vllm-launcher: exec {shlex.join(spec.argv)}", err=True)

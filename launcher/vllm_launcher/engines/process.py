@@ -25,9 +25,10 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -35,7 +36,7 @@ import httpx
 from ..engine_command import EngineSpec
 from ..logs import ENGINE_STOPPING
 from ..settings import mask_secrets
-from .keeper import group_members      # keeper.py is standard library only: the one reading of a group
+from .keeper import group_members  # keeper.py is standard library only: the one reading of a group
 
 log = logging.getLogger("vllm_launcher.engine")
 
@@ -55,7 +56,7 @@ SOCKET_PATH_MAX = 107                     # sun_path is 108 bytes with its NUL
 SOCKET_NAME_LENGTH = len("/0123456789ab.sock")
 
 
-def engine_client(socket_path: str, **options) -> httpx.AsyncClient:
+def engine_client(socket_path: str, **options: Any) -> httpx.AsyncClient:
     """An HTTP client for talking to one engine over its Unix socket. It never reads the
     environment's proxy settings (HTTP_PROXY, ALL_PROXY, .netrc ...): engine traffic carries the
     engine's key and stays on this machine, whatever proxy the operator set for downloads."""
@@ -173,15 +174,15 @@ class EngineProcess:
     log_line: Callable[[str, str], None] = lambda lane, line: log.info("[%s] %s", lane, line)
     secrets: list[str] = field(default_factory=list)   # masked in its output, with its own key
     process: asyncio.subprocess.Process | None = None
-    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
     started_at: float = 0.0
     listening_at: float | None = None
     ready_at: float | None = None
-    _reader: asyncio.Task | None = None
+    _reader: asyncio.Task[None] | None = None
     stop_requested: bool = False              # its output from then on is its end (logs.ENGINE_STOPPING)
     _keeper_pipe: int | None = None           # the write end: closed while the group lives, it dies
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._masked = sorted({s for s in (self.api_key, *self.secrets) if s and len(s) >= 4}, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
@@ -193,8 +194,13 @@ class EngineProcess:
         return self.spec.lane
 
     @property
+    def started(self) -> asyncio.subprocess.Process:
+        """The process, for what runs only after start() (which sets it)."""
+        return cast(asyncio.subprocess.Process, self.process)
+
+    @property
     def pgid(self) -> int:
-        return self.process.pid
+        return self.started.pid
 
     async def start(self) -> None:
         """The engine under its keeper (keeper.py): the launcher's Python, isolated (-I -S: no
@@ -223,7 +229,7 @@ class EngineProcess:
             os.close(pipe)
 
     async def _read_output(self) -> None:
-        stream = self.process.stdout
+        stream = cast(asyncio.StreamReader, self.started.stdout)     # stdout=PIPE
         while True:
             try:
                 raw = await stream.readline()
@@ -255,8 +261,8 @@ class EngineProcess:
                 if self.exited():
                     await self.drain_output()
                     raise EngineStartError(
-                        f"engine for lane {self.lane!r} exited with status {self.process.returncode} while starting",
-                        self.log_tail(), status=self.process.returncode)
+                        f"engine for lane {self.lane!r} exited with status {self.started.returncode} while starting",
+                        self.log_tail(), status=self.started.returncode)
                 if time.monotonic() > deadline:
                     raise EngineStartError(
                         f"engine for lane {self.lane!r} not ready after {timeout:.0f} s (VLLM_START_TIMEOUT)"
@@ -280,16 +286,16 @@ class EngineProcess:
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), DRAIN_OUTPUT_SECONDS)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
 
     async def wait_exit(self) -> int:
         """The engine's own exit status. Not `Process.wait()`: that also waits for the output
         pipe to close, and a surviving child (vLLM's EngineCore) keeps it open, so a crash of
         the API server would go unnoticed. The child watcher sets `returncode` at the exit."""
-        while self.process.returncode is None:
+        while (status := self.started.returncode) is None:
             await asyncio.sleep(EXIT_POLL_SECONDS)
-        return self.process.returncode
+        return status
 
     async def stop(self, grace: float) -> float:
         """SIGTERM the group, SIGKILL it after `grace`, then confirm nothing of it is left.
@@ -305,7 +311,7 @@ class EngineProcess:
             if self.process.returncode is None:
                 try:
                     await asyncio.wait_for(self.process.wait(), 0.2)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             else:
                 await asyncio.sleep(0.1)
