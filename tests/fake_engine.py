@@ -41,8 +41,9 @@ go to FAKE_WARMUP_LOG instead of FAKE_PATH_LOG:
 FAKE_WARMUP_LOG=file    append "warmup POST <path>[ stream]" per warm-up (may be FAKE_PATH_LOG's file)
 FAKE_WARMUP=refuse|hang|die  answer warm-ups 400 / never / by exiting (status 9)
 FAKE_WARMUP_DELAY=s     each warm-up takes this long
-FAKE_TASK=base|pooling  a model without a chat template (chat: vLLM's 400) or a pooling model
-                        (chat and completions: vLLM 0.12's 400s); unset: a chat model
+FAKE_TASK=base|pooling|pooling-0.12  a model without a chat template (chat: vLLM's 400) or a pooling
+                        model (generation refused 400; pooling-0.12: 200 with the error body, as vLLM 0.12
+                        does); unset: a chat model
 FAKE_FIRST_DELAY=s      the first generation the engine serves (warm-up or not) takes this much
                         longer, as kernels compiled on first use make it on a real engine
 """
@@ -283,8 +284,11 @@ def build_app(served: str, model: str, sleep_mode: bool = False) -> Starlette:
         warmup = is_warmup(request.scope)
         if warmup and (refused := await warmup_faults(request, body)) is not None:
             return refused
-        if task == "pooling":
-            return bad_request(f"The model does not support {'Chat Completions' if chat else 'Completions'} API")
+        if task in ("pooling", "pooling-0.12"):
+            refused = bad_request(f"The model does not support {'Chat Completions' if chat else 'Completions'} API")
+            if task == "pooling-0.12":
+                refused.status_code = 200         # vLLM 0.12 answers this refusal 200, the error in the body
+            return refused
         if task == "base" and chat:
             return bad_request(NO_CHAT_TEMPLATE)
         state["generated"] += 1

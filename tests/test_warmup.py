@@ -75,6 +75,10 @@ def test_the_warm_up_comes_before_ready_and_before_the_queue_and_takes_the_first
                             "warmup POST /v1/completions stream"]),
     ("pooling", "embedding", ["warmup POST /v1/chat/completions", "warmup POST /v1/completions",
                               "warmup POST /v1/embeddings"]),
+    # vLLM 0.12 answers a pooling model's chat and completion 200 with an error body (seen with
+    # --runner pooling --convert embed): still refusals, not a warm engine
+    ("pooling-0.12", "embedding", ["warmup POST /v1/chat/completions", "warmup POST /v1/completions",
+                                   "warmup POST /v1/embeddings"]),
 ])
 def test_a_lane_without_a_chat_template_and_a_pooling_lane_are_warmed_by_their_kind(tmp_path, fake_python, task,
                                                                                      kind, sent):

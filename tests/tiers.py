@@ -31,7 +31,7 @@ class Tier:
 
 # Precedence order: a test marked e2e and cluster (real vLLM over Ray) is the cluster tier's.
 # Budgets: what each took on this 2-core machine beside other users' load (load average 3-6,
-# December 2026), with a margin; e2e and cluster are estimates (the README's minutes per module).
+# December 2026), with a margin; e2e and cluster are estimates (docs/tests.md's minutes per module).
 TIERS = (
     Tier("cluster", "cluster", 480),
     Tier("e2e", "e2e", 900),

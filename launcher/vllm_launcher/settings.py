@@ -5,7 +5,7 @@ default for every lane and `VLLM_LANE_<LANE>_<SETTING>` overrides it for one lan
 CLUSTER_SETTINGS describe this machine's node of a Ray cluster (`vllm-launcher cluster`) and
 where the cluster's head is, for lanes that span several machines. Names after
 the first are aliases used by the seed deployments; the first one set wins, in table order.
-This module is the one place these names are written down: the CLI help, the README table,
+This module is the one place these names are written down: the CLI help, docs/settings.md's table,
 the Nix module and the tests all read them from here.
 """
 

@@ -104,6 +104,8 @@ async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any], dead
             text = "".join([chunk async for chunk in response.aiter_text()])
             if response.status_code < 300 and body.get("stream") and 'data: {"error"' in text:
                 return 500, text[-300:]           # an error event ended the stream
+            if response.status_code < 300 and (refused := _error_status(text)):
+                return refused, _message(text)    # vLLM 0.12 answers some refusals 200 with an error body
             return response.status_code, _message(text) if response.status_code >= 300 else ""
 
     return await _bounded(request(), deadline, watch, f"POST {path}")
@@ -141,6 +143,20 @@ async def _bounded(coroutine: Coroutine[Any, Any, tuple[int, str]], deadline: fl
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _error_status(text: str) -> int | None:
+    """The status an OpenAI-style error body carries, when a 2xx answer is one: vLLM 0.12 asked
+    for a chat by a pooling model answers 200 with {"error": {"code": 400, ...}} (seen with
+    `--runner pooling --convert embed`), which is a refusal, not a warm engine."""
+    try:
+        error = json.loads(text).get("error") if text.lstrip().startswith("{") else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    return code if isinstance(code, int) and 400 <= code < 600 else 400
 
 
 def _message(text: str) -> str:
