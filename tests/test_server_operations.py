@@ -109,7 +109,10 @@ def test_load_and_unload_endpoints(tmp_path, fake_python):
 
 
 def retry_after_for_queue_full(tmp_path, fake_python, queue_max: int) -> int:
-    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30"}},
+    # b takes one request at a time (MAX_NUM_SEQS 1), so each queued request adds a whole service
+    # time (the 10 s estimate before any finish) to its Retry-After: far more than the start's
+    # time left moves between the two runs
+    env = fake_lanes_env(fake_python, {"a": {}, "b": {"ENV_FAKE_START_DELAY": "30", "MAX_NUM_SEQS": "1"}},
                          VLLM_QUEUE_MAX=str(queue_max), VLLM_SWITCH_MAX_WAIT="0.2")
     with serving(tmp_path / f"q{queue_max}", env, wait_ready_lane="a") as served:
         def queued():      # waits for the 30 s start; the server's shutdown answers it 503
@@ -126,10 +129,12 @@ def retry_after_for_queue_full(tmp_path, fake_python, queue_max: int) -> int:
     return int(rejected.headers["Retry-After"])
 
 
-def test_queue_full_retry_after_grows_with_the_queue(tmp_path, fake_python):
+def test_queue_full_retry_after_grows_with_the_queue_at_the_lanes_rate(tmp_path, fake_python):
+    """Retry-After = the start's time left + the queue ahead at the lane's own rate (issue 21):
+    five more queued requests at one at a time and 10 s each add about 50 s."""
     small = retry_after_for_queue_full(tmp_path, fake_python, 1)
     large = retry_after_for_queue_full(tmp_path, fake_python, 6)
-    assert 1 <= small < large, (small, large)
+    assert 1 <= small < large and 40 <= large - small <= 60, (small, large)
 
 
 def test_queue_timeout_only_for_a_loaded_lane_that_takes_nothing(tmp_path, fake_python):
