@@ -535,7 +535,9 @@ def no_leftover_vllm_processes(vllm_cache_root: Path,
     under = [vllm_cache_root, tmp_path_factory.getbasetemp()]
     yield
     leftovers = []
-    deadline = time.monotonic() + 10  # a group stopped just now may still be exiting
+    # a group stopped just now may still be exiting: its keeper spends up to KILL_FOR (10 s) ending
+    # what is left of the group after its engine exits, longer on a loaded machine
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         leftovers = find_leftover_vllm_processes(STARTED_PGIDS, under, os.getpid())
         if not leftovers:

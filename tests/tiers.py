@@ -34,7 +34,7 @@ class Tier:
 # December 2026), with a margin; e2e and cluster are estimates (docs/tests.md's minutes per module).
 TIERS = (
     Tier("cluster", "cluster", 480),
-    Tier("e2e", "e2e", 900),
+    Tier("e2e", "e2e", 1200),
     Tier("closure", "closure", 240),
     Tier("nix", "nix", 60),
     Tier("compose", "compose", 60),
