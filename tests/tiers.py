@@ -33,7 +33,7 @@ class Tier:
 # Budgets: what each took on this 2-core machine beside other users' load (load average 3-6,
 # December 2026), with a margin; e2e and cluster are estimates (docs/tests.md's minutes per module).
 TIERS = (
-    Tier("cluster", "cluster", 480),
+    Tier("cluster", "cluster", 600),
     Tier("e2e", "e2e", 1200),
     Tier("closure", "closure", 240),
     Tier("nix", "nix", 60),
