@@ -40,10 +40,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-
 import tiers
-from measurements import record
-from serving import free_port, processes_with_tmpdir, start_server  # noqa: F401 (free_port: for the engine tests)
+from serving import free_port, processes_with_tmpdir, start_server
 from vllm_launcher import vllm_info
 from vllm_launcher.demo_models import DEFAULT_LANES, write_demo_models
 
@@ -194,9 +192,13 @@ def lanes_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def demo_served(tmp_path_factory: pytest.TempPathFactory, lanes_env: dict[str, str]):
+def demo_served(tmp_path_factory: pytest.TempPathFactory, lanes_env: dict[str, str],
+                no_leftover_vllm_processes: None):
     """`vllm-launcher demo` (it makes its own models) with lanes_env's settings, alpha ready: the
-    one real two-lane server of the run, for test_demo.py and test_e2e_real_vllm.py."""
+    one real two-lane server of the run, for test_demo.py and test_e2e_real_vllm.py. It asks for
+    no_leftover_vllm_processes so that the check is set up before it and so runs after its
+    teardown (session fixtures end in reverse order): checked earlier, the check found this
+    server's engine running and killed it (once taken for a keeper left behind)."""
     tiers.require("e2e", doing="starts real vLLM engines (demo_served)")
     directory = tmp_path_factory.mktemp("demo")
     port = free_port()
@@ -544,35 +546,11 @@ def no_leftover_vllm_processes(vllm_cache_root: Path,
         if not leftovers:
             return
         time.sleep(0.5)
-    # KNOWN BUG, open (see the closing note of the session that added it): after the demo
-    # server's shutdown its last engine's keeper was found alive on its own (its engine and the
-    # engine's children gone) in two runs out of two. A keeper alone holds no GPU memory; it is
-    # described here (for whoever fixes it), killed, and not failed on; every other leftover is.
-    keepers = [p for p in leftovers if "engines/keeper.py" in (p.cmdline or "")
-               and all(q.pid == p.pid for q in leftovers if q.pgid == p.pgid)]
-    for p in keepers:
-        record(f"KNOWN BUG: engine keeper {p.pid} alive alone after its server stopped: {_describe(p.pid)}")
     for p in leftovers:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pgid, signal.SIGKILL)
-    engines = [p for p in leftovers if p not in keepers]
-    if engines:
+    if leftovers:
         pytest.fail("vLLM processes left behind: " + "; ".join(
-            f"{p.pid} (pgid {p.pgid}) {p.cmdline or p.name}" for p in engines))
+            f"{p.pid} (pgid {p.pgid}) {p.cmdline or p.name}" for p in leftovers))
 
 
-def _describe(pid: int) -> str:
-    """A leftover keeper's state, parent, kernel wait channel and descriptors, for the record."""
-    def read(name: str) -> str:
-        try:
-            return Path(f"/proc/{pid}/{name}").read_text(errors="replace").strip()
-        except OSError as error:
-            return f"({error})"
-    status = dict(line.split(":\t", 1) for line in read("status").splitlines() if ":\t" in line)
-    fds = {}
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                fds[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
-    return (f"state {status.get('State')}, ppid {status.get('PPid')}, wchan {read('wchan')}, "
-            f"children {read('task/' + str(pid) + '/children') or 'none'}, fds {fds}")

@@ -517,6 +517,23 @@ def test_shutdown_rejects_queue_drains_and_stops():
     s.check_invariants()
 
 
+def test_shutdown_ends_its_drain_at_d_not_2d():
+    """Nothing goes back in line at a shutdown, so its drain ends at D: a started stream is cut,
+    an unstarted request answered 503, the engine stopped; a switch's drain would run to 2 D."""
+    s = make(drain_timeout=10.0)
+    bring_up(s, "a", 0.0)
+    s.submit("a1", "a", 1.0)
+    s.submit("a2", "a", 1.0)
+    s.output_started("a1", 1.5)
+    s.shutdown(2.0)
+    assert s.next_deadline() == 12.0
+    acts = s.tick(12.0)
+    assert [r.request_id for r in of(acts, Reject)] == ["a2"]
+    assert [(a.request_ids, a.reason) for a in of(acts, AbortInflight)] == [(("a1",), "drain_timeout")]
+    assert StopEngine("a", "shutdown") in acts
+    s.check_invariants()
+
+
 def test_shutdown_stops_starting_engine_and_ignores_late_ready():
     s = make()
     s.submit("a1", "a", 0.0)

@@ -252,9 +252,47 @@ def test_sigterm_with_a_slow_reader_ends_its_stream_properly_and_exits_within_th
     complete = text.rstrip().endswith("data: [DONE]")
     assert finished and (complete or set(events[-1]) == {"error"}), text[-500:]
     if not complete:
-        assert events[-1]["error"]["code"] == "drain_timeout" and set(events[-1]["error"]) == OPENAI_ERROR_KEYS
+        assert events[-1]["error"]["code"] == "shutting_down" and set(events[-1]["error"]) == OPENAI_ERROR_KEYS
     print(f"slow reader: {'complete' if complete else 'ended by ' + events[-1]['error']['code']}, "
           f"{len(events)} events; server exited {took:.1f} s after SIGTERM")
+    assert not served.leftovers()
+
+
+def test_sigterm_cuts_a_long_stream_at_the_drain_bound_with_an_error_event(tmp_path, fake_python):
+    """A stream longer than the shutdown's drain bound (VLLM_DRAIN_TIMEOUT, D) is cut at D with an
+    SSE error event and a properly ended body, before uvicorn's own grace (D + SHUTDOWN_GRACE) runs
+    out; with D above SHUTDOWN_GRACE a drain of 2 D (a switch's bound) would be cut by uvicorn
+    mid-body (curl: exit 18), as it was in CI's e2e tier."""
+    drain, stop = SHUTDOWN_GRACE + 1.0, 5.0
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_TOKEN_DELAY": "0.02"}},
+                         VLLM_DRAIN_TIMEOUT=str(drain), VLLM_STOP_TIMEOUT=str(stop))
+    served = start_server(tmp_path, env, wait_ready_lane="a")
+    result: dict = {}
+
+    def read_stream() -> None:
+        try:
+            with httpx.stream("POST", served.url + CHAT, json=chat_body("a", True, 5000), timeout=120) as response:
+                result["status"] = response.status_code
+                result["text"] = "".join(response.iter_text())      # raises on a body cut mid-chunk
+        except httpx.HTTPError as error:
+            result["error"] = repr(error)
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    try:
+        served.wait_inflight("a", 1)
+        began = time.monotonic()
+        code = served.terminate(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        reader.join(60)
+    assert code == 0, served.log()[-2000:]
+    assert "error" not in result, result.get("error")
+    events = sse_events(result["text"])
+    assert result["status"] == 200 and set(events[-1]) == {"error"}, result["text"][-500:]
+    assert events[-1]["error"]["code"] == "shutting_down" and set(events[-1]["error"]) == OPENAI_ERROR_KEYS
+    assert took < drain + SHUTDOWN_GRACE + stop + 3, took
+    print(f"a {len(events)}-event stream cut at shutdown; the server exited {took:.1f} s after SIGTERM")
     assert not served.leftovers()
 
 

@@ -281,6 +281,9 @@ class Router:
     def _abort_error(self, action: AbortInflight) -> APIError:
         drain = self.config.server.drain_timeout
         match action.reason:
+            case "drain_timeout" if self.scheduler.shutting_down:
+                return APIError(503, f"the server is shutting down: this stream was cut at the drain bound ({drain:g} s, "
+                                     "VLLM_DRAIN_TIMEOUT); retry when it is back", "shutting_down")
             case "drain_timeout":
                 return APIError(503, f"lane {action.lane!r} was switched out: this stream had already sent output "
                                      f"and was cut at twice the drain bound ({2 * drain:g} s, VLLM_DRAIN_TIMEOUT="

@@ -148,7 +148,9 @@ client, a request back in line once) may run on until 2 D after the drain began;
 stream is cut (``AbortInflight(drain_timeout)``: an SSE error event) and a request back in line
 once fails (``AbortInflight(hung_twice)``: it held its engine past the drain bound twice).  So a
 request is preempted at most once, one longer than D is served after at most one preemption if
-it needs less than 2 D, and a drain lasts at most 2 D.  :meth:`Scheduler.preempt` applies the
+it needs less than 2 D, and a drain lasts at most 2 D.  A shutdown gives nothing a second
+chance, so its drain lasts at most D: at D every request still in flight is cut or answered 503
+shutting_down, and the server's stop takes at most D plus the engines' stop.  :meth:`Scheduler.preempt` applies the
 same rule at once (no 2 D) to a stalled engine's requests and stops it (the watchdog); the
 requests back in line load the lane again.  Requests back in line are queued requests like any
 other: an unload or a switch keeps them queued for the lane's next turn, a shutdown answers them
@@ -931,7 +933,7 @@ class Scheduler:
                     deadlines.append(oldest + self._fair_wait())
             if ln.state is LaneState.DRAINING and ln.drain_started is not None:
                 deadlines.append(ln.drain_started + s.drain_timeout)
-                deadlines.append(ln.drain_started + 2 * s.drain_timeout)
+                deadlines.append(ln.drain_started + self._drain_bound())
             if ln.state is LaneState.READY and ln.policy.idle_timeout is not None and not ln.inflight:
                 deadlines.append(ln.last_used + ln.policy.idle_timeout)
             if ln.state is LaneState.READY and ln.inflight and waiting:
@@ -1158,6 +1160,10 @@ class Scheduler:
         if failed:
             out.append(AbortInflight(ln.name, failed, "hung_twice"))
 
+    def _drain_bound(self) -> float:
+        """How long after its start a drain ends (see "Preemption"): 2 D, D while shutting down."""
+        return self.settings.drain_timeout * (1 if self._shutting_down else 2)
+
     def _remove_queued(self, req: _Request) -> None:
         del self._lanes[req.lane].queue[req.request_id]
         del self._requests[req.request_id]
@@ -1317,8 +1323,10 @@ class Scheduler:
                             "(VLLM_QUEUE_TIMEOUT): its engine is stuck; retry later", self._retry_after(ln)))
             if ln.state is LaneState.DRAINING:
                 if ln.drain_started is not None and now >= ln.drain_started + s.drain_timeout:
-                    # D: what may go back in line does; 2 D: what is left is cut or failed
-                    final = now >= ln.drain_started + 2 * s.drain_timeout
+                    # D: what may go back in line does; 2 D: what is left is cut or failed. While
+                    # shutting down nothing goes back in line (it gets 503), so D ends it all: the
+                    # shutdown is bounded by VLLM_DRAIN_TIMEOUT, as the unit's stop timeout assumes
+                    final = now >= ln.drain_started + self._drain_bound()
                     self._preempt(ln, tuple(ln.inflight), "drain_timeout", now, out, final=final)
                 if not ln.inflight:
                     self._close(ln, ln.drain_reason, now, out, sleep=ln.stage is Stage.DRAINING_TO_SLEEP)
