@@ -11,7 +11,12 @@ import pytest
 
 import tiers
 from netns import machines_or_skip
-from real_engine import demo_served, lanes_env  # noqa: F401 (fixtures, once per run for every module)
+from real_engine import (  # noqa: F401 (fixtures, once per run for every module)
+    demo_served,
+    lanes_env,
+    no_leftover_vllm_processes,
+    vllm_cache_root,
+)
 from serving import processes_with_tmpdir, write_fake_python
 from vllm_launcher.engines import EngineProcess
 
