@@ -40,6 +40,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+
 import tiers
 from serving import free_port, processes_with_tmpdir, start_server
 from vllm_launcher import vllm_info
