@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import values
+from .scheduler import SchedulerSettings
 from .settings import (
     CLUSTER_PORT_KEYS,
     CLUSTER_SETTINGS,
@@ -27,7 +27,9 @@ from .settings import (
     LANE_PREFIX,
     LANES_VAR,
     SERVER_SETTINGS,
+    SERVER_SETTINGS_BY_KEY,
     Setting,
+    defaults,
     is_secret,
     lane_var,
     mask_secrets,
@@ -57,36 +59,42 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# The dataclasses' field defaults are the settings table's (settings.py), read by key: a default is
+# written there alone (tests/test_settings_defaults.py holds every field to it).
+_SERVER = defaults(SERVER_SETTINGS)
+_CLUSTER = defaults(CLUSTER_SETTINGS)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str | None = field(default=None, repr=False)
-    api_key_file: str | None = None
-    log_level: str = "INFO"
-    log_requests: bool = False
-    log_format: str = "text"
-    log_directory: str | None = None
-    build_sha: str = "dev"
-    build_time: str = "dev"
-    engine_python: str = sys.executable
-    start_timeout: float = 900.0
-    drain_timeout: float = 120.0
-    stop_timeout: float = 20.0
-    switch_max_wait: float = 120.0
-    queue_max: int = 1024
-    queue_timeout: float = 600.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_connections: int = 2048
-    keepalive_timeout: float = 15.0
-    header_timeout: float = 15.0
-    body_timeout: float = 60.0
-    engine_max_restarts: int = 5
-    gpu_memory_budget: float | None = None
-    gpu_memory_gb: float | None = None
-    sleep_overhead_gb: float = 1.0
-    metrics_require_key: bool = False
-    runtime_dir: str | None = None
+    host: str = _SERVER.host
+    port: int = _SERVER.port
+    api_key: str | None = field(default=_SERVER.api_key, repr=False)
+    api_key_file: str | None = _SERVER.api_key_file
+    log_level: str = _SERVER.log_level
+    log_requests: bool = _SERVER.log_requests
+    log_format: str = _SERVER.log_format
+    log_directory: str | None = _SERVER.log_directory
+    build_sha: str = _SERVER.build_sha
+    build_time: str = _SERVER.build_time
+    engine_python: str = _SERVER.engine_python
+    start_timeout: float = _SERVER.start_timeout
+    drain_timeout: float = _SERVER.drain_timeout
+    stop_timeout: float = _SERVER.stop_timeout
+    switch_max_wait: float = _SERVER.switch_max_wait
+    queue_max: int = _SERVER.queue_max
+    queue_timeout: float = _SERVER.queue_timeout
+    max_body_bytes: int = _SERVER.max_body_bytes
+    max_connections: int = _SERVER.max_connections
+    keepalive_timeout: float = _SERVER.keepalive_timeout
+    header_timeout: float = _SERVER.header_timeout
+    body_timeout: float = _SERVER.body_timeout
+    engine_max_restarts: int = _SERVER.engine_max_restarts
+    gpu_memory_budget: float | None = _SERVER.gpu_memory_budget
+    gpu_memory_gb: float | None = _SERVER.gpu_memory_gb
+    sleep_overhead_gb: float = _SERVER.sleep_overhead_gb
+    metrics_require_key: bool = _SERVER.metrics_require_key
+    runtime_dir: str | None = _SERVER.runtime_dir
 
     def public(self) -> dict[str, Any]:
         """The settings as JSON-able data, secrets masked."""
@@ -99,23 +107,23 @@ class ClusterConfig:
     """This machine's Ray node and the cluster's head (CLUSTER_SETTINGS). Present in a
     LauncherConfig when VLLM_CLUSTER_ROLE or VLLM_CLUSTER_ADDRESS is set."""
 
-    role: str | None = None                 # head | worker | None (a machine that only uses the cluster)
-    address: str | None = None              # the head, host:port; None on the head: its own interface address
-    interface: str = ""                     # both required: "" only in a configuration that fails to load
-    token_file: str = ""
-    gpus: int = 1
-    cpus: int | None = None
-    object_store_memory: int | None = None
-    temp_dir: str | None = None
-    port: int = 6379
-    node_manager_port: int = 6380
-    object_manager_port: int = 6381
-    agent_grpc_port: int = 6382
-    agent_http_port: int = 6383
-    runtime_env_agent_port: int = 6384
-    metrics_port: int = 6385
-    min_worker_port: int = 10002
-    max_worker_port: int = 10199
+    role: str | None = _CLUSTER.role        # head | worker | None (a machine that only uses the cluster)
+    address: str | None = _CLUSTER.address  # the head, host:port; None on the head: its own interface address
+    interface: str = field(kw_only=True)    # both required (a configuration that fails to load has "")
+    token_file: str = field(kw_only=True)
+    gpus: int = _CLUSTER.gpus
+    cpus: int | None = _CLUSTER.cpus
+    object_store_memory: int | None = _CLUSTER.object_store_memory
+    temp_dir: str | None = _CLUSTER.temp_dir
+    port: int = _CLUSTER.port
+    node_manager_port: int = _CLUSTER.node_manager_port
+    object_manager_port: int = _CLUSTER.object_manager_port
+    agent_grpc_port: int = _CLUSTER.agent_grpc_port
+    agent_http_port: int = _CLUSTER.agent_http_port
+    runtime_env_agent_port: int = _CLUSTER.runtime_env_agent_port
+    metrics_port: int = _CLUSTER.metrics_port
+    min_worker_port: int = _CLUSTER.min_worker_port
+    max_worker_port: int = _CLUSTER.max_worker_port
 
     def fixed_ports(self) -> dict[str, int]:
         """Setting key -> port, the ports a firewall opens besides the worker range."""
@@ -158,6 +166,15 @@ class LauncherConfig:
         engine's output in an error) to mask: see secret_values."""
         return secret_values(self.environ, (self.server.api_key,                  # also from VLLM_API_KEY_FILE
                                             _file_secret(self.cluster.token_file if self.cluster else None)))
+
+
+def scheduler_settings(server: ServerConfig) -> SchedulerSettings:
+    """The scheduler's settings that the environment sets; the rest are the scheduler's own. Its
+    defaults equal the table's (tests/test_settings_defaults.py), so a bare SchedulerSettings(),
+    as the tests and bench/ build it, is the server's at its defaults."""
+    return SchedulerSettings(switch_max_wait=server.switch_max_wait, drain_timeout=server.drain_timeout,
+                             queue_max=server.queue_max, queue_timeout=server.queue_timeout,
+                             memory_budget=server.gpu_memory_budget, max_restarts=server.engine_max_restarts)
 
 
 def secret_values(environ: Mapping[str, str], known: tuple[str | None, ...] = ()) -> list[str]:
@@ -246,7 +263,7 @@ def load_cluster_config(environ: Mapping[str, str], role: str | None = None,
     Raises ConfigError listing every problem."""
     overrides = {"VLLM_CLUSTER_ROLE": role, "VLLM_CLUSTER_ADDRESS": address}
     reader = _Reader({**environ, **{name: value for name, value in overrides.items() if value is not None}})
-    engine_python = reader.setting(next(s for s in SERVER_SETTINGS if s.key == "engine_python"))
+    engine_python = reader.setting(SERVER_SETTINGS_BY_KEY["engine_python"])
     cluster = _cluster_config(reader)
     if cluster is not None and cluster.role is None:
         reader.problems.append("VLLM_CLUSTER_ROLE is unset: set it to head or worker "
@@ -256,16 +273,18 @@ def load_cluster_config(environ: Mapping[str, str], role: str | None = None,
                                "(or run `vllm-launcher cluster head` / `cluster join ADDRESS`)")
     if cluster is None or reader.problems:        # no cluster is one of the problems
         raise reader.error()
-    return cluster, engine_python or sys.executable
+    return cluster, engine_python
 
 
 def _cluster_config(reader: _Reader) -> ClusterConfig | None:
     found = {s.key: reader.setting(s) for s in CLUSTER_SETTINGS}
     if found["role"] is None and found["address"] is None:
         return None
-    found = {key: value for key, value in found.items() if value is not None}
+    # a value that did not parse is a problem already: its default stands in, and "" for the two
+    # required ones (the problems below say they are unset)
+    found = {"interface": "", "token_file": "", **{key: value for key, value in found.items() if value is not None}}
     if "address" in found:
-        found["address"] = _head_address(reader, found["address"], found.get("port", 6379))
+        found["address"] = _head_address(reader, found["address"], found.get("port", _CLUSTER.port))
     cluster = ClusterConfig(**found)
     if cluster.token_file:
         reader.known_secrets.append(_file_secret(cluster.token_file))

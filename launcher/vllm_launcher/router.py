@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, assert_never, cast
 
-from .config import VLLM_DEFAULT_SHARE, LaneConfig, LauncherConfig
+from .config import VLLM_DEFAULT_SHARE, LaneConfig, LauncherConfig, scheduler_settings
 from .engines import Engine, EngineRecords, Supervisor
 from .engines.watchdog import Watchdog, hung_cause
 from .errors import APIError
@@ -39,7 +39,6 @@ from .scheduler import (
     PreemptReason,
     Reject,
     Scheduler,
-    SchedulerSettings,
     SleepEngine,
     StartEngine,
     StopEngine,
@@ -90,12 +89,8 @@ class Router:
         self.config = config
         self.metrics = metrics or Metrics()
         self.clock = clock
-        server = config.server
         policies = [lane_policy(lane, config) for lane in config.lanes.values()]
-        self.scheduler = Scheduler(policies, SchedulerSettings(
-            switch_max_wait=server.switch_max_wait, drain_timeout=server.drain_timeout,
-            queue_max=server.queue_max, queue_timeout=server.queue_timeout,
-            memory_budget=server.gpu_memory_budget, max_restarts=server.engine_max_restarts))
+        self.scheduler = Scheduler(policies, scheduler_settings(config.server))
         sockets = sockets or Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
         self.supervisors = {name: Supervisor(name, config, vllm, self.metrics, self, sockets, records)
                             for name in config.lanes}

@@ -360,6 +360,9 @@ class LanePolicy:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
+    # The first six are server settings, which the server passes (config.scheduler_settings); their
+    # defaults here, for tests and bench/, are the settings table's (tests/test_settings_defaults.py
+    # holds them equal). The rest are the scheduler's own.
     switch_max_wait: float = 120.0  # the cap B (VLLM_SWITCH_MAX_WAIT), chosen by bench/scheduling.py
     drain_timeout: float = 120.0
     queue_max: int = 4096  # requests waiting in the launcher's queues, all lanes

@@ -5,16 +5,19 @@ default for every lane and `VLLM_LANE_<LANE>_<SETTING>` overrides it for one lan
 CLUSTER_SETTINGS describe this machine's node of a Ray cluster (`vllm-launcher cluster`) and
 where the cluster's head is, for lanes that span several machines. Names after
 the first are aliases used by the seed deployments; the first one set wins, in table order.
-This module is the one place these names are written down: the CLI help, docs/settings.md's table,
-the Nix module and the tests all read them from here.
+This module is the one place these names and their defaults are written down: the CLI help,
+docs/settings.md's table, the Nix module and the tests read them from here, and the configuration's
+dataclasses (config.py) take their field defaults from here (`defaults`).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from . import values
@@ -96,7 +99,7 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     _server("build_sha", ["BUILD_SHA"], _str, "build identifier reported by /version", "dev"),
     _server("build_time", ["BUILD_TIME"], _str, "build time reported by /version", "dev"),
     _server("engine_python", ["VLLM_ENGINE_PYTHON"], _str,
-            "Python interpreter that runs the engines (default: the launcher's own)"),
+            "Python interpreter that runs the engines (default: the launcher's own)", sys.executable),
     _server("start_timeout", ["VLLM_START_TIMEOUT"], values.parse_positive_float,
             "seconds an engine may take to become ready", 900.0),
     _server("drain_timeout", ["VLLM_DRAIN_TIMEOUT"], values.parse_positive_float,
@@ -311,6 +314,12 @@ CLUSTER_PORT_KEYS = ("port", "node_manager_port", "object_manager_port", "agent_
 ENGINE_SETTINGS_BY_KEY = {setting.key: setting for setting in ENGINE_SETTINGS}
 SERVER_SETTINGS_BY_KEY = {setting.key: setting for setting in SERVER_SETTINGS}
 CLUSTER_SETTINGS_BY_KEY = {setting.key: setting for setting in CLUSTER_SETTINGS}
+
+
+def defaults(settings: Iterable[Setting]) -> Any:
+    """A table's defaults as attributes by key (`defaults(SERVER_SETTINGS).port` is 8000): what the
+    configuration's dataclasses take their field defaults from, so each default is written once."""
+    return SimpleNamespace(**{setting.key: setting.default for setting in settings})
 
 LANES_VAR = "VLLM_LANES"
 DEFAULT_LANE_VAR = "VLLM_DEFAULT_LANE"
