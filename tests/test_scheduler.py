@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from scheduler_actions import of
 from vllm_launcher.scheduler import (
     AbortInflight,
     Dispatch,
@@ -23,10 +24,6 @@ from vllm_launcher.scheduler import (
     SwitchPlanned,
     WakeEngine,
 )
-
-
-def of(actions, cls):
-    return [a for a in actions if isinstance(a, cls)]
 
 
 def dispatched(actions):

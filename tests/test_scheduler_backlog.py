@@ -4,6 +4,7 @@ rule, and Retry-After from the lane's own figures (the properties are in test_sc
 
 from __future__ import annotations
 
+from scheduler_actions import of
 from vllm_launcher.scheduler import (
     AbortInflight,
     Dispatch,
@@ -16,10 +17,6 @@ from vllm_launcher.scheduler import (
     StartEngine,
     StopEngine,
 )
-
-
-def of(actions, cls):
-    return [a for a in actions if isinstance(a, cls)]
 
 
 def ready_with(s: Scheduler, lane: str, now: float) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler_actions import of
 from vllm_launcher.scheduler import (
     AbortInflight,
     Dispatch,
@@ -22,10 +23,6 @@ from vllm_launcher.scheduler import (
     StartEngine,
     StopEngine,
 )
-
-
-def of(actions, cls):
-    return [a for a in actions if isinstance(a, cls)]
 
 
 def make(**settings) -> Scheduler:
