@@ -9,6 +9,11 @@ Messages API through anthropic.py), /v1/responses/{id} (answered: not stored), G
 /readyz, /version, /metrics, /lanes and lane control. The router owns the decisions; this
 module turns HTTP into router calls and errors into OpenAI-style bodies, and reads state only
 through the router's read API (lane_state(s), lane_status, serving_engines, ...).
+
+The handlers are module-level functions of one AppState (the configuration, vLLM's facts, the
+router, the metrics and what is derived from them once): the FastAPI routes read it from the
+app's `state` (Starlette's application state), the plain-ASGI ones are passed it. Every route
+that needs the API key checks it with check_key().
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from email.parser import BytesParser
+from typing import Any, cast
 
+import aiohttp
 import httpx
 import msgspec
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from . import __version__, anthropic
 from .config import LauncherConfig, route_table
@@ -36,7 +46,7 @@ from .errors import APIError
 from .memory_plan import memory_plan
 from .metrics import Metrics
 from .openai_routes import ANTHROPIC_ROUTES, COUNT_TOKENS, FORWARDED, JSON, MULTIPART, forwarded_route, response_by_id
-from .proxy import OPENAI, UPSTREAM_ERRORS, Forwarder, send_error
+from .proxy import OPENAI, UPSTREAM_ERRORS, Dialect, Forwarder, send_error
 from .router import Router
 from .scheduler import LaneState
 from .values import parse_bool
@@ -47,18 +57,17 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-def _lane_of(config: LauncherConfig, routes: dict[str, str], data) -> str:
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", "invalid_body")
+def _lane_of(state: AppState, data: dict[str, Any]) -> str:
+    """The lane of a request's `model` (the caller checked the body is a JSON object)."""
     if "model" not in data:
         raise APIError(400, "the request body has no 'model'; name one of the models at GET /v1/models",
                        "missing_model", param="model")
     model = data["model"]
     if not isinstance(model, str):
         raise APIError(400, f"'model' must be a string, not {type(model).__name__}", "invalid_model", param="model")
-    lane = routes.get(model.lower())
+    lane = state.routes.get(model.lower())
     if lane is None:
-        available = ", ".join(name for lane in config.lanes.values() for name in lane.names)
+        available = ", ".join(name for config in state.config.lanes.values() for name in config.names)
         shown = model if len(model) <= 200 else model[:200] + "..."
         raise APIError(404, f"The model '{shown}' does not exist. Available models: {available}",
                        "model_not_found", param="model")
@@ -91,7 +100,7 @@ def _json_body(body: bytes) -> tuple[object, bool]:
         raise APIError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
 
 
-def _json_bytes(data, by_json: bool) -> bytes:
+def _json_bytes(data: object, by_json: bool) -> bytes:
     """DATA serialised again, by the library that parsed it."""
     try:
         return json.dumps(data).encode() if by_json else _encode(data)
@@ -99,13 +108,13 @@ def _json_bytes(data, by_json: bool) -> bytes:
         raise APIError(400, "the request body is JSON nested too deeply", "invalid_json") from None
 
 
-async def receive_body(receive, declared: bytes | None, limit: int) -> bytes:
+async def receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The request body from ASGI receive, at most LIMIT bytes."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared.decode()} bytes exceeds VLLM_MAX_BODY_BYTES={limit}",
                        "body_too_large")
     message = await receive()
-    body = message.get("body", b"")
+    body: bytes = message.get("body", b"")
     if not message.get("more_body", False) and message["type"] == "http.request":
         if len(body) > limit:
             raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
@@ -113,7 +122,7 @@ async def receive_body(receive, declared: bytes | None, limit: int) -> bytes:
     chunks, size = [body], len(body)
     while message["type"] == "http.request" and message.get("more_body", False):
         message = await receive()
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise APIError(413, f"request body exceeds VLLM_MAX_BODY_BYTES={limit} bytes", "body_too_large")
@@ -135,7 +144,10 @@ def _wait_parameter(request: Request) -> bool:
         raise APIError(422, f"wait={raw[:50]!r}: {error}", "invalid_parameter", param="wait") from None
 
 
-def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, str, bytes]]:
+FormField = tuple[str, str | None, str, bytes]       # name, filename, content type, value
+
+
+def _form_fields(body: bytes, content_type: str) -> list[FormField]:
     """A multipart/form-data body as (name, filename, content type, value) per field; 400 for
     anything else (a part without a name, a nested multipart, a header the parser refuses)."""
     if "boundary=" not in content_type:
@@ -145,7 +157,7 @@ def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, 
             b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n" + body)
         if not message.is_multipart() or message.defects:
             raise APIError(400, "the request body is not valid multipart/form-data", "invalid_form")
-        fields = []
+        fields: list[FormField] = []
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
             if isinstance(name, tuple):                     # RFC 2231: name*=utf-8''...
@@ -154,7 +166,8 @@ def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, 
                     or part.is_multipart():
                 raise APIError(400, "every part of a multipart/form-data body must be a form field: "
                                     "Content-Disposition: form-data; name=\"...\"", "invalid_form")
-            fields.append((name, part.get_filename(), part.get_content_type(), part.get_payload(decode=True) or b""))
+            payload = cast(bytes | None, part.get_payload(decode=True))      # not multipart: its bytes
+            fields.append((name, part.get_filename(), part.get_content_type(), payload or b""))
     except (ValueError, TypeError, LookupError, email.errors.MessageError) as error:
         # the stdlib parser's way of refusing some malformed headers (not a server error)
         raise APIError(400, f"the request body is not valid multipart/form-data ({type(error).__name__})",
@@ -162,7 +175,7 @@ def _form_fields(body: bytes, content_type: str) -> list[tuple[str, str | None, 
     return fields
 
 
-def _form_body(fields, model: str) -> tuple[bytes, str]:
+def _form_body(fields: list[FormField], model: str) -> tuple[bytes, str]:
     """The form again, with `model` replaced: its body and content type."""
     data: dict[str, list[str]] = {"model": [model]}
     for name, filename, _, value in fields:
@@ -209,308 +222,399 @@ def _shown_path(raw_path: bytes) -> str:
     return raw_path[:200].decode("ascii", errors="replace")
 
 
-def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics):
-    """The ASGI app: POST /v1/... in plain ASGI (openai_post below), everything else FastAPI."""
-    routes = route_table(config)
-    started = int(time.time())
-    forwarder = Forwarder(router, config.server.log_requests)
-    api_key = config.server.api_key
+@dataclass(frozen=True)
+class AppState:
+    """What every handler reads, built once per app (AppState.of)."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await router.start(preload=config.default_lane)
-        yield
-        await router.close()
+    config: LauncherConfig
+    vllm: VllmInfo
+    router: Router
+    metrics: Metrics
+    forwarder: Forwarder
+    routes: dict[str, str]              # a model's name, lower-cased -> its lane (config.route_table)
+    served_names: dict[str, str]        # lane -> the name its engine knows
+    key: bytes | None                   # VLLM_API_KEY; None: every route open
+    started: int                        # when the app was made: the models' `created`
+    repair_anthropic: bool              # the engine's Anthropic answers need anthropic.py's repairs
+    engine_counts: bool                 # the engine answers count_tokens itself
 
+    @classmethod
+    def of(cls, config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics) -> AppState:
+        api_key = config.server.api_key
+        return cls(
+            config=config, vllm=vllm, router=router, metrics=metrics,
+            forwarder=Forwarder(router, config.server.log_requests),
+            routes=route_table(config),
+            served_names={name: lane.served_model_name for name, lane in config.lanes.items()},
+            key=api_key.encode() if api_key else None,
+            started=int(time.time()),
+            repair_anthropic=anthropic.repairs_needed(vllm.version),
+            engine_counts=(vllm.version is not None
+                           and anthropic.version_tuple(vllm.version) >= anthropic.COUNT_TOKENS_SINCE),
+        )
+
+
+def create_app(config: LauncherConfig, vllm: VllmInfo, router: Router, metrics: Metrics) -> LauncherApp:
+    """The ASGI app: POST /v1/... in plain ASGI (openai_post), everything else FastAPI."""
+    return LauncherApp(AppState.of(config, vllm, router, metrics))
+
+
+class LauncherApp:
+    """The ASGI app of one AppState: the /v1/ requests of openai_post, not_stored and
+    not_allowed here, the rest to the FastAPI app (which holds the same state)."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+        self.api = _fastapi_app(state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+            if response_by_id(raw_path):
+                return await not_stored(self.state, scope, send)
+            if scope["method"] == "POST":
+                return await openai_post(self.state, scope, receive, send)
+            if (route := forwarded_route(raw_path)) is not None:
+                return await not_allowed(self.state, scope, send, route)
+        await self.api(scope, receive, send)
+
+
+# ---------------------------------------------------------------- plain ASGI: POST /v1/...
+
+async def openai_post(state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /v1/<route>: checked, parsed once and forwarded, in plain ASGI (no FastAPI
+    dependency solving or middlewares on the path every request takes)."""
+    content_type = declared = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            declared = value
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    route = forwarded_route(raw_path)
+    dialect: Dialect = anthropic_dialect(state, scope["headers"]) if route in ANTHROPIC_ROUTES else OPENAI
+    stream: bool | None
+    try:
+        check_key(scope["headers"], state.key)
+        if route is None:
+            raise APIError(404, f"POST {_shown_path(raw_path)}: not an OpenAI route this server forwards "
+                                f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
+        given = content_type.decode("latin-1") if content_type else ""
+        _check_content_type(given, route)
+        if state.router.shutting_down:
+            raise APIError(503, "the server is shutting down", "shutting_down")
+        body = await receive_body(receive, declared, state.config.server.max_body_bytes)
+        if FORWARDED.get(route) == MULTIPART:
+            lane, body, given, stream = form_request(state, body, given)
+        else:
+            data, by_json = _json_body(body)
+            if not isinstance(data, dict):
+                raise APIError(400, "the request body must be a JSON object", "invalid_body")
+            lane = _lane_of(state, data)
+            stream = data.get("stream")
+            if stream is not None and not isinstance(stream, bool):
+                raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}",
+                               "invalid_stream", param="stream")
+            changed = False
+            if route in ANTHROPIC_ROUTES:
+                anthropic.check_request(data, count_only=route == COUNT_TOKENS)
+                changed = anthropic.translate_request(data, state.vllm.version)
+                if route == "messages" and anthropic.streams_whole(data, state.vllm.version):
+                    # stream stays true: the client's stream is made here
+                    cast(anthropic.AnthropicDialect, dialect).answer_whole()        # an Anthropic route's
+                    changed = True
+            served = state.served_names[lane]
+            if data["model"] != served or changed:
+                data["model"] = served          # the engine knows only its served name
+                body = _json_bytes(data, by_json)
+            if route == COUNT_TOKENS:
+                await count_tokens(state, send, lane, data, body, dialect)
+                return
+    except APIError as error:
+        state.metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
+        await send_error(send, error, dialect)
+        return
+    except _ClientGone:
+        return
+    await state.forwarder.serve(receive, send, "/v1/" + route, lane, body, stream is True, given, dialect)
+
+
+def anthropic_dialect(state: AppState, headers: list[tuple[bytes, bytes]]) -> anthropic.AnthropicDialect:
+    passed = {name.decode(): value.decode("latin-1") for name, value in headers if name in anthropic.PASSED_HEADERS}
+    return anthropic.AnthropicDialect(state.repair_anthropic, passed)
+
+
+async def count_tokens(state: AppState, send: Send, lane: str, data: dict[str, Any], body: bytes,
+                       dialect: Dialect) -> None:
+    """POST /v1/messages/count_tokens: the lane's engine answers when it can and is loaded;
+    else the count from the lane's tokenizer and template, read here (no lane is loaded or
+    switched for it)."""
+    if state.engine_counts:
+        for engine, lane_state in state.router.serving_engines():
+            if engine.lane == lane and lane_state == LaneState.READY:
+                session = cast(aiohttp.ClientSession, engine.session)      # a serving engine has its pool
+                with contextlib.suppress(*UPSTREAM_ERRORS):      # gone meanwhile: counted here
+                    async with session.post("/v1/" + COUNT_TOKENS, data=body, headers={
+                            "Content-Type": JSON, **dialect.upstream_headers}) as answer:
+                        content = dialect.body(answer.status, await answer.read())
+                        await send({"type": "http.response.start", "status": answer.status,
+                                    "headers": [(b"content-type", b"application/json")]})
+                        await send({"type": "http.response.body", "body": content})
+                        return
+    try:
+        tokens = await asyncio.to_thread(anthropic.count_tokens, state.config.lane(lane), data, state.config.environ)
+    except anthropic.TokenizerUnavailable as error:
+        raise APIError(503, f"count_tokens for lane {lane!r}: {error}", "tokenizer_unavailable") from None
+    counted = json.dumps({"input_tokens": tokens}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(counted))]})
+    await send({"type": "http.response.body", "body": counted})
+
+
+def form_request(state: AppState, body: bytes, content_type: str) -> tuple[str, bytes, str, bool]:
+    """An audio request: multipart form data, its `model` one of the fields; its lane, the
+    body and content type to forward, and whether it streams."""
+    fields = _form_fields(body, content_type)
+    models = [value.decode(errors="replace") for name, filename, _, value in fields
+              if name == "model" and filename is None]
+    lane = _lane_of(state, {"model": models[0]} if models else {})
+    if not any(filename is not None for _, filename, _, _ in fields):
+        # the audio routes take a file; and a form without one would be rebuilt url-encoded
+        raise APIError(400, "the form has no file: send the audio as a part with a filename",
+                       "missing_file", param="file")
+    served = state.served_names[lane]
+    if models[0] != served:                 # the engine knows only its served name
+        body, content_type = _form_body(fields, served)
+    stream = any(name == "stream" and value.strip().lower() == b"true" for name, _, _, value in fields)
+    return lane, body, content_type, stream
+
+
+async def not_stored(state: AppState, scope: Scope, send: Send) -> None:
+    """/v1/responses/{id}...: OpenAI's stored responses, which this server does not keep."""
+    try:
+        check_key(scope["headers"], state.key)
+        raise APIError(404, "stored responses are not kept by this server: vLLM keeps them only with "
+                            "VLLM_ENABLE_RESPONSES_API_STORE=1, in one engine's memory (it warns that this leaks "
+                            "memory), and a lane switch or restart would lose them; send `store: false` and keep "
+                            "the conversation on the client (pass the earlier output as input)",
+                       "response_not_stored")
+    except APIError as error:
+        state.metrics.rejected.labels("", error.code).inc()
+        await send_error(send, error)
+
+
+async def not_allowed(state: AppState, scope: Scope, send: Send, route: str) -> None:
+    error = APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed", "method_not_allowed")
+    state.metrics.rejected.labels("", error.code).inc()
+    await send_error(send, error, anthropic_dialect(state, []) if route in ANTHROPIC_ROUTES else OPENAI)
+
+
+# ---------------------------------------------------------------- FastAPI: the other routes
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = _state(app)
+    await state.router.start(preload=state.config.default_lane)
+    yield
+    await state.router.close()
+
+
+def _fastapi_app(state: AppState) -> FastAPI:
     # redirect_slashes off: Starlette's redirect of /lanes/a/ to /lanes/a is built from the client's
     # Host and answered before the key check; a trailing slash is an unknown path (404) instead
-    app = FastAPI(title="vllm-launcher", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, redirect_slashes=False)
+    app = FastAPI(title="vllm-launcher", version=__version__, lifespan=_lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, redirect_slashes=False,
+                  exception_handlers={APIError: api_error, StarletteHTTPException: http_error})
+    app.state.launcher = state
+    app.include_router(routes)
+    return app
 
-    key_bytes = api_key.encode() if api_key else None
 
-    def authorize(request: Request) -> None:
-        check_key(request.scope["headers"], key_bytes)
+def _state(app: FastAPI) -> AppState:
+    state: AppState = app.state.launcher
+    return state
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
-        return error.response()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return await api_error(request, APIError(error.status_code, f"{request.method} {request.url.path}: "
-                                                                    f"{error.detail}", code))
+def _authorized(request: Request) -> AppState:
+    """The app's state, once the request's key is checked."""
+    state = _state(request.app)
+    check_key(request.scope["headers"], state.key)
+    return state
 
-    # ---------------------------------------------------------------- OpenAI API
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        authorize(request)
-        states = router.lane_states()
-        data = []
-        for lane in config.lanes.values():
-            for name in lane.names:
-                data.append({"id": name, "object": "model", "created": started,
-                             "owned_by": "vllm-launcher", "root": lane.model, "lane": lane.name,
-                             "state": states[lane.name]})
-        return {"object": "list", "data": data}
+async def api_error(request: Request, error: APIError) -> Response:
+    _state(request.app).metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
+    return error.response()
 
-    served_names = {name: lane.served_model_name for name, lane in config.lanes.items()}
-    max_body = config.server.max_body_bytes
 
-    async def openai_post(scope, receive, send) -> None:
-        """POST /v1/<route>: checked, parsed once and forwarded, in plain ASGI (no FastAPI
-        dependency solving or middlewares on the path every request takes)."""
-        content_type = declared = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                declared = value
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        route = forwarded_route(raw_path)
-        dialect = anthropic_dialect(scope["headers"]) if route in ANTHROPIC_ROUTES else OPENAI
-        try:
-            check_key(scope["headers"], key_bytes)
-            if route is None:
-                raise APIError(404, f"POST {_shown_path(raw_path)}: not an OpenAI route this server forwards "
-                                    f"(it forwards /v1/{', /v1/'.join(FORWARDED)})", "not_found")
-            given = content_type.decode("latin-1") if content_type else ""
-            _check_content_type(given, route)
-            if router.shutting_down:
-                raise APIError(503, "the server is shutting down", "shutting_down")
-            body = await receive_body(receive, declared, max_body)
-            if FORWARDED.get(route) == MULTIPART:
-                lane, body, given, stream = form_request(body, given)
-            else:
-                data, by_json = _json_body(body)
-                lane = _lane_of(config, routes, data)
-                stream = data.get("stream")
-                if stream is not None and not isinstance(stream, bool):
-                    raise APIError(400, f"'stream' must be true or false, not a {type(stream).__name__}",
-                                   "invalid_stream", param="stream")
-                changed = False
-                if route in ANTHROPIC_ROUTES:
-                    anthropic.check_request(data, count_only=route == COUNT_TOKENS)
-                    changed = anthropic.translate_request(data, vllm.version)
-                    if route == "messages" and anthropic.streams_whole(data, vllm.version):
-                        dialect.answer_whole()          # stream stays true: the client's stream is made here
-                        changed = True
-                served = served_names[lane]
-                if data["model"] != served or changed:
-                    data["model"] = served          # the engine knows only its served name
-                    body = _json_bytes(data, by_json)
-                if route == COUNT_TOKENS:
-                    await count_tokens(send, lane, data, body, dialect)
-                    return
-        except APIError as error:
-            metrics.rejected.labels("", error.code).inc()      # refused before any lane was chosen
-            await send_error(send, error, dialect)
-            return
-        except _ClientGone:
-            return
-        await forwarder.serve(receive, send, "/v1/" + route, lane, body, stream is True, given, dialect)
+async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return await api_error(request, APIError(error.status_code, f"{request.method} {request.url.path}: "
+                                                                f"{error.detail}", code))
 
-    repair_anthropic = anthropic.repairs_needed(vllm.version)
 
-    def anthropic_dialect(headers) -> anthropic.AnthropicDialect:
-        passed = {name.decode(): value.decode("latin-1") for name, value in headers if name in anthropic.PASSED_HEADERS}
-        return anthropic.AnthropicDialect(repair_anthropic, passed)
+# response_model=None on every route: the answers are dicts or responses, serialised as they are
+routes = APIRouter()
 
-    engine_counts = vllm.installed and anthropic.version_tuple(vllm.version) >= anthropic.COUNT_TOKENS_SINCE
 
-    async def count_tokens(send, lane: str, data: dict, body: bytes, dialect) -> None:
-        """POST /v1/messages/count_tokens: the lane's engine answers when it can and is loaded;
-        else the count from the lane's tokenizer and template, read here (no lane is loaded or
-        switched for it)."""
-        if engine_counts:
-            for engine, state in router.serving_engines():
-                if engine.lane == lane and state == LaneState.READY:
-                    with contextlib.suppress(*UPSTREAM_ERRORS):      # gone meanwhile: counted here
-                        async with engine.session.post("/v1/" + COUNT_TOKENS, data=body, headers={
-                                "Content-Type": JSON, **dialect.upstream_headers}) as answer:
-                            content = dialect.body(answer.status, await answer.read())
-                            await send({"type": "http.response.start", "status": answer.status,
-                                        "headers": [(b"content-type", b"application/json")]})
-                            await send({"type": "http.response.body", "body": content})
-                            return
-        try:
-            tokens = await asyncio.to_thread(anthropic.count_tokens, config.lane(lane), data, config.environ)
-        except anthropic.TokenizerUnavailable as error:
-            raise APIError(503, f"count_tokens for lane {lane!r}: {error}", "tokenizer_unavailable") from None
-        answer = json.dumps({"input_tokens": tokens}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
-        await send({"type": "http.response.body", "body": answer})
+@routes.get("/v1/models", response_model=None)
+async def list_models(request: Request) -> dict[str, Any]:
+    state = _authorized(request)
+    states = state.router.lane_states()
+    data = []
+    for lane in state.config.lanes.values():
+        for name in lane.names:
+            data.append({"id": name, "object": "model", "created": state.started,
+                         "owned_by": "vllm-launcher", "root": lane.model, "lane": lane.name,
+                         "state": states[lane.name]})
+    return {"object": "list", "data": data}
 
-    def form_request(body: bytes, content_type: str) -> tuple[str, bytes, str, bool]:
-        """An audio request: multipart form data, its `model` one of the fields; its lane, the
-        body and content type to forward, and whether it streams."""
-        fields = _form_fields(body, content_type)
-        models = [value.decode(errors="replace") for name, filename, _, value in fields
-                  if name == "model" and filename is None]
-        lane = _lane_of(config, routes, {"model": models[0]} if models else {})
-        if not any(filename is not None for _, filename, _, _ in fields):
-            # the audio routes take a file; and a form without one would be rebuilt url-encoded
-            raise APIError(400, "the form has no file: send the audio as a part with a filename",
-                           "missing_file", param="file")
-        served = served_names[lane]
-        if models[0] != served:                 # the engine knows only its served name
-            body, content_type = _form_body(fields, served)
-        stream = any(name == "stream" and value.strip().lower() == b"true" for name, _, _, value in fields)
-        return lane, body, content_type, stream
 
-    async def not_stored(scope, receive, send) -> None:
-        """/v1/responses/{id}...: OpenAI's stored responses, which this server does not keep."""
-        try:
-            check_key(scope["headers"], key_bytes)
-            raise APIError(404, "stored responses are not kept by this server: vLLM keeps them only with "
-                                "VLLM_ENABLE_RESPONSES_API_STORE=1, in one engine's memory (it warns that this leaks "
-                                "memory), and a lane switch or restart would lose them; send `store: false` and keep "
-                                "the conversation on the client (pass the earlier output as input)",
-                           "response_not_stored")
-        except APIError as error:
-            metrics.rejected.labels("", error.code).inc()
-            await send_error(send, error)
+# ---------------------------------------------------------------- health and info
 
-    async def not_allowed(scope, receive, send, route: str) -> None:
-        error = APIError(405, f"{scope['method']} {scope['path']}: Method Not Allowed", "method_not_allowed")
-        metrics.rejected.labels("", error.code).inc()
-        await send_error(send, error, anthropic_dialect(()) if route in ANTHROPIC_ROUTES else OPENAI)
+@routes.get("/livez", response_model=None)
+async def livez() -> dict[str, Any]:
+    return {"status": "alive"}
 
-    # ---------------------------------------------------------------- health and info
 
-    @app.get("/livez")
-    async def livez():
-        return {"status": "alive"}
+def health_body(router: Router) -> tuple[int, dict[str, Any]]:
+    states = router.lane_states()
+    # requests waiting in the launcher per lane (a lane's backlog beyond its dispatch limit too)
+    queued = {lane: depth for lane in states if (depth := router.scheduler.queue_depth(lane))}
+    if router.shutting_down:
+        status = "shutting_down"
+    elif LaneState.READY.value in states.values():
+        return 200, {"status": "ok", "lanes": states, **({"queued": queued} if queued else {})}
+    elif any(s in (LaneState.STARTING, LaneState.DRAINING, LaneState.STOPPING) for s in states.values()):
+        status = "switching" if router.ever_started() else "starting"
+    elif LaneState.FAILED.value in states.values():
+        status = "failed"
+    elif LaneState.SLEEPING.value in states.values():
+        status = "sleeping"             # not idle: an engine is kept, asleep, to wake for its lane
+    else:
+        status = "idle"
+    body: dict[str, Any] = {"status": status, "lanes": states, **({"queued": queued} if queued else {})}
+    progress = {lane: text for lane in states if (text := router.lane_progress(lane))}
+    if progress:
+        body["progress"] = progress      # e.g. {"big": "waiting for cluster (1/2 nodes)"}
+    return 503, body
 
-    def health_body() -> tuple[int, dict]:
-        states = router.lane_states()
-        # requests waiting in the launcher per lane (a lane's backlog beyond its dispatch limit too)
-        queued = {lane: depth for lane in states if (depth := router.scheduler.queue_depth(lane))}
-        if router.shutting_down:
-            status = "shutting_down"
-        elif LaneState.READY.value in states.values():
-            return 200, {"status": "ok", "lanes": states, **({"queued": queued} if queued else {})}
-        elif any(s in (LaneState.STARTING, LaneState.DRAINING, LaneState.STOPPING) for s in states.values()):
-            status = "switching" if router.ever_started() else "starting"
-        elif LaneState.FAILED.value in states.values():
-            status = "failed"
-        elif LaneState.SLEEPING.value in states.values():
-            status = "sleeping"             # not idle: an engine is kept, asleep, to wake for its lane
-        else:
-            status = "idle"
-        body = {"status": status, "lanes": states, **({"queued": queued} if queued else {})}
-        progress = {lane: text for lane in states if (text := router.lane_progress(lane))}
-        if progress:
-            body["progress"] = progress      # e.g. {"big": "waiting for cluster (1/2 nodes)"}
-        return 503, body
 
-    @app.get("/health")
-    @app.get("/healthz")
-    async def health():
-        code, body = health_body()
-        return JSONResponse(body, status_code=code)
+@routes.get("/health", response_model=None)
+@routes.get("/healthz", response_model=None)
+async def health(request: Request) -> Response:
+    code, body = health_body(_state(request.app).router)
+    return JSONResponse(body, status_code=code)
 
-    @app.get("/readyz")
-    async def readyz():
-        if router.shutting_down:
-            return JSONResponse({"status": "shutting_down"}, status_code=503)
-        return {"status": "accepting", "lanes": router.lane_states()}
 
-    @app.get("/version")
-    async def version():
-        return {"version": __version__, "build_sha": config.server.build_sha,
-                "build_time": config.server.build_time, "vllm_version": await engine_version(),
-                "vllm_distribution": vllm.distribution}
+@routes.get("/readyz", response_model=None)
+async def readyz(request: Request) -> Response | dict[str, Any]:
+    router = _state(request.app).router
+    if router.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    return {"status": "accepting", "lanes": router.lane_states()}
 
-    async def engine_version() -> str | None:
-        for engine, state in router.serving_engines():
-            if state == LaneState.READY:
-                try:
-                    return (await engine.get("/version")).json().get("version")
-                except (httpx.HTTPError, RuntimeError, ValueError, AttributeError):
-                    pass            # RuntimeError: its pool closed as it exited
-        return vllm.version
 
-    @app.get("/metrics")
-    async def metrics_endpoint(request: Request):
-        if config.server.metrics_require_key:
-            authorize(request)
-        engine_metrics = {}
-        for engine, _ in router.serving_engines():
-            with contextlib.suppress(httpx.HTTPError, RuntimeError):      # RuntimeError: its pool closed
-                response = await engine.get("/metrics")
-                if response.status_code == 200:
-                    engine_metrics[engine.lane] = response.text
-        return Response(metrics.render(engine_metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
+@routes.get("/version", response_model=None)
+async def version(request: Request) -> dict[str, Any]:
+    state = _state(request.app)
+    return {"version": __version__, "build_sha": state.config.server.build_sha,
+            "build_time": state.config.server.build_time, "vllm_version": await engine_version(state),
+            "vllm_distribution": state.vllm.distribution}
 
-    # ---------------------------------------------------------------- lanes
 
-    def lane_view(name: str) -> dict:
-        lane = config.lane(name)
-        return {
-            **router.lane_status(name), "names": list(lane.names), "model": lane.model,
-            "served_model_name": lane.served_model_name,
-            "gpu_memory_utilization": lane.gpu_memory_utilization, "idle_timeout": lane.idle_timeout,
-            "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
-        }
+async def engine_version(state: AppState) -> str | None:
+    for engine, lane_state in state.router.serving_engines():
+        if lane_state == LaneState.READY:
+            try:
+                found: str | None = (await engine.get("/version")).json().get("version")
+                return found
+            except (httpx.HTTPError, RuntimeError, ValueError, AttributeError):
+                pass            # RuntimeError: its pool closed as it exited
+    return state.vllm.version
 
-    def lane_name(raw: str) -> str:
-        by_lower = {name.lower(): name for name in config.lanes}
-        if raw.lower() not in by_lower:
-            raise APIError(404, f"no lane {raw[:100]!r}; lanes: {', '.join(config.lanes)}", "lane_not_found")
-        return by_lower[raw.lower()]
 
-    @app.get("/lanes")
-    async def lanes(request: Request):
-        authorize(request)
-        return {"default_lane": config.default_lane, "lanes": {name: lane_view(name) for name in config.lanes}}
+@routes.get("/metrics", response_model=None)
+async def metrics_endpoint(request: Request) -> Response:
+    state = _state(request.app)
+    if state.config.server.metrics_require_key:
+        check_key(request.scope["headers"], state.key)
+    engine_metrics = {}
+    for engine, _ in state.router.serving_engines():
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):      # RuntimeError: its pool closed
+            response = await engine.get("/metrics")
+            if response.status_code == 200:
+                engine_metrics[engine.lane] = response.text
+    return Response(state.metrics.render(engine_metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/lanes/{lane}")
-    async def one_lane(lane: str, request: Request):
-        authorize(request)
-        return lane_view(lane_name(lane))
 
-    @app.post("/lanes/{lane}/load")
-    async def load(lane: str, request: Request):
-        authorize(request)
-        wait = _wait_parameter(request)
-        name = lane_name(lane)
-        if router.shutting_down:
-            raise APIError(503, "the server is shutting down", "shutting_down")
-        router.load(name)
-        if not wait:
-            return JSONResponse({"lane": name, "state": router.lane_state(name).value}, status_code=202)
-        state = await router.wait_lane(name, {LaneState.READY, LaneState.FAILED})
-        if state == LaneState.FAILED:
-            raise APIError(503, f"lane {name!r} failed to start: {router.last_error(name)}",
-                           "lane_failed")
-        if state != LaneState.READY:
-            raise APIError(503, f"the server is shutting down; lane {name!r} was {state.value}", "shutting_down")
-        return {"lane": name, "state": state.value}
+# ---------------------------------------------------------------- lanes
 
-    @app.post("/lanes/{lane}/unload")
-    async def unload(lane: str, request: Request):
-        authorize(request)
-        wait = _wait_parameter(request)
-        name = lane_name(lane)
-        router.unload(name)
-        if not wait:
-            return JSONResponse({"lane": name, "state": router.lane_state(name).value}, status_code=202)
-        state = await router.wait_lane(name, {LaneState.STOPPED, LaneState.FAILED})
-        return {"lane": name, "state": state.value}
+def lane_view(state: AppState, name: str) -> dict[str, Any]:
+    config = state.config
+    lane = config.lane(name)
+    return {
+        **state.router.lane_status(name), "names": list(lane.names), "model": lane.model,
+        "served_model_name": lane.served_model_name,
+        "gpu_memory_utilization": lane.gpu_memory_utilization, "idle_timeout": lane.idle_timeout,
+        "memory_plan": memory_plan(lane, config.server.gpu_memory_gb),
+    }
 
-    async def dispatch(scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            if response_by_id(scope.get("raw_path") or scope["path"].encode()):
-                return await not_stored(scope, receive, send)
-            if scope["method"] == "POST":
-                return await openai_post(scope, receive, send)
-            if (route := forwarded_route(scope.get("raw_path") or scope["path"].encode())) is not None:
-                return await not_allowed(scope, receive, send, route)
-        return await app(scope, receive, send)
 
-    return dispatch
+def lane_name(config: LauncherConfig, raw: str) -> str:
+    by_lower = {name.lower(): name for name in config.lanes}
+    if raw.lower() not in by_lower:
+        raise APIError(404, f"no lane {raw[:100]!r}; lanes: {', '.join(config.lanes)}", "lane_not_found")
+    return by_lower[raw.lower()]
+
+
+@routes.get("/lanes", response_model=None)
+async def lanes(request: Request) -> dict[str, Any]:
+    state = _authorized(request)
+    return {"default_lane": state.config.default_lane,
+            "lanes": {name: lane_view(state, name) for name in state.config.lanes}}
+
+
+@routes.get("/lanes/{lane}", response_model=None)
+async def one_lane(lane: str, request: Request) -> dict[str, Any]:
+    state = _authorized(request)
+    return lane_view(state, lane_name(state.config, lane))
+
+
+def _lane_control(request: Request, lane: str) -> tuple[Router, str, bool]:
+    """POST /lanes/{lane}/...: the router, the lane and ?wait=, checked in that order after the key."""
+    state = _authorized(request)
+    wait = _wait_parameter(request)
+    return state.router, lane_name(state.config, lane), wait
+
+
+def _accepted(router: Router, name: str) -> Response:
+    """202: a lane control under way (?wait=false)."""
+    return JSONResponse({"lane": name, "state": router.lane_state(name).value}, status_code=202)
+
+
+@routes.post("/lanes/{lane}/load", response_model=None)
+async def load(lane: str, request: Request) -> Response | dict[str, Any]:
+    router, name, wait = _lane_control(request, lane)
+    if router.shutting_down:
+        raise APIError(503, "the server is shutting down", "shutting_down")
+    router.load(name)
+    if not wait:
+        return _accepted(router, name)
+    lane_state = await router.wait_lane(name, {LaneState.READY, LaneState.FAILED})
+    if lane_state == LaneState.FAILED:
+        raise APIError(503, f"lane {name!r} failed to start: {router.last_error(name)}",
+                       "lane_failed")
+    if lane_state != LaneState.READY:
+        raise APIError(503, f"the server is shutting down; lane {name!r} was {lane_state.value}", "shutting_down")
+    return {"lane": name, "state": lane_state.value}
+
+
+@routes.post("/lanes/{lane}/unload", response_model=None)
+async def unload(lane: str, request: Request) -> Response | dict[str, Any]:
+    router, name, wait = _lane_control(request, lane)
+    router.unload(name)
+    if not wait:
+        return _accepted(router, name)
+    lane_state = await router.wait_lane(name, {LaneState.STOPPED, LaneState.FAILED})
+    return {"lane": name, "state": lane_state.value}

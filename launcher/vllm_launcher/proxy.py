@@ -26,9 +26,10 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiohttp
+from starlette.types import Receive, Send
 
 from .engines import Engine
 from .errors import APIError
@@ -51,14 +52,42 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError)
 CLIENT, ABORT, DONE = "client", "abort", "done"
 
 
-class Dialect:
-    """How the answers the proxy makes itself look, and what it does to an engine's answer:
-    OpenAI's (this class: errors as APIError renders them, SSE comments while a stream waits,
-    the engine's bytes untouched). The Anthropic route passes its own (anthropic.AnthropicDialect)."""
+class StreamFilter(Protocol):
+    """What a dialect does to a streamed answer: each chunk in, what the client gets out."""
 
-    done_event = DONE_EVENT                     # a stream whose tail this is was served in full
-    upstream_headers: dict[str, str] = {}      # the client's headers passed on to the engine
-    stream_content_type: bytes | None = None   # a stream made here of a whole answer: its type
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+class Dialect(Protocol):
+    """How the answers the proxy makes itself look, and what it does to an engine's answer:
+    OpenAIDialect, or the Anthropic route's (anthropic.AnthropicDialect)."""
+
+    done_event: bytes                       # a stream whose tail this is was served in full
+    upstream_headers: dict[str, str]        # the client's headers passed on to the engine
+    stream_content_type: bytes | None       # a stream made here of a whole answer: its type
+
+    def rendered(self, error: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]: ...
+
+    def sse_error(self, error: APIError) -> bytes: ...
+
+    def keepalive(self, text: str) -> bytes: ...
+
+    def body(self, status: int, content: bytes) -> bytes: ...
+
+    def stream(self) -> StreamFilter | None:
+        """None, or a filter for a streamed answer."""
+        ...
+
+
+class OpenAIDialect:
+    """OpenAI's: errors as APIError renders them, SSE comments while a stream waits, the
+    engine's bytes untouched."""
+
+    done_event = DONE_EVENT
+    upstream_headers: dict[str, str] = {}
+    stream_content_type: bytes | None = None
 
     def rendered(self, error: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return error.rendered()
@@ -72,15 +101,14 @@ class Dialect:
     def body(self, status: int, content: bytes) -> bytes:
         return content
 
-    def stream(self):
-        """None, or a repair with feed(chunk) -> bytes and close() -> bytes for a streamed answer."""
+    def stream(self) -> StreamFilter | None:
         return None
 
 
-OPENAI = Dialect()
+OPENAI: Dialect = OpenAIDialect()
 
 
-async def send_error(send, error: APIError, dialect: Dialect = OPENAI) -> None:
+async def send_error(send: Send, error: APIError, dialect: Dialect = OPENAI) -> None:
     """An APIError as a whole ASGI response."""
     body, headers = dialect.rendered(error)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -117,7 +145,7 @@ class _Exchange:
 
     __slots__ = ("ticket", "receive", "send", "task", "why", "watcher", "dialect", "started")
 
-    def __init__(self, ticket: Ticket, receive, send, dialect: Dialect = OPENAI):
+    def __init__(self, ticket: Ticket, receive: Receive, send: Send, dialect: Dialect = OPENAI):
         self.dialect = dialect
         self.ticket = ticket
         self.receive = receive
@@ -171,7 +199,7 @@ class Forwarder:
         self.router = router
         self.log_requests = log_requests
 
-    async def serve(self, receive, send, path: str, lane: str, body: bytes, stream: bool,
+    async def serve(self, receive: Receive, send: Send, path: str, lane: str, body: bytes, stream: bool,
                     content_type: str = "application/json", dialect: Dialect = OPENAI) -> None:
         """Admit the request to LANE, wait for its dispatch, forward it to PATH of its engine and
         send the answer with ASGI SEND (answers made here in DIALECT's shape)."""
@@ -219,8 +247,8 @@ class Forwarder:
         try:
             while not ticket.decided.done():        # `decided` is a new future after going back in line
                 patience = None if not stream else PROGRESS_EVERY if exchange.started else PROGRESS_AFTER
-                await asyncio.wait([ticket.decided, disconnect], timeout=patience,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                waits: list[asyncio.Future[Any]] = [ticket.decided, disconnect]
+                await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
                 if ticket.decided.done():
                     break
                 if disconnect.done():
