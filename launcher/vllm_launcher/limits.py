@@ -1,10 +1,13 @@
 """Connection limits and timeouts of the front server, around uvicorn.
 
-What uvicorn gives: a keep-alive timeout (idle after a response), a bound on graceful
-shutdown, and with h11 a bound on the size of a request head. What it lacks: a timeout for a
-connection that never sends a request, for slow headers (with httptools no size bound either)
-and for a slow or unfinished body; and its `limit_concurrency` counts idle connections and
-then answers 503 to every request, the served clients' too. This module adds them:
+What uvicorn gives on its public surface, uvicorn.Config's options (serve.py sets them): a
+keep-alive timeout after a response (timeout_keep_alive), a bound on graceful shutdown
+(timeout_graceful_shutdown), and with h11 a bound on the size of a request head
+(h11_max_incomplete_event_size). What it lacks: a timeout for a connection that never sends a
+request, for slow headers (with httptools no size bound either) and for a slow or unfinished
+body; and its `limit_concurrency` counts idle connections and then answers 503 to every
+request, the served clients' too. This module adds them, the first through uvicorn's protocol
+internals (_Limited says which):
 
 - a subclass of the HTTP protocol uvicorn's "auto" picks (httptools, else h11): at most
   `max_connections` open; a new connection beyond it closes the longest-idle one (no request
@@ -26,16 +29,23 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .errors import APIError
 
 log = logging.getLogger("vllm_launcher.limits")
 
 MAX_HEADER_BYTES = 64 * 1024
+# The uvicorn versions whose protocol internals _Limited was read against (python-env/uv.lock's
+# and the development environment's); tests/test_uvicorn_internals.py fails on any other.
+UVICORN_CHECKED = ("0.54.0", "0.55.0")
 # Descriptors kept for the server itself beyond its connections: listener, logs, engine
 # pipes and health checks, /proc reads. Each busy connection may hold an upstream socket too.
 FD_RESERVE = 256
@@ -43,6 +53,10 @@ FD_RESERVE = 256
 
 @dataclass(frozen=True)
 class Limits:
+    """The settings have no defaults here: serve._limits() fills them from the configuration
+    (VLLM_MAX_CONNECTIONS, VLLM_KEEPALIVE_TIMEOUT, VLLM_HEADER_TIMEOUT, VLLM_BODY_TIMEOUT, whose
+    defaults are settings.py's table); the head's bound is this module's, not a setting."""
+
     max_connections: int
     keepalive_timeout: float
     header_timeout: float
@@ -72,11 +86,11 @@ def connection_cap(requested: int, open_files: int) -> int:
 class Connections:
     """What every connection of one server shares: the limits, shutdown, the metrics."""
 
-    def __init__(self, limits: Limits, registry: CollectorRegistry):
+    def __init__(self, limits: Limits, registry: CollectorRegistry) -> None:
         self.limits = limits
         self.shutting_down = False
         self.body_reads: set[asyncio.Timeout] = set()
-        self._open: set = set()
+        self._open: set[_Limited] = set()
         self.open_gauge = Gauge("vllm_launcher_connections", "Open client connections", registry=registry)
         self.open_gauge.set_function(lambda: len(self._open))
         Gauge("vllm_launcher_connections_limit", "Most client connections open at once",
@@ -99,15 +113,15 @@ class Connections:
     def open_count(self) -> int:
         return len(self._open)
 
-    def enter(self, connection) -> int:
+    def enter(self, connection: _Limited) -> int:
         """A connection opened: how many are open now."""
         self._open.add(connection)
         return len(self._open)
 
-    def leave(self, connection) -> None:
+    def leave(self, connection: _Limited) -> None:
         self._open.discard(connection)
 
-    def longest_idle(self, besides):
+    def longest_idle(self, besides: _Limited) -> _Limited | None:
         """The open connection idle longest that may be closed (none with a request under way)."""
         return min((c for c in self._open if c is not besides and c.evictable()), key=lambda c: c.idle_since,
                    default=None)
@@ -132,19 +146,38 @@ class _HeadTooLarge(Exception):
     """Raised in httptools' callback to stop the parser (uvicorn then calls send_400_response)."""
 
 
-class _Limited:
-    """Mixed in before uvicorn's H11Protocol or HttpToolsProtocol (see protocol_class)."""
+if TYPE_CHECKING:
+    # type-checked against the protocol uvicorn's "auto" picks here (httptools is a dependency);
+    # H11Protocol has the same names, tests/test_uvicorn_internals.py checks both
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHTTP
+else:
+    _UvicornHTTP = object
+
+
+class _Limited(_UvicornHTTP):
+    """Mixed in before uvicorn's HttpToolsProtocol or H11Protocol (see protocol_class).
+
+    uvicorn has no public surface for these limits (its Config's limit_concurrency counts idle
+    connections and answers 503 to every request beyond; nothing times out a head, a body or a
+    connection before its first request), so this subclass relies on the protocol's internals:
+    it overrides connection_made, connection_lost, data_received, on_headers_complete (httptools'
+    parser callback), on_response_complete, send_400_response, timeout_keep_alive_handler and
+    shutdown (which uvicorn's Server calls on each connection), calling the originals; and it
+    reads transport, loop, cycle (the current RequestResponseCycle, None before the first head;
+    its response_complete and more_body), with httptools parser, url and headers, with h11 conn
+    (its their_state). tests/test_uvicorn_internals.py fails when any of these changes, and
+    names the uvicorn versions this was read against (UVICORN_CHECKED)."""
 
     shared: Connections
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
         super().connection_made(transport)
         self._phase = IDLE
         self._since = time.monotonic()
         self._head_bytes = 0
         self._head_tail = b""                   # the last bytes of the head so far: its end may straddle reads
         self._refused_head = False
-        self._timer = None
+        self._timer: asyncio.TimerHandle | None = None
         shared = self.shared
         if shared.enter(self) > shared.limits.max_connections and not self._make_room():
             shared.count("over_limit")
@@ -174,7 +207,7 @@ class _Limited:
     def evict(self) -> None:
         self._close()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self.shared.leave(self)
         super().connection_lost(exc)
@@ -272,7 +305,7 @@ class _Limited:
 
     # ---------------------------------------------------------------- timers and answers
 
-    def _arm(self, seconds: float, callback) -> None:
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self._disarm()
         self._timer = self.loop.call_later(seconds, callback)
 
@@ -308,24 +341,21 @@ class _Limited:
         self.transport.close()
 
 
-def protocol_class(shared: Connections) -> type:
-    """The HTTP protocol uvicorn's "auto" would pick, with the limits of `shared`."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    return type(f"Limited{base.__name__}", (_Limited, base), {"shared": shared})
+def protocol_class(shared: Connections) -> type[asyncio.Protocol]:
+    """The HTTP protocol uvicorn's "auto" picks (httptools, else h11), with the limits of `shared`."""
+    base = AutoHTTPProtocol
+    return cast("type[asyncio.Protocol]", type(f"Limited{base.__name__}", (_Limited, base), {"shared": shared}))
 
 
 class BodyTimeout:
     """ASGI wrapper: a request body arrives within `body_timeout` of its head, or the client
     gets 408 and the connection closes; at shutdown, bodies still arriving get 503."""
 
-    def __init__(self, app, shared: Connections):
+    def __init__(self, app: ASGIApp, shared: Connections) -> None:
         self.app = app
         self.shared = shared
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         shared = self.shared
@@ -334,7 +364,7 @@ class BodyTimeout:
         started = False
         refused = False
 
-        async def timed_receive():
+        async def timed_receive() -> Message:
             nonlocal body_done, refused
             if refused:
                 return {"type": "http.disconnect"}
@@ -367,7 +397,7 @@ class BodyTimeout:
                 body_done = True
             return message
 
-        async def guarded_send(message):
+        async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
                 return                          # answered already; the app's own answer goes nowhere

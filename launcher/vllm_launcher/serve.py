@@ -76,7 +76,7 @@ async def _serve(config: LauncherConfig, state_listeners: Iterable[StateListener
     uv_config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_config=None,
                                access_log=False, lifespan="on", proxy_headers=False, http=protocol_class(connections),
                                # uvicorn annotates these two as int; its timers take the float
-                               timeout_keep_alive=server_cfg.keepalive_timeout,  # type: ignore[arg-type]
+                               timeout_keep_alive=connections.limits.keepalive_timeout,  # type: ignore[arg-type]
                                h11_max_incomplete_event_size=connections.limits.max_header_bytes,
                                timeout_graceful_shutdown=server_cfg.drain_timeout + SHUTDOWN_GRACE)  # type: ignore[arg-type]
     server = _Server(uv_config, router, connections, asyncio.get_running_loop())
