@@ -26,7 +26,7 @@ class FakeCluster:
         self.workers = workers
         self.questions = 0
 
-    def __call__(self, config) -> ClusterState:
+    def __call__(self, launch) -> ClusterState:
         self.questions += 1
         nodes = [Node("127.0.0.1", True, True, 1.0, 2.0)]
         nodes += [Node(f"127.0.0.{2 + index}", False, True, 1.0, 2.0) for index in range(self.workers)]
@@ -49,8 +49,8 @@ def run_app(tmp_path: Path, environ: dict[str, str], cluster: FakeCluster, body)
     async def run():
         metrics = Metrics()
         router = Router(config, VllmInfo("vllm", "0.32.0"), metrics, sockets=sockets_dir(tmp_path / "run"))
-        for supervisor in router.supervisors.values():
-            supervisor.cluster_query = cluster
+        for lane in router.lanes.values():
+            lane.supervisor.cluster_query = cluster
         app = create_app(config, VllmInfo("vllm", "0.32.0"), router, metrics)
         await router.start(preload=config.default_lane)      # what the app's lifespan does
         try:

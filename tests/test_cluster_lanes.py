@@ -15,7 +15,9 @@ import pytest
 
 from fake_cluster import FakeCluster, cluster_env, run_app
 from serving import chat_body
+from vllm_launcher import placement
 from vllm_launcher.config import load_config
+from vllm_launcher.engine_command import lane_launch, passed_environment
 from vllm_launcher.engines import supervisor as supervisor_module
 from vllm_launcher.router import Router
 from waiting import eventually_async
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.engine
 def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environment(tmp_path, fake_python, monkeypatch):
     monkeypatch.setattr(supervisor_module, "CLUSTER_POLL", 0.1)
     cluster = FakeCluster(workers=0)
+    placed = []          # the lanes whose placement was computed, each time it was
+    compute = placement.lane_placement
+    monkeypatch.setattr(placement, "lane_placement", lambda lane, gpus: placed.append(lane.name) or compute(lane, gpus))
 
     async def body(client: httpx.AsyncClient, router: Router):
         await eventually_async(lambda: _state(client, "small", "ready"), "lane small ready")
@@ -40,7 +45,7 @@ def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environmen
         assert not request.done()
         cluster.workers = 1                                   # the worker node joins
         answer = await asyncio.wait_for(request, 30)
-        engine = router.supervisors["big"].engine
+        engine = router.lanes["big"].supervisor.engine
         environ = dict(line.split("=", 1) for line in
                        Path(f"/proc/{engine.process.process.pid}/environ").read_text().split("\0") if "=" in line)
         lanes_after = (await client.get("/lanes")).json()["lanes"]["big"]
@@ -54,6 +59,7 @@ def test_a_multi_node_lane_waits_for_the_cluster_then_serves_with_its_environmen
     assert environ["RAY_AUTH_MODE"] == "token" and environ["RAY_AUTH_TOKEN_PATH"].endswith("cluster-token")
     assert environ["GLOO_SOCKET_IFNAME"] == environ["NCCL_SOCKET_IFNAME"] == "lo"
     assert after["state"] == "ready" and after["progress"] is None and after["failures"] == 0
+    assert sorted(placed) == ["big", "small"]       # once per lane when the server began, not per start
 
 
 def test_a_cluster_short_of_nodes_fails_the_start_with_503_after_the_start_timeout_without_a_crash_loop(
@@ -119,9 +125,10 @@ def test_the_default_cluster_query_asks_with_the_engines_python(tmp_path, fake_p
     asked = {}
 
     def query(cluster, python, environ):
-        asked.update(cluster=cluster, python=python)
+        asked.update(cluster=cluster, python=python, environ=environ)
         return FakeCluster(1)(None)
 
     monkeypatch.setattr(supervisor_module.clusters, "query_cluster", query)
-    assert len(supervisor_module.query_cluster(config).alive) == 2
-    assert asked == {"cluster": config.cluster, "python": str(fake_python)}
+    assert len(supervisor_module.query_cluster(lane_launch(config, "big")).alive) == 2
+    assert (asked["cluster"], asked["python"]) == (config.cluster, str(fake_python))
+    assert asked["environ"] == passed_environment(config.environ)     # what engines see, not the launcher's

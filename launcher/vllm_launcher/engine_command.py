@@ -4,16 +4,17 @@
 the server starts them on a Unix socket of their own (`--uds`, never TCP) with an internal key. The environment is built from an
 allow-list, never from a copy of os.environ: the launcher's own variables (VLLM_PORT collides
 with vLLM's internal port base, VLLM_API_KEY would lock the proxy out ...) never reach vLLM.
+The server cuts each lane's slice of the configuration once (LaneLaunch): its supervisor gets that.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LaneConfig, LauncherConfig
+from .config import ClusterConfig, LaneConfig, LauncherConfig
 from .placement import Placement, cluster_placement
 from .settings import CLUSTER_SETTINGS, ENGINE_SETTINGS, LANE_PREFIX, SERVER_SETTINGS, masked
 from .vllm_info import VllmInfo
@@ -103,33 +104,61 @@ def _flag_value(value) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class LaneLaunch:
+    """One lane's slice of the configuration, cut once (lane_launch): what starting, warming and
+    stopping its engine take, and where it runs. The environment only as engines see it (the
+    allow-list), never a copy of it all."""
+    lane: LaneConfig
+    placement: Placement | None          # the lane on the cluster, computed once; None: this machine alone
+    cluster: ClusterConfig | None        # VLLM_CLUSTER_*, for a lane with a placement
+    engine_python: str
+    log_level: str                       # the engines' VLLM_LOGGING_LEVEL
+    start_timeout: float
+    stop_timeout: float
+    environ: Mapping[str, str] = field(repr=False)          # passed_environment of the server's
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # masked wherever its engine's output is shown
+
+
+def lane_launch(config: LauncherConfig, lane_name: str) -> LaneLaunch:
+    placement = cluster_placement(config, lane_name)
+    server = config.server
+    return LaneLaunch(config.lane(lane_name), placement, config.cluster if placement else None,
+                      server.engine_python, server.log_level, server.start_timeout, server.stop_timeout,
+                      passed_environment(config.environ), tuple(config.secret_values()))
+
+
 def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
                       host: str | None = None, port: int | None = None,
                       api_key: str | None = None, uds: str | None = None,
                       sleep_mode: bool | None = None) -> EngineSpec:
-    """argv and env for one lane. Without uds/host/port/api_key: the user's VLLM_HOST, VLLM_PORT
-    and key, as `vllm-launcher engine` runs it; the server passes a Unix socket path (`--uds`,
-    then no --host and --port 0) and its internal key. `sleep_mode` (default: the lane's
-    SLEEP_LEVEL > 0) adds --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (vLLM's /sleep,
-    /wake_up, /is_sleeping; also /collective_rpc: the engine's private Unix socket keeps other
-    users out)."""
-    lane = config.lane(lane_name)
+    """argv and env for one lane, as the commands show and run it: without uds/host/port/api_key,
+    the user's VLLM_HOST, VLLM_PORT and key, as `vllm-launcher engine` runs it."""
     server = config.server
-    host = server.host if host is None else host
-    port = server.port if port is None else port
-    api_key = server.api_key if api_key is None else api_key
+    listen = uds or (server.host if host is None else host, server.port if port is None else port)
+    return engine_spec(lane_launch(config, lane_name), vllm, listen=listen,
+                       api_key=server.api_key if api_key is None else api_key, sleep_mode=sleep_mode)
 
+
+def engine_spec(launch: LaneLaunch, vllm: VllmInfo, *, listen: str | tuple[str, int], api_key: str | None,
+                sleep_mode: bool | None = None) -> EngineSpec:
+    """argv and env for one lane's engine, listening on LISTEN: a Unix socket's path (`--uds`,
+    then --port 0), as the server starts it with its internal key, or (host, port).
+    `sleep_mode` (default: the lane's SLEEP_LEVEL > 0) adds --enable-sleep-mode and
+    VLLM_SERVER_DEV_MODE=1 (vLLM's /sleep, /wake_up, /is_sleeping; also /collective_rpc: the
+    engine's private Unix socket keeps other users out)."""
+    lane, placement = launch.lane, launch.placement
     flags, flag_env, warnings = engine_flags(lane, vllm)
-    placement = cluster_placement(config, lane.name)
     executor = lane.settings.get("DISTRIBUTED_EXECUTOR_BACKEND")
     if placement is not None and executor is None:
         # Unset, vLLM would pick its one-machine mp executor and find too few GPUs here.
         flags += ["--distributed-executor-backend", MULTI_NODE_DEFAULT_EXECUTOR]
-    argv = [server.engine_python, "-m", ENGINE_MODULE,
+    argv = [launch.engine_python, "-m", ENGINE_MODULE,
             "--model", lane.model, "--served-model-name", lane.served_model_name,
             # --port 0 with --uds: vLLM listens on the socket only, and at exit names the process using
             # its --port (default 8000, often the front server's) in a warning; no socket has port 0
-            *(["--port", "0", "--uds", uds] if uds else ["--host", host, "--port", str(port)]),
+            *(["--port", "0", "--uds", listen] if isinstance(listen, str)
+              else ["--host", listen[0], "--port", str(listen[1])]),
             *flags, *lane.settings.get("EXTRA_ARGS", [])]
     if sleep_mode is None:
         sleep_mode = bool(lane.settings.get("SLEEP_LEVEL"))
@@ -137,11 +166,11 @@ def build_engine_spec(config: LauncherConfig, lane_name: str, vllm: VllmInfo, *,
         argv.insert(argv.index("--served-model-name") + 2, "--enable-sleep-mode")
 
     if placement is not None and executor == "mp":
-        argv = multi_node_argv(server.engine_python, lane, argv, flags, placement, sleep_mode)
+        argv = multi_node_argv(launch.engine_python, lane, argv, flags, placement, sleep_mode)
 
-    env = passed_environment(config.environ)
+    env = dict(launch.environ)
     env.update(TELEMETRY_OFF)
-    env["VLLM_LOGGING_LEVEL"] = server.log_level
+    env["VLLM_LOGGING_LEVEL"] = launch.log_level
     if lane.model_is_local:
         env["HF_HUB_OFFLINE"] = "1"
     env.update(flag_env)

@@ -1,14 +1,15 @@
 """Which lanes run on the cluster and what they need of it: tensor x pipeline GPUs on NODES
 machines (default: as many as that needs at VLLM_CLUSTER_GPUS each), and whether the cluster's
 nodes as Ray reports them (ClusterState, asked by cluster.py) have it. Pure; used by the engine
-command (a multi-node lane's argv), the supervisor (waiting for the cluster) and `check`."""
+command (a multi-node lane's argv: computed once per lane, engine_command.LaneLaunch), the
+supervisor (waiting for the cluster) and `check`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from .config import LaneConfig
+from .config import LaneConfig, LauncherConfig
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def nodes_that_fit(placement: Placement, state: ClusterState) -> int:
     return sum(node.gpus >= placement.per_node for node in state.alive)
 
 
-def cluster_placement(config, lane_name: str) -> Placement | None:
+def cluster_placement(config: LauncherConfig, lane_name: str) -> Placement | None:
     """A lane that runs on the cluster: its placement; None for a lane of this machine alone
     (no cluster configured, or it needs one node)."""
     if config.cluster is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, assert_never, cast
 
 from .config import VLLM_DEFAULT_SHARE, LaneConfig, LauncherConfig, scheduler_settings
+from .engine_command import LaneLaunch, lane_launch
 from .engines import Engine, EngineRecords, Supervisor
 from .engines.watchdog import Watchdog, hung_cause
 from .errors import APIError
@@ -82,6 +83,19 @@ class SwitchRecord:
     switch_began: float | None = None
 
 
+@dataclass
+class Lane:
+    """One lane at run time: its slice of the configuration (its placement computed once), the
+    supervisor of its engine, which gets that slice alone, and its switch timing."""
+    launch: LaneLaunch
+    supervisor: Supervisor
+    switch: SwitchRecord = field(default_factory=SwitchRecord)
+
+    @property
+    def config(self) -> LaneConfig:
+        return self.launch.lane
+
+
 class Router:
     def __init__(self, config: LauncherConfig, vllm: VllmInfo, metrics: Metrics | None = None,
                  records: EngineRecords | None = None, clock: Callable[[], float] = time.monotonic,
@@ -92,10 +106,10 @@ class Router:
         policies = [lane_policy(lane, config) for lane in config.lanes.values()]
         self.scheduler = Scheduler(policies, scheduler_settings(config.server))
         sockets = sockets or Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
-        self.supervisors = {name: Supervisor(name, config, vllm, self.metrics, self, sockets, records)
-                            for name in config.lanes}
+        launches = [lane_launch(config, name) for name in config.lanes]
+        self.lanes = {launch.lane.name: Lane(launch, Supervisor(launch, vllm, self.metrics, self, sockets, records))
+                      for launch in launches}
         self.tickets: dict[Hashable, Ticket] = {}      # the scheduler's request ids: ours are ints
-        self.switch_records = {name: SwitchRecord() for name in config.lanes}
         self.state_listeners: list[Callable[[str, str, str], object]] = []    # what they return is ignored
         self.started_wall = time.time()
         self._ids = itertools.count(1)
@@ -134,9 +148,9 @@ class Router:
             await asyncio.wait_for(self._wait_idle(), bound)
         except TimeoutError:
             log.error("engines still running %.0f s after shutdown began; killing them", bound)
-        for supervisor in self.supervisors.values():
-            if supervisor.busy():
-                await supervisor.stop("shutdown")
+        for lane in self.lanes.values():
+            if lane.supervisor.busy():
+                await lane.supervisor.stop("shutdown")
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -145,7 +159,7 @@ class Router:
             self._gauges = None
 
     async def _wait_idle(self) -> None:
-        while not (self.scheduler.is_idle() and not any(s.busy() for s in self.supervisors.values())):
+        while not (self.scheduler.is_idle() and not any(lane.supervisor.busy() for lane in self.lanes.values())):
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), IDLE_POLL)
@@ -216,7 +230,7 @@ class Router:
                     self._reject(action)
                 case StartEngine(lane=lane, attempt=attempt, sleep_mode=sleep_mode):
                     self._switch_begins(lane)
-                    self.supervisors[lane].start(attempt, sleep_mode=sleep_mode)
+                    self.lanes[lane].supervisor.start(attempt, sleep_mode=sleep_mode)
                 case StopEngine(lane=lane, reason=reason):
                     self._spawn(self._stop_engine(lane, reason))
                 case SleepEngine(lane=lane, level=level, reason=reason):
@@ -244,7 +258,7 @@ class Router:
             return
         ticket.dispatched_at = self.clock()
         # the scheduler dispatches only to a ready lane, whose supervisor holds its engine
-        ticket.engine = engine = cast(Engine, self.supervisors[action.lane].engine)
+        ticket.engine = engine = cast(Engine, self.lanes[action.lane].supervisor.engine)
         lane_metrics = self.metrics.lane(ticket.lane)
         lane_metrics.queue_wait.observe(ticket.dispatched_at - ticket.arrived)
         lane_metrics.inflight.inc()
@@ -263,7 +277,7 @@ class Router:
 
     def _switch_begins(self, lane: str) -> None:
         """A start or wake: the lane's switch begins now, unless it began earlier (planned, or a retry)."""
-        record = self.switch_records[lane]
+        record = self.lanes[lane].switch
         record.switch_began = record.switch_began or self.clock()
 
     def _abort_inflight(self, action: AbortInflight) -> None:
@@ -286,12 +300,12 @@ class Router:
             case "hung_twice":
                 return APIError(503, f"this request went back in line once and held lane {action.lane!r} again: "
                                      f"past the drain bound (twice {drain:g} s, VLLM_DRAIN_TIMEOUT) while other "
-                                     f"lanes waited, or on an engine that hung ({self.supervisors[action.lane].last_error}"
+                                     f"lanes waited, or on an engine that hung ({self.lanes[action.lane].supervisor.last_error}"
                                      "); it is not sent a third time: ask for fewer tokens, or raise "
                                      "VLLM_DRAIN_TIMEOUT", "hung_twice")
             case "stalled":
                 return APIError(503, f"the engine of lane {action.lane!r} hung after this stream had begun: "
-                                     f"{self.supervisors[action.lane].last_error}", "engine_hung")
+                                     f"{self.lanes[action.lane].supervisor.last_error}", "engine_hung")
             case _:
                 assert_never(action.reason)
 
@@ -321,7 +335,7 @@ class Router:
     def _lane_state_changed(self, action: LaneStateChanged) -> None:
         log.info("lane %s: %s -> %s (%s)", action.lane, action.old, action.new, action.reason)
         self.metrics.set_state(action.lane, action.new.value)
-        record = self.switch_records[action.lane]
+        record = self.lanes[action.lane].switch
         now = self.clock()
         if action.new == LaneState.DRAINING:
             record.drain_began = now
@@ -337,7 +351,7 @@ class Router:
         log.info("switch planned: %s -> %s (%s)", ",".join(action.from_lanes) or "-", action.to_lane, action.reason)
         for source in action.from_lanes or ("",):
             self.metrics.switches.labels(source, action.to_lane, action.reason).inc()
-        self.switch_records[action.to_lane].switch_began = self.clock()
+        self.lanes[action.to_lane].switch.switch_began = self.clock()
 
     # ------------------------------------------------------------------ engines
 
@@ -349,14 +363,14 @@ class Router:
 
     async def _stop_engine(self, lane: str, reason: StopReason) -> None:
         try:
-            await self.supervisors[lane].stop(reason)
+            await self.lanes[lane].supervisor.stop(reason)
         finally:
             self._apply(self.scheduler.engine_stopped(lane, self.clock()))
 
     async def _sleep_engine(self, lane: str, level: int, reason: CloseReason) -> None:
         log.info("lane %s: putting the engine to sleep (level %d, %s)", lane, level, reason)
         try:
-            seconds = await self.supervisors[lane].sleep(level)
+            seconds = await self.lanes[lane].supervisor.sleep(level)
         except Exception as error:              # noqa: BLE001 - any failure falls back to stop/start
             cause = str(error) or type(error).__name__
             log.warning("lane %s: sleep failed, the lane falls back to stop/start: %s", lane, cause)
@@ -368,14 +382,14 @@ class Router:
     async def _wake_engine(self, lane: str) -> None:
         log.info("lane %s: waking the engine", lane)
         try:
-            seconds = await self.supervisors[lane].wake()
+            seconds = await self.lanes[lane].supervisor.wake()
         except Exception as error:              # noqa: BLE001 - any failure falls back to a cold start
             cause = str(error) or type(error).__name__
             log.warning("lane %s: wake failed, the lane falls back to a cold start: %s", lane, cause)
             self._apply(self.scheduler.wake_failed(lane, self.clock(), cause))
             return
         self.scheduler.observe_engine_seconds(lane, "wake", seconds)
-        record = self.switch_records[lane]
+        record = self.lanes[lane].switch
         switch_total = self.clock() - (record.switch_began or self.clock())
         record.last_switch_seconds, record.last_switch_at, record.switch_began = switch_total, time.time(), None
         self._apply(self.scheduler.engine_woke(lane, self.clock()))
@@ -384,8 +398,8 @@ class Router:
 
     def engine_ready(self, engine: Engine) -> None:
         lane = engine.lane
-        record = self.switch_records[lane]
-        started_at = self.supervisors[lane].timings.started_at
+        record = self.lanes[lane].switch
+        started_at = self.lanes[lane].supervisor.timings.started_at
         switch_total = self.clock() - (record.switch_began or started_at or self.clock())
         record.last_switch_seconds = switch_total
         record.last_switch_at = time.time()
@@ -396,7 +410,7 @@ class Router:
         self._watch_for_stalls(engine)
 
     def engine_start_failed(self, lane: str, cause: str, counts: bool) -> None:
-        if self.supervisors[lane].sleep_mode and refused_sleep_mode(cause):
+        if self.lanes[lane].supervisor.sleep_mode and refused_sleep_mode(cause):
             # vLLM refuses --enable-sleep-mode on this platform (the CPU build does): sleep mode
             # is off for the lane, and its next start is a plain one, not counted as a failure.
             log.warning("lane %s: the engine refused sleep mode; the lane falls back to stop/start", lane)
@@ -410,7 +424,7 @@ class Router:
         """The scheduler first (the lane is no longer ready), then every request in flight on
         this engine ends in the crash's error; the supervisor closes the pool afterwards."""
         self._apply(self.scheduler.engine_exited(engine.lane, self.clock(),
-                                                 self.supervisors[engine.lane].last_error or cause))
+                                                 self.lanes[engine.lane].supervisor.last_error or cause))
         crashed = APIError(502, f"{cause} while serving this request", "engine_crashed")
         for ticket in [t for t in self.tickets.values() if t.engine is engine]:
             self._abort(ticket, crashed)
@@ -420,9 +434,9 @@ class Router:
     def _watch_for_stalls(self, engine: Engine) -> None:
         """The engine's stall watchdog (engines/watchdog.py), until the engine ends or hangs."""
         lane = engine.lane
-        stall = (self.config.lane(lane).settings.get("ENGINE_STALL_TIMEOUT")
-                 or ENGINE_SETTINGS_BY_KEY["ENGINE_STALL_TIMEOUT"].default)
-        watchdog = Watchdog(engine, self.config.lane(lane).served_model_name, stall,
+        config = self.lanes[lane].config
+        stall = config.settings.get("ENGINE_STALL_TIMEOUT") or ENGINE_SETTINGS_BY_KEY["ENGINE_STALL_TIMEOUT"].default
+        watchdog = Watchdog(engine, config.served_model_name, stall,
                             lambda: self.scheduler.inflight(lane),
                             lambda stalled, probe: self._engine_hung(engine, stalled, probe))
         self._spawn(watchdog.run())
@@ -432,7 +446,7 @@ class Router:
         suspects the GPU when it hangs again at once); the scheduler applies the preemption rule
         to its requests and stops it (SIGTERM, then SIGKILL); the lane restarts with back-off."""
         lane = engine.lane
-        supervisor = self.supervisors[lane]
+        supervisor = self.lanes[lane].supervisor
         if supervisor.engine is not engine or engine.ended is not None:
             return
         now = self.clock()
@@ -451,7 +465,8 @@ class Router:
         scheduler, which holds back while the engine queues internally."""
         while True:
             await asyncio.sleep(GAUGE_EVERY)
-            for lane, supervisor in self.supervisors.items():
+            for lane, runtime in self.lanes.items():
+                supervisor = runtime.supervisor
                 engine = supervisor.engine
                 if engine is None or not self.scheduler.inflight(lane) or not self.scheduler.window(lane):
                     continue
@@ -510,14 +525,14 @@ class Router:
 
     def ever_started(self) -> bool:
         """Some engine became ready once: a lane not ready now is switching, not starting."""
-        return any(s.timings.start_seconds is not None for s in self.supervisors.values())
+        return any(lane.supervisor.timings.start_seconds is not None for lane in self.lanes.values())
 
     def last_error(self, lane: str) -> str | None:
-        return self.supervisors[lane].last_error
+        return self.lanes[lane].supervisor.last_error
 
     def lane_progress(self, lane: str) -> str | None:
         """What a starting lane waits for before its engine, e.g. "waiting for cluster (1/2 nodes)"."""
-        return self.supervisors[lane].progress
+        return self.lanes[lane].supervisor.progress
 
     def cluster_unavailable(self, lane: str, cause: str) -> None:
         """A supervisor's report (engines.Reports): a multi-node lane's cluster lacked what it
@@ -527,23 +542,24 @@ class Router:
     def serving_engines(self) -> list[tuple[Engine, LaneState]]:
         """Engines that answer requests now (their lane ready or draining), with the lane state."""
         found: list[tuple[Engine, LaneState]] = []
-        for lane, supervisor in self.supervisors.items():
-            state = self.scheduler.state(lane)
-            if supervisor.engine is not None and state in (LaneState.READY, LaneState.DRAINING):
-                found.append((supervisor.engine, state))
+        for name, lane in self.lanes.items():
+            state = self.scheduler.state(name)
+            engine = lane.supervisor.engine
+            if engine is not None and state in (LaneState.READY, LaneState.DRAINING):
+                found.append((engine, state))
         return found
 
     def lane_status(self, lane: str) -> dict[str, Any]:
         """What /lanes reports of a lane's scheduling and engine."""
         snapshot = self.scheduler.snapshot()["lanes"].get(lane, {})
-        timings = self.supervisors[lane].timings
-        record = self.switch_records[lane]
+        supervisor, record = self.lanes[lane].supervisor, self.lanes[lane].switch
+        timings = supervisor.timings
         return {
             "state": self.scheduler.state(lane).value, "queue_depth": self.scheduler.queue_depth(lane),
             "inflight": self.scheduler.inflight(lane), "restarts": snapshot.get("restarts", 0),
-            "failures": snapshot.get("failures", 0), "last_error": self.supervisors[lane].last_error,
+            "failures": snapshot.get("failures", 0), "last_error": supervisor.last_error,
             "retry_at": self._wall(snapshot.get("retry_at")),     # back-off, or a failed lane's cool-off
-            "progress": self.supervisors[lane].progress,
+            "progress": supervisor.progress,
             "last_start_seconds": timings.start_seconds, "last_start_phases": timings.start_phases,
             "last_stop_seconds": timings.stop_seconds, "last_switch_at": record.last_switch_at,
             "last_switch_seconds": record.last_switch_seconds,
@@ -559,7 +575,7 @@ class Router:
 
     def sleep_status(self, lane: str) -> str:
         """`off`, `level N`, or `off (<why it fell back>)`."""
-        level = self.config.lane(lane).settings.get("SLEEP_LEVEL", 0)
+        level = self.lanes[lane].config.settings.get("SLEEP_LEVEL", 0)
         if not level:
             return "off"
         off = self.scheduler.sleep_off(lane)

@@ -28,10 +28,10 @@ import aiohttp
 import httpx
 
 from .. import cluster as clusters
-from ..config import ClusterConfig, LauncherConfig
-from ..engine_command import build_engine_spec
+from ..config import ClusterConfig
+from ..engine_command import LaneLaunch, engine_spec
 from ..metrics import Metrics
-from ..placement import ClusterState, Placement, cluster_placement, nodes_that_fit
+from ..placement import ClusterState, Placement, nodes_that_fit
 from ..settings import mask_secrets
 from ..vllm_info import VllmInfo
 from .followers import CLUSTER_NOT_READY
@@ -54,10 +54,10 @@ TAIL_IN_ERRORS = 8
 CLUSTER_POLL = 2.0          # seconds between two questions to the cluster while a lane waits for it
 
 
-def query_cluster(config: LauncherConfig) -> ClusterState:
+def query_cluster(launch: LaneLaunch) -> ClusterState:
     """The cluster's nodes, asked from the engines' Python with the token (blocking)."""
-    # asked only for a lane with a cluster placement, which a configured cluster gives
-    return clusters.query_cluster(cast(ClusterConfig, config.cluster), config.server.engine_python, config.environ)
+    # asked only for a lane with a cluster placement, which comes with the cluster's settings
+    return clusters.query_cluster(cast(ClusterConfig, launch.cluster), launch.engine_python, launch.environ)
 
 
 class ClusterWaitFailed(Exception):
@@ -116,22 +116,23 @@ class Timings:
 class Supervisor:
     """One lane's engine: at most one process at a time, started, watched and stopped here.
 
-    A lane that runs on the cluster (cluster_placement) first waits until the cluster
+    It gets its lane's slice of the configuration (LaneLaunch), nothing of the other lanes'.
+    A lane that runs on the cluster (its placement) first waits until the cluster
     has the nodes and GPUs it needs (`progress` says how far it is, for /lanes, /health and the
     waiting streams); its engine gets the cluster's environment."""
 
-    cluster_query = staticmethod(query_cluster)     # (config) -> ClusterState; tests inject a fake
+    cluster_query = staticmethod(query_cluster)     # (launch) -> ClusterState; tests inject a fake
 
-    def __init__(self, lane: str, config: LauncherConfig, vllm: VllmInfo, metrics: Metrics, reports: Reports,
+    def __init__(self, launch: LaneLaunch, vllm: VllmInfo, metrics: Metrics, reports: Reports,
                  sockets: Path, records: EngineRecords | None = None):
-        self.lane = lane
-        self.config = config
+        self.lane = launch.lane.name
+        self.launch = launch
         self.vllm = vllm
         self.metrics = metrics
         self.reports = reports
         self.sockets = sockets
         self.records = records
-        self.secrets = config.secret_values()
+        self.secrets = list(launch.secrets)
         self.timings = Timings()
         self.last_error: str | None = None
         self.progress: str | None = None              # e.g. "waiting for cluster (1/2 nodes)"
@@ -183,7 +184,7 @@ class Supervisor:
         engine = self.engine
         if engine is None:
             raise RuntimeError(f"lane {self.lane!r} has no running engine")
-        timeout = self.config.server.start_timeout
+        timeout = self.launch.start_timeout
         try:
             response = await engine.client.request(method, path, timeout=timeout)
         except (httpx.HTTPError, RuntimeError) as error:
@@ -236,15 +237,15 @@ class Supervisor:
     async def _start(self, attempt: int) -> None:
         if self._cleanup is not None:                  # the previous engine's group is still going
             await asyncio.gather(self._cleanup, return_exceptions=True)
-        placement = cluster_placement(self.config, self.lane)
+        placement = self.launch.placement
         cluster_env: dict[str, str] = {}
         if placement is not None:
             self.timings.started_at = time.monotonic()
             try:
                 await self._wait_for_cluster(placement)
-                # a cluster placement comes from a configured cluster
-                cluster_env = clusters.engine_cluster_environment(cast(ClusterConfig, self.config.cluster),
-                                                                  self.config.environ)
+                # a cluster placement comes with the cluster's settings
+                cluster_env = clusters.engine_cluster_environment(cast(ClusterConfig, self.launch.cluster),
+                                                                  self.launch.environ)
             except (ClusterWaitFailed, clusters.ClusterError) as error:
                 cause = mask_secrets(str(error), self.secrets)
                 log.error("lane %s: %s", self.lane, cause)
@@ -258,12 +259,11 @@ class Supervisor:
                 self.progress = None
         key = secrets.token_urlsafe(32)     # per start, in the engine's environment only
         socket_path = str(self.sockets / f"{secrets.token_hex(6)}.sock")
-        spec = build_engine_spec(self.config, self.lane, self.vllm, uds=socket_path, api_key=key,
-                                 sleep_mode=self.sleep_mode)
+        spec = engine_spec(self.launch, self.vllm, listen=socket_path, api_key=key, sleep_mode=self.sleep_mode)
         spec.env.update(cluster_env)
         engine_id = spec.env[ENGINE_ID_VARIABLE] = new_engine_id()     # how the reaper knows its group
         # its output is masked with its own key too, wherever it is shown (log, /lanes, 503s)
-        process = EngineProcess(spec, self.config.lane(self.lane).served_model_name, socket_path, key,
+        process = EngineProcess(spec, self.launch.lane.served_model_name, socket_path, key,
                                 log_line=self._engine_log, secrets=self.secrets)
         self._process = process
         self.timings.started_at = time.monotonic()
@@ -276,7 +276,7 @@ class Supervisor:
             await process.start()
             if self.records:
                 self.records.record(self.lane, process.pgid, engine_id)
-            await process.wait_ready(self.config.server.start_timeout)
+            await process.wait_ready(self.launch.start_timeout)
             warmup = await self._warm_up(process, key)
         except (EngineStartError, OSError) as error:
             if isinstance(error, EngineStartError):
@@ -316,12 +316,12 @@ class Supervisor:
     async def _wait_for_cluster(self, placement: Placement) -> None:
         """Until the cluster has `placement.nodes` alive nodes with `per_node` GPUs each;
         ClusterWaitFailed after VLLM_START_TIMEOUT or when the cluster refuses the token."""
-        timeout = self.config.server.start_timeout
+        timeout = self.launch.start_timeout
         deadline = time.monotonic() + timeout
         seen = "no answer from the cluster yet"
         while True:
             try:
-                state = await asyncio.to_thread(self.cluster_query, self.config)
+                state = await asyncio.to_thread(self.cluster_query, self.launch)
             except clusters.TokenRefused as error:
                 raise ClusterWaitFailed(f"lane {self.lane!r} cannot use the cluster: {error}") from None
             except (clusters.ClusterError, OSError, RuntimeError, ValueError, AttributeError, TypeError) as error:
@@ -346,13 +346,13 @@ class Supervisor:
         """The lane's warm-up (engines/warmup.py) unless WARMUP is off; EngineStartError when
         the engine dies, breaks or runs out of VLLM_START_TIMEOUT in it. A lane woken from
         sleep is not warmed again: sleep keeps the process, and with it what it compiled."""
-        if not self.config.lane(self.lane).settings.get("WARMUP", True):
+        if not self.launch.lane.settings["WARMUP"]:         # always resolved: the table's default is on
             return None
         self.progress = "warming up"            # /lanes, /health and the waiting streams say so
         try:
             async with engine_client(process.socket_path, timeout=httpx.Timeout(None, connect=10.0),
                                      headers={"Authorization": f"Bearer {key}"}) as client:
-                result = await warm_up(client, process.served_name, process.started_at + self.config.server.start_timeout,
+                result = await warm_up(client, process.served_name, process.started_at + self.launch.start_timeout,
                                        process.wait_exit, process.mask)
         except WarmupFailed as error:
             await process.drain_output()
@@ -411,7 +411,7 @@ class Supervisor:
             return
         try:
             if process.process is not None:
-                await process.stop(self.config.server.stop_timeout)
+                await process.stop(self.launch.stop_timeout)
                 if self.records:
                     self.records.forget(process.pgid)
         finally:
