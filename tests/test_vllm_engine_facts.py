@@ -26,20 +26,21 @@ from real_engine import (
     find_leftover_vllm_processes,
     free_port,
     http_get,
-    no_leftover_vllm_processes,
     parse_engine_argv,
     requires_vllm,
     start_engine,
     stop_engine,
     tiny_engine_argv,
     tiny_engine_env,
-    vllm_cache_root,
 )
 from vllm_launcher.demo_models import ARCHITECTURE
 from waiting import eventually
 
 pytestmark = [pytest.mark.e2e, requires_vllm, pytest.mark.usefixtures("no_leftover_vllm_processes")]
-_fixtures = (demo_models, no_leftover_vllm_processes, vllm_cache_root)  # imported for pytest
+# no_leftover_vllm_processes and vllm_cache_root come from conftest.py, as for every module: imported
+# here too, they were a second session instance of each, whose leftover check ran before the demo
+# server's teardown and found its engine running
+_fixtures = (demo_models,)  # imported for pytest
 
 API_KEY = "engine-facts-key"
 SERVED = "tiny"
