@@ -186,7 +186,7 @@ def lanes_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
            "VLLM_MAX_MODEL_LEN": "16384", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache),
            "HF_HUB_OFFLINE": "1", "VLLM_START_TIMEOUT": str(START_TIMEOUT), "VLLM_STOP_TIMEOUT": "20",
            "VLLM_SWITCH_MAX_WAIT": "5",
-           # beta's engine holds 2 requests at once, the rest wait in the launcher (test_e2e_backlog.py)
+           # beta's engine holds 2 requests at once, the rest wait in the launcher (test_demo.py)
            "VLLM_LANE_BETA_MAX_NUM_SEQS": "2"}
     env.update({f"VLLM_LANE_{name.upper()}_MODEL": str(path) for name, path in models.items()})
     return env
@@ -196,7 +196,9 @@ def lanes_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def demo_served(tmp_path_factory: pytest.TempPathFactory, lanes_env: dict[str, str],
                 no_leftover_vllm_processes: None):
     """`vllm-launcher demo` (it makes its own models) with lanes_env's settings, alpha ready: the
-    one real two-lane server of the run, for test_demo.py and test_e2e_real_vllm.py. It asks for
+    one real two-lane server of the run, for every test that needs a served real engine and not a
+    server of its own (each switch on it is an engine start: tests ask the ready lane where the
+    lane does not matter; test_demo.py switches both ways and leaves alpha ready). It asks for
     no_leftover_vllm_processes so that the check is set up before it and so runs after its
     teardown (session fixtures end in reverse order): checked earlier, the check found this
     server's engine running and killed it (once taken for a keeper left behind)."""

