@@ -681,7 +681,10 @@ in
           # Loading a first model can take minutes; the launcher itself bounds each engine
           # start with VLLM_START_TIMEOUT.
           TimeoutStartSec = toString (cfg.startTimeout + 120);
-          TimeoutStopSec = "3min"; # drain in-flight requests, then stop the engine group
+          # Drain in-flight requests, then stop the engine groups. At SIGTERM the launcher extends
+          # this (sd_notify EXTEND_TIMEOUT_USEC) to its own bound: VLLM_DRAIN_TIMEOUT + 5 s +
+          # VLLM_STOP_TIMEOUT + 15 s, so a raised drain timeout needs no change here.
+          TimeoutStopSec = "3min";
           LogsDirectory = lib.mkIf logsUnderVarLog (lib.removePrefix "/var/log/" cfg.logDirectory);
           LoadCredential = lib.optional (cfg.apiKeyFile != null) "api-key:${cfg.apiKeyFile}" ++ clusterCredential;
         };

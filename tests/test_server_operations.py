@@ -295,15 +295,23 @@ def test_sd_notify_ready_and_status(tmp_path, fake_python):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(30)
-    env = fake_lanes_env(fake_python, {"a": {}}, NOTIFY_SOCKET=str(path))
+    env = fake_lanes_env(fake_python, {"a": {}}, NOTIFY_SOCKET=str(path), VLLM_DRAIN_TIMEOUT="7",
+                         VLLM_STOP_TIMEOUT="3")
     try:
-        with serving(tmp_path, env, wait_ready_lane="a"):
+        with serving(tmp_path, env, wait_ready_lane="a") as served:
             messages = []
             while not any(m.startswith("STATUS=lane a: ready") for m in messages):
                 messages.append(sock.recv(4096).decode())
             assert "READY=1" in messages
+            assert served.terminate() == 0
+            while not any(m.startswith("STOPPING=1") for m in messages):
+                messages.append(sock.recv(4096).decode())
     finally:
         sock.close()
+    # the shutdown's bound, told to systemd so a shorter TimeoutStopSec does not cut the drain:
+    # drain 7 + uvicorn's grace 5 + engines' stop 3 + margin 15 s
+    stopping = next(m for m in messages if m.startswith("STOPPING=1")).split("\n")
+    assert "EXTEND_TIMEOUT_USEC=30000000" in stopping, stopping
 
 
 AUTH = {"Authorization": "Bearer k"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .config import CONFIG_EXIT, LauncherConfig
+from .config import CONFIG_EXIT, LauncherConfig, ServerConfig
 from .engines import EngineRecords, default_runtime_dir, sockets_dir
 from .engines.process import UnsafeDirectory
 from .host_checks import log_host_findings
@@ -28,6 +28,16 @@ log = logging.getLogger("vllm_launcher.serve")
 # uvicorn cancels what is still running this long after the drain bound (a client that does
 # not read its stream's end): shutdown ends within VLLM_DRAIN_TIMEOUT + this + the engines' stop.
 SHUTDOWN_GRACE = 5.0
+# Beyond that: connections closed, each engine's keeper ending what is left of its group (10 s).
+SHUTDOWN_MARGIN = 15.0
+
+
+def shutdown_bound(server: ServerConfig) -> float:
+    """The longest a shutdown may take: the drain (VLLM_DRAIN_TIMEOUT), uvicorn's grace, the
+    engines' stop (VLLM_STOP_TIMEOUT) and the margin. Told to systemd at the signal
+    (EXTEND_TIMEOUT_USEC), so a unit's TimeoutStopSec shorter than this does not SIGKILL the
+    server in the middle of a drain the operator configured."""
+    return server.drain_timeout + SHUTDOWN_GRACE + server.stop_timeout + SHUTDOWN_MARGIN
 
 
 class _Server(uvicorn.Server):
@@ -42,10 +52,14 @@ class _Server(uvicorn.Server):
         self.loop = loop
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
+        if self.should_exit:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+        else:
+            bound = shutdown_bound(self.router.config.server)
+            sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={round(bound * 1e6)}\n"
+                      f"STATUS=shutting down: draining for up to {bound:.0f} s")
         self.should_exit = True
-        sd_notify("STOPPING=1")
         self.loop.call_soon_threadsafe(self.router.begin_shutdown)
         self.loop.call_soon_threadsafe(self.connections.begin_shutdown)
 
