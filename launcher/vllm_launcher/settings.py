@@ -6,7 +6,8 @@ CLUSTER_SETTINGS describe this machine's node of a Ray cluster (`vllm-launcher c
 where the cluster's head is, for lanes that span several machines. Names after
 the first are aliases used by the seed deployments; the first one set wins, in table order.
 This module is the one place these names and their defaults are written down: the CLI help,
-docs/settings.md's table, the Nix module and the tests read them from here, and the configuration's
+the Nix module and the tests read them from here, docs/settings.md's table is checked against it
+(tests/test_settings_doc.py), and the configuration's
 dataclasses (config.py) take their field defaults from here (`defaults`).
 """
 
