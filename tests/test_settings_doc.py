@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from vllm_launcher.settings import CLUSTER_SETTINGS, ENGINE_SETTINGS, SERVER_SETTINGS
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"

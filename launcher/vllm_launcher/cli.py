@@ -8,18 +8,16 @@ import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
 
 import click
 
 from . import __version__
 from .artifacts import artifacts
-from .config import CONFIG_EXIT, ClusterConfig, ConfigError, LauncherConfig, check_parsers, load_config
+from .config import CONFIG_EXIT, ConfigError, LauncherConfig, check_parsers, load_config
 from .demo_models import DEFAULT_LANES, demo_models_command, write_demo_models
-from .engine_command import build_engine_spec
+from .engine_command import build_engine_spec, engine_spec, lane_launch
 from .engines import default_runtime_dir
 from .memory_plan import memory_plan
-from .placement import cluster_placement
 from .settings import (
     CLUSTER_SETTINGS,
     DEFAULT_LANE_VAR,
@@ -173,11 +171,13 @@ def engine(lane: str | None) -> None:
     """
     cfg = load_or_exit()
     lane = _pick_lane(cfg, lane)
-    spec = build_engine_spec(cfg, lane, detect(cfg.server.engine_python))
-    if cluster_placement(cfg, lane) is not None:        # a multi-node lane: the cluster's environment
+    launch = lane_launch(cfg, lane)                     # its placement, computed once
+    server = cfg.server
+    spec = engine_spec(launch, detect(server.engine_python), listen=(server.host, server.port),
+                       api_key=server.api_key)
+    if launch.cluster is not None:                      # a multi-node lane: the cluster's environment
         from .cluster import engine_cluster_environment
-        # a cluster placement comes from a configured cluster
-        spec.env.update(engine_cluster_environment(cast(ClusterConfig, cfg.cluster), cfg.environ))
+        spec.env.update(engine_cluster_environment(launch.cluster, cfg.environ))
     for warning in spec.warnings:
         click.echo(f"vllm-launcher: warning: {warning}", err=True)
     click.echo(f"vllm-launcher: exec {shlex.join(spec.argv)}", err=True)
