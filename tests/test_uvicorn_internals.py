@@ -187,3 +187,15 @@ def test_server_shutdown_calls_each_connections_shutdown(base):
         assert protocol.calls == ["shutdown"]
 
     asyncio.run(drive())
+
+
+def test_the_server_fields_serve_py_sets_at_a_signal_exist():
+    """serve._Server overrides uvicorn.Server.handle_exit(sig, frame) to begin our shutdown and
+    sets should_exit / force_exit as uvicorn's own handler does; serve.py waits on `started`."""
+    assert list(inspect.signature(uvicorn.Server.handle_exit).parameters) == ["self", "sig", "frame"]
+    server = uvicorn.Server(uvicorn.Config(app=None))
+    assert (server.should_exit, server.force_exit, server.started) == (False, False, False)
+    server.handle_exit(2, None)                    # uvicorn's own: the fields serve.py sets
+    assert server.should_exit
+    server.handle_exit(2, None)
+    assert server.force_exit
