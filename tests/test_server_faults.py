@@ -402,7 +402,9 @@ def test_chaos_crashes_and_sigkills_over_three_lanes_lose_nothing(tmp_path, fake
 def test_a_client_leaving_after_the_last_event_was_served_in_full(tmp_path, fake_python):
     """A client that closes its connection once it has `data: [DONE]` (before the engine ends the
     response) is a 200 in the metrics, not a 499; one that leaves mid-stream is a 499."""
-    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_LINGER_AFTER_DONE": "30", "ENV_FAKE_TOKEN_DELAY": "0.05"}})
+    # warm-up off: its streamed chat would wait out the 30 s linger before the lane is ready
+    env = fake_lanes_env(fake_python, {"a": {"ENV_FAKE_LINGER_AFTER_DONE": "30", "ENV_FAKE_TOKEN_DELAY": "0.05",
+                                             "WARMUP": "off"}})
     with serving(tmp_path, env, wait_ready_lane="a") as served:
         for leave_at, status in ((b"data: [DONE]\n\n", "200"), (b"data: {", "499")):
             with httpx.stream("POST", served.url + CHAT, json=chat_body("a", True, 20), timeout=60) as response:
