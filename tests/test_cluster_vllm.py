@@ -116,8 +116,11 @@ def test_real_vllm_tensor_parallel_across_two_machines_with_the_mp_executor(tmp_
     token = new_token(tmp_path / "token")
     cache = tmp_path / "vllm-cache"
     # What every node's engines need (the nodes' Ray workers, and so the follower, inherit it).
+    # Tensor parallelism on the CPU compiles a few C++ kernels (torch inductor) at the first request,
+    # 20-45 s here, cached under TMPDIR, each node's own: one cache for all, so the follower on the
+    # rejoined worker (a new TMPDIR) finds them compiled.
     engine_env = {"PYTHONPATH": str(dist), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                  "VLLM_CACHE_ROOT": str(cache)}
+                  "VLLM_CACHE_ROOT": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     head_machine, worker_machine = two_machines
     began = time.monotonic()
     head = Node(head_machine, tmp_path / "head", token, 1, "head", python=sys.executable, extra_env=engine_env)
