@@ -42,7 +42,7 @@ TIERS = (
     # one process: two workers gained nothing here (67 s alone, 71 s on two, beside other load)
     Tier("properties", "properties", 240),
     # fake engines wait more than they compute: two workers, a file each (module fixtures stay
-    # whole); 356-403 s on two workers (CI 363 s) before a 30 s wait left test_server_faults
+    # whole); 335 s on two workers (356-403 s, CI 363 s, before a 30 s wait left test_server_faults)
     Tier("engine", "engine", 540, ("-n", "2", "--dist", "loadfile")),
     Tier("fast", None, 120),
 )
