@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scheduler_actions import of
+from scheduler_actions import bring_up, of
 from vllm_launcher.scheduler import (
     AbortInflight,
     Dispatch,
@@ -35,14 +35,6 @@ def make(names=("a", "b"), shares=None, idle=None, **settings) -> Scheduler:
     idle = idle or {}
     lanes = [LanePolicy(n, shares.get(n, 0.9), idle.get(n)) for n in names]
     return Scheduler(lanes, SchedulerSettings(**settings))
-
-
-def bring_up(s: Scheduler, lane: str, now: float) -> None:
-    """Make ``lane`` READY (nothing else loaded), checking the actions on the way."""
-    acts = s.load(lane, now)
-    assert StartEngine(lane, 1) in acts
-    s.engine_ready(lane, now)
-    assert s.state(lane) is LaneState.READY
 
 
 # ------------------------------------------------------------ basics

@@ -4,7 +4,7 @@ rule, and Retry-After from the lane's own figures (the properties are in test_sc
 
 from __future__ import annotations
 
-from scheduler_actions import of
+from scheduler_actions import bring_up, of
 from vllm_launcher.scheduler import (
     AbortInflight,
     Dispatch,
@@ -19,14 +19,9 @@ from vllm_launcher.scheduler import (
 )
 
 
-def ready_with(s: Scheduler, lane: str, now: float) -> None:
-    assert StartEngine(lane, 1) in s.load(lane, now)
-    s.engine_ready(lane, now)
-
-
 def test_window_follows_the_engines_gauges():
     s = Scheduler([LanePolicy("a", max_inflight=8)])
-    ready_with(s, "a", 0.0)
+    bring_up(s, "a", 0.0)
     sent = [a.request_id for i in range(20) for a in of(s.submit(i, "a", 0.0), Dispatch)]
     assert sent == list(range(8)) and s.queue_depth("a") == 12
     s.engine_load("a", 0.5, running=3, waiting=5)       # its KV cache holds 3: hold back
@@ -46,7 +41,7 @@ def test_window_follows_the_engines_gauges():
 def test_drain_bound_preempts_then_cuts_or_fails_at_twice_the_bound():
     s = Scheduler([LanePolicy("a", max_inflight=4), LanePolicy("b")],
                   SchedulerSettings(switch_max_wait=0.0, drain_timeout=10.0))
-    ready_with(s, "a", 0.0)
+    bring_up(s, "a", 0.0)
     for i in range(3):
         s.submit(f"a{i}", "a", 0.0)
     s.output_started("a0", 0.5)                          # a stream whose output reached its client
@@ -63,7 +58,7 @@ def test_drain_bound_preempts_then_cuts_or_fails_at_twice_the_bound():
 
 def test_a_request_back_in_line_once_fails_when_it_holds_its_engine_past_the_bound_again():
     s = Scheduler([LanePolicy("a"), LanePolicy("b")], SchedulerSettings(switch_max_wait=0.0, drain_timeout=10.0))
-    ready_with(s, "a", 0.0)
+    bring_up(s, "a", 0.0)
     s.submit("long", "a", 0.0)
     s.submit("b0", "b", 1.0)
     assert of(s.tick(11.0), Preempt) == [Preempt("a", ("long",), "drain_timeout")]
@@ -81,7 +76,7 @@ def test_a_request_back_in_line_once_fails_when_it_holds_its_engine_past_the_bou
 
 def test_a_stalled_engine_puts_its_requests_back_and_stops():
     s = Scheduler([LanePolicy("a")])
-    ready_with(s, "a", 0.0)
+    bring_up(s, "a", 0.0)
     s.submit("r0", "a", 0.0)
     s.submit("r1", "a", 0.0)
     s.output_started("r1", 1.0)
